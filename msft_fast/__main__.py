@@ -1,0 +1,5 @@
+import sys
+
+from msft_fast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,245 @@
+"""Run configuration: a YAML file plus dotted command-line overrides, parsed into dataclasses.
+
+The key names are a contract (README "Config reference"): add keys, never rename them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from msft_fast.errors import ConfigError
+
+BUILTIN_MODEL_PREFIX = "builtin:"
+
+
+@dataclass
+class TaskConfig:
+    """One sub-dataset of the mixture."""
+
+    name: str
+    train: str
+    val: Optional[str] = None  # a file/folder; or hold out `val_fraction` of `train`
+    val_fraction: Optional[float] = None
+    format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin:tiny-llama"  # a local HF model folder, or builtin:tiny-llama
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    tasks: list[TaskConfig] = field(default_factory=list)
+    max_seq_len: int = 2048  # longest document, in tokens
+    tokens_per_batch: int = 8192  # tokens per packed micro-batch per rank
+    overlong: Literal["truncate", "drop"] = "truncate"
+    split_seed: int = 0  # held-out validation rows for `val_fraction` tasks
+    cache_dir: Optional[str] = None  # HF datasets cache; None = HF's default
+    num_proc: Optional[int] = None  # tokenization workers; None = one process
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    epochs: float = 3.0
+    seed: int = 0
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio for cosine/linear
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    log_every: int = 1
+    progress: bool = True
+
+
+@dataclass
+class MsftConfig:
+    budget_epochs: float = 1.0  # C: epochs of the active mixture per roll-out
+    evals_per_epoch: int = 4
+
+
+@dataclass
+class Config:
+    output_dir: str
+    method: Literal["sft", "msft", "sro"] = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    msft: MsftConfig = field(default_factory=MsftConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
+    """Read `path` (YAML), apply `a.b=value` overrides (values parsed as YAML), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' must look like key.path=value")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': value is not valid YAML: {_one_line(e)}") from None
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_suggest(prefix, key, fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(hints[name], raw[name], prefix + name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config key '{prefix}{name}' is required")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, key)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(str(a) for a in args)
+            raise ConfigError(f"config key '{key}' must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _suggest(prefix: str, key: str, fields: dict) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks that types alone cannot express
+
+
+def validate(cfg: Config) -> None:
+    def need(ok: bool, key: str, what: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
+
+    need(bool(cfg.output_dir), "output_dir", "a folder path", cfg.output_dir)
+    need(bool(cfg.model.path), "model.path", f"a model folder or {BUILTIN_MODEL_PREFIX}tiny-llama", cfg.model.path)
+    d, t, m = cfg.data, cfg.train, cfg.msft
+    need(len(d.tasks) > 0, "data.tasks", "a non-empty list of {name, train, val | val_fraction}", d.tasks)
+    seen: set[str] = set()
+    for i, task in enumerate(d.tasks):
+        key = f"data.tasks[{i}]"
+        need(bool(task.name.strip()), f"{key}.name", "a non-empty name", task.name)
+        if task.name in seen:
+            raise ConfigError(f"config key '{key}.name': task name '{task.name}' is used twice")
+        seen.add(task.name)
+        if (task.val is None) == (task.val_fraction is None):
+            raise ConfigError(f"config key '{key}' (task '{task.name}') needs exactly one of 'val' or 'val_fraction'")
+        if task.val_fraction is not None:
+            need(0.0 < task.val_fraction < 1.0, f"{key}.val_fraction", "in (0, 1)", task.val_fraction)
+    need(d.max_seq_len >= 2, "data.max_seq_len", "at least 2", d.max_seq_len)
+    need(d.tokens_per_batch >= 1, "data.tokens_per_batch", "a positive number of tokens", d.tokens_per_batch)
+    if d.tokens_per_batch < d.max_seq_len:
+        raise ConfigError(
+            f"config key 'data.tokens_per_batch' ({d.tokens_per_batch}) must be at least "
+            f"data.max_seq_len ({d.max_seq_len}) so that every document fits in one micro-batch"
+        )
+    need(d.num_proc is None or d.num_proc >= 1, "data.num_proc", "at least 1", d.num_proc)
+    need(t.lr > 0 and _finite(t.lr), "train.lr", "a positive number", t.lr)
+    need(t.epochs > 0 and _finite(t.epochs), "train.epochs", "a positive number", t.epochs)
+    need(t.grad_accum >= 1, "train.grad_accum", "at least 1", t.grad_accum)
+    need(t.warmup_steps >= 0, "train.warmup_steps", "0 or more", t.warmup_steps)
+    need(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
+    need(t.weight_decay >= 0, "train.weight_decay", "0 or more", t.weight_decay)
+    need(0.0 <= t.beta1 < 1.0, "train.beta1", "in [0, 1)", t.beta1)
+    need(0.0 <= t.beta2 < 1.0, "train.beta2", "in [0, 1)", t.beta2)
+    need(t.grad_clip >= 0, "train.grad_clip", "0 (off) or a positive norm", t.grad_clip)
+    need(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)
+    need(m.budget_epochs > 0 and _finite(m.budget_epochs), "msft.budget_epochs", "a positive number", m.budget_epochs)
+    need(m.evals_per_epoch >= 1, "msft.evals_per_epoch", "at least 1", m.evals_per_epoch)
+
+
+def _finite(x: float) -> bool:
+    return x == x and x not in (float("inf"), float("-inf"))
+
+
+def resolve_path(path: str) -> str:
+    """Paths in a config are relative to the working directory the command runs in."""
+    return os.path.abspath(os.path.expanduser(path))

@@ -1,0 +1,253 @@
+"""Read each task's files with HF `datasets`, tokenize them once (cached), and expose flat arrays.
+
+A task ends as two `DocSet`s (train and validation): token ids and shifted labels of all its
+documents in two flat arrays, plus where each document starts. Packing reads only those arrays.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from msft_fast.config import DataConfig, TaskConfig, resolve_path
+from msft_fast.data.formats import IGNORE_INDEX, RowEncoder, RowError, detect_format, labels_from_mask
+from msft_fast.errors import DataError
+
+TOKENIZE_VERSION = 1  # bump when the encoding changes, so cached tokenizations are not reused
+
+# Row status written by tokenization. Dropped rows stay in the cache (so counts survive caching)
+# and are filtered out in numpy afterwards.
+OK, TRUNCATED, DROPPED_OVERLONG, NO_TRAINED_TOKENS = 0, 1, 2, 3
+
+
+@dataclass
+class DocSet:
+    """Documents of one split of one task. Document d is tokens[starts[d] : starts[d] + lengths[d]]."""
+
+    input_ids: np.ndarray  # [total] int32
+    labels: np.ndarray  # [total] int32, shifted, IGNORE_INDEX where not trained
+    starts: np.ndarray  # [D] int64
+    lengths: np.ndarray  # [D] int64
+    loss_tokens: np.ndarray  # [D] int64, tokens with a label in each document
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def subset(self, docs: np.ndarray) -> "DocSet":
+        return DocSet(self.input_ids, self.labels, self.starts[docs], self.lengths[docs], self.loss_tokens[docs])
+
+
+@dataclass
+class TaskData:
+    name: str
+    task_id: int
+    train: DocSet
+    val: DocSet
+    counts: dict[str, int] = field(default_factory=dict)  # rows read, truncated, dropped, ...
+
+
+def load_tasks(cfg: DataConfig, tokenizer: Any) -> list[TaskData]:
+    """Load, tokenize and split every task in `cfg.tasks`, in order (task id = position)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    tok_key = _tokenizer_fingerprint(tokenizer)
+    out = []
+    for task_id, task in enumerate(cfg.tasks):
+        train = _tokenize_file(task, task.train, cfg, tokenizer, tok_key)
+        counts = {f"train_{k}": v for k, v in train[1].items()}
+        if task.val is not None:
+            val_docs, val_counts = _tokenize_file(task, task.val, cfg, tokenizer, tok_key)
+            train_docs = train[0]
+            counts.update({f"val_{k}": v for k, v in val_counts.items()})
+        else:
+            train_docs, val_docs = _hold_out(train[0], task.val_fraction, cfg.split_seed)
+        if len(train_docs) == 0:
+            raise DataError(f"task '{task.name}' has no usable training rows in {task.train} ({_why_empty(counts)})")
+        if len(val_docs) == 0:
+            where = task.val if task.val is not None else f"val_fraction={task.val_fraction} of {task.train}"
+            raise DataError(f"task '{task.name}' has an empty validation split ({where})")
+        out.append(TaskData(task.name, task_id, train_docs, val_docs, counts))
+    return out
+
+
+def _why_empty(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k.removeprefix('train_')}: {v}" for k, v in counts.items() if k.startswith("train_"))
+
+
+def _hold_out(docs: DocSet, fraction: float, seed: int) -> tuple[DocSet, DocSet]:
+    """A fixed random `fraction` of the documents (at least one) becomes the validation split."""
+    n = len(docs)
+    if n < 2:
+        return docs, docs.subset(np.zeros(0, dtype=np.int64))
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = min(n - 1, max(1, int(round(n * fraction))))
+    return docs.subset(np.sort(perm[n_val:])), docs.subset(np.sort(perm[:n_val]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and tokenizing one file
+
+
+def _tokenize_file(task: TaskConfig, path: str, cfg: DataConfig, tokenizer: Any, tok_key: str):
+    path = resolve_path(path)
+    raw = _read_rows(path, cfg.cache_dir)
+    if len(raw) == 0:
+        raise DataError(f"task '{task.name}': {path} has no rows")
+    try:
+        fmt = task.format if task.format != "auto" else detect_format(raw.column_names)
+        encoder = RowEncoder(tokenizer, fmt)
+    except RowError as e:
+        raise DataError(f"task '{task.name}': {path}: {e}") from None
+
+    max_len, policy = cfg.max_seq_len, cfg.overlong
+
+    def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        ids_out, labels_out, status_out = [], [], []
+        for j, idx in enumerate(indices):
+            row = {k: v[j] for k, v in batch.items()}
+            try:
+                ids, mask = encoder.encode(row)
+            except RowError as e:
+                raise DataError(f"task '{task.name}': {path}: row {idx + 1}: {e}") from None
+            status = OK
+            if len(ids) > max_len:
+                status = TRUNCATED if policy == "truncate" else DROPPED_OVERLONG
+                ids, mask = ids[:max_len], mask[:max_len]
+            labels = labels_from_mask(ids, mask)
+            if status != DROPPED_OVERLONG and all(lab == IGNORE_INDEX for lab in labels):
+                status = NO_TRAINED_TOKENS
+            ids_out.append(ids)
+            labels_out.append(labels)
+            status_out.append(status)
+        return {"input_ids": ids_out, "labels": labels_out, "status": status_out}
+
+    key = hashlib.sha256(
+        json.dumps([TOKENIZE_VERSION, raw._fingerprint, tok_key, fmt, max_len, policy]).encode()
+    ).hexdigest()[:32]
+    import datasets
+
+    tokenized = raw.map(
+        encode_batch,
+        batched=True,
+        with_indices=True,
+        remove_columns=raw.column_names,
+        new_fingerprint=key,
+        num_proc=cfg.num_proc,
+        features=datasets.Features(
+            {
+                "input_ids": datasets.Sequence(datasets.Value("int32")),
+                "labels": datasets.Sequence(datasets.Value("int32")),
+                "status": datasets.Value("int8"),
+            }
+        ),
+    )
+    return _to_docset(tokenized)
+
+
+def _to_docset(tokenized: Any) -> tuple[DocSet, dict[str, int]]:
+    """Flat numpy views of the tokenized arrow table (memory-mapped, no per-row Python objects)."""
+    table = tokenized.data
+    status = table.column("status").to_numpy()
+    ids, offsets = _flat(table.column("input_ids"))
+    labels, _ = _flat(table.column("labels"))
+    keep = np.flatnonzero((status == OK) | (status == TRUNCATED))
+    starts = offsets[:-1].astype(np.int64)
+    lengths = np.diff(offsets).astype(np.int64)
+    trained = np.concatenate([[0], np.cumsum(labels != IGNORE_INDEX, dtype=np.int64)])
+    loss_tokens = trained[offsets[1:]] - trained[offsets[:-1]]
+    counts = {
+        "rows": int(len(status)),
+        "truncated": int((status == TRUNCATED).sum()),
+        "dropped_overlong": int((status == DROPPED_OVERLONG).sum()),
+        "dropped_no_trained_tokens": int((status == NO_TRAINED_TOKENS).sum()),
+    }
+    return DocSet(ids, labels, starts[keep], lengths[keep], loss_tokens[keep]), counts
+
+
+def _flat(column: Any) -> tuple[np.ndarray, np.ndarray]:
+    arr = column.combine_chunks()
+    offsets = arr.offsets.to_numpy()
+    # `values` ignores a slice of the list array; cut it to the rows the offsets cover.
+    values = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])).to_numpy(zero_copy_only=False)
+    return values, offsets - offsets[0]
+
+
+def _read_rows(path: str, cache_dir: Optional[str]) -> Any:
+    import datasets
+
+    if not os.path.exists(path):
+        raise DataError(f"data file {path} does not exist")
+    if os.path.isdir(path):
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as e:  # datasets raises several types for a folder it cannot read
+            raise DataError(f"{path} is not a saved HF dataset folder: {_one_line(e)}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{path} holds splits {list(ds)}; point at one split's folder")
+            ds = ds["train"]
+        return ds
+    ext = os.path.splitext(path)[1].lower()
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}.get(ext)
+    if builder is None:
+        raise DataError(f"data file {path}: unsupported extension '{ext}' (use .jsonl, .json, .parquet or .arrow)")
+    ds_logger = logging.getLogger("datasets")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.CRITICAL)  # we report the failure ourselves, in one sentence
+    try:
+        return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+    except Exception as e:
+        if builder == "json":
+            _raise_first_bad_json_line(path)
+        raise DataError(f"could not read {path}: {_one_line(e)}") from None
+    finally:
+        ds_logger.setLevel(level)
+
+
+def _raise_first_bad_json_line(path: str) -> None:
+    """datasets does not say which line broke; find it ourselves (only on the failure path)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(1).lstrip()
+        f.seek(0)
+        if head == "[":  # a JSON array file, not JSON lines
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {e.lineno} is not valid JSON ({e.msg})") from None
+            if rows == []:
+                raise DataError(f"data file {path} has no rows")
+            return
+        seen = False
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {lineno} is not a JSON object")
+            seen = True
+        if not seen:  # datasets fails on an empty file with a blank or cryptic message
+            raise DataError(f"data file {path} has no rows")
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A stable hash of everything that changes token ids: vocab, rules, specials, chat template."""
+    parts = [type(tokenizer).__name__, str(getattr(tokenizer, "chat_template", "")), str(tokenizer.eos_token_id)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        parts.append(backend.to_str())
+    else:
+        parts.append(json.dumps(sorted(tokenizer.get_vocab().items())))
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]

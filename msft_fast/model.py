@@ -1,0 +1,133 @@
+"""The HF causal LM, and the module that turns a packed batch into a summed loss with per-task stats.
+
+The loss is computed from the final hidden states and the LM-head weight by the fused kernel, so
+the [N, V] logits of a batch never exist. It runs inside `CausalLMWithTaskLoss.forward`, which
+FSDP2 manages as the root module: the head weight is unsharded there and its gradient is
+reduce-scattered as usual (reading it outside a managed forward is a known FSDP trap).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from msft_fast.builtin import BUILTIN_MODELS, char_tokenizer, tiny_llama_config
+from msft_fast.config import BUILTIN_MODEL_PREFIX, ModelConfig, resolve_path
+from msft_fast.data.packing import PackedBatch
+from msft_fast.errors import ConfigError, ModelError
+from msft_fast.kernels import TaskStats, fused_linear_cross_entropy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # an HF *ForCausalLM, fp32 master weights, on CPU
+    tokenizer: Any
+    source: str  # the folder it came from, or builtin:NAME
+    attn_implementation: str
+    export_dtype: torch.dtype  # the dtype the weights came in; final/ is saved in it
+
+
+def load_model(cfg: ModelConfig, device: torch.device, seed: int) -> LoadedModel:
+    """Load tokenizer and model from `cfg.path` (or build the built-in tiny model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    attn = choose_attention(cfg.attn_implementation, device)
+    if cfg.path.startswith(BUILTIN_MODEL_PREFIX):
+        name = cfg.path[len(BUILTIN_MODEL_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            raise ConfigError(f"config key 'model.path': unknown built-in model '{name}' (known: {', '.join(BUILTIN_MODELS)})")
+        tokenizer = char_tokenizer()
+        config = tiny_llama_config(len(tokenizer))
+        config._attn_implementation = attn
+        torch.manual_seed(seed)  # the built-in model's random init is part of the run's seed
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+        return LoadedModel(model, tokenizer, cfg.path, attn, torch.float32)
+
+    path = resolve_path(cfg.path)
+    _check_model_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path)
+        export_dtype = _config_dtype(config)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, attn_implementation=attn)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ModelError(f"cannot load the model folder {path}: {' '.join(str(e).split())[:300]}") from None
+    model.config.dtype = export_dtype  # we train fp32 master weights; the saved config keeps its dtype
+    return LoadedModel(model, tokenizer, path, attn, export_dtype)
+
+
+def _config_dtype(config: Any) -> torch.dtype:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
+def _check_model_folder(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ModelError(f"model folder {path} does not exist (config key 'model.path')")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"model folder {path} has no config.json")
+    files = os.listdir(path)
+    if not any(f.endswith(".safetensors") or f.endswith(".bin") for f in files):
+        raise ModelError(f"model folder {path} has no weights (*.safetensors)")
+
+
+def choose_attention(requested: str, device: torch.device) -> str:
+    """flash-attn varlen on CUDA when installed, else SDPA; both isolate packed documents through
+    per-document position_ids with attention_mask=None (HF derives the document boundaries)."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
+            raise ConfigError("config key 'model.attn_implementation': flash_attention_2 needs CUDA and the flash-attn package (pip install 'msft-fast[gpu]')")
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def max_positions(model: nn.Module) -> int | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, found by the class names HF marks as not splittable."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ModelError(f"cannot find the decoder blocks of {type(model).__name__} to shard")
+    return blocks
+
+
+class CausalLMWithTaskLoss(nn.Module):
+    """Wraps an HF causal LM: packed batch in, (summed token loss, per-task stats) out."""
+
+    def __init__(self, lm: nn.Module, num_tasks: int):
+        super().__init__()
+        self.lm = lm
+        self.num_tasks = num_tasks
+
+    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, TaskStats]:
+        hidden = self.hidden_states(batch)
+        head = self.lm.get_output_embeddings()
+        return fused_linear_cross_entropy(
+            hidden, head.weight, batch.labels, batch.task_ids, self.num_tasks, reduction="sum"
+        )
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        """[N, H] final hidden states of a packed row; documents never attend to each other."""
+        out = self.lm.get_decoder()(
+            input_ids=batch.input_ids[None],
+            position_ids=batch.position_ids[None],
+            attention_mask=None,  # with use_cache=False, HF isolates documents by position_ids
+            use_cache=False,
+        )
+        return out.last_hidden_state[0]

@@ -1,0 +1,147 @@
+"""One training run, start to end: output folder, model, data, trainer, method, export, history.
+
+Everything that can fail on user input (config, output folder, model folder, data) is checked
+before the model is moved to a device.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import yaml
+
+from msft_fast.config import Config, resolve_path
+from msft_fast.data.packing import padding_fraction
+from msft_fast.data.tasks import load_tasks
+from msft_fast.distributed import DistContext, broadcast_object, init_distributed, shutdown_distributed
+from msft_fast.errors import ConfigError, OutputError, UserError
+from msft_fast.export import export_hf_folder
+from msft_fast.history import HISTORY_FILE, History
+from msft_fast.methods.sft import run_sft
+from msft_fast.model import load_model, max_positions
+from msft_fast.trainer import METRICS_FILE, Trainer
+
+log = logging.getLogger("msft_fast")
+
+FINAL_DIR = "final"
+RUN_ARTIFACTS = (HISTORY_FILE, METRICS_FILE, "config.yaml", FINAL_DIR, FINAL_DIR + ".tmp", FINAL_DIR + ".old")
+
+
+def train(cfg: Config, overwrite: bool = False) -> dict:
+    """Run `cfg` in this process (one rank of a torchrun group, or a one-rank group of its own)."""
+    if cfg.method != "sft":
+        raise ConfigError(f"config key 'method': '{cfg.method}' is not available in this release yet; use method=sft")
+    ctx = init_distributed()
+    try:
+        return _train(cfg, ctx, overwrite)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: Config, ctx: DistContext, overwrite: bool) -> dict:
+    start = time.time()
+    out = resolve_path(cfg.output_dir)
+    _on_main_first(ctx, lambda: prepare_output_dir(out, overwrite))
+    loaded = load_model(cfg.model, ctx.device, cfg.train.seed)
+    limit = max_positions(loaded.model)
+    if limit is not None and cfg.data.max_seq_len > limit:
+        raise ConfigError(f"config key 'data.max_seq_len' ({cfg.data.max_seq_len}) exceeds the model's position limit ({limit})")
+    # Rank 0 tokenizes and fills the cache; the others then read the same cache.
+    tasks = _on_main_first(ctx, lambda: load_tasks(cfg.data, loaded.tokenizer))
+    if ctx.is_main:
+        with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        for t in tasks:
+            log.info("task %-16s train %6d docs  val %5d docs  %s", t.name, len(t.train), len(t.val),
+                     " ".join(f"{k}={v}" for k, v in t.counts.items() if v and not k.endswith("rows")))
+
+    trainer_ = None
+    try:
+        trainer_ = Trainer(cfg, ctx, loaded, tasks, output_dir=out)
+        steps = trainer_.steps_until(cfg.train.epochs)
+        trainer_.set_total_steps(steps)
+        pad = padding_fraction(trainer_.loader.epoch_plan(0), cfg.data.tokens_per_batch)
+        if ctx.is_main:
+            log.info("model %s (%s attention, %s compute), %d ranks, %d steps, padding %.2f%% of micro-batch capacity",
+                     loaded.source, loaded.attn_implementation, str(trainer_.param_dtype).removeprefix("torch."),
+                     ctx.world_size, steps, 100 * pad)
+        history = History(out, cfg.method, trainer_.task_names, cfg.to_dict(), {
+            "world_size": ctx.world_size,
+            "model": loaded.source,
+            "padding_fraction": pad,
+            "data": {t.name: t.counts for t in tasks},
+        })
+        final = run_sft(trainer_, history)
+        final_dir = os.path.join(out, FINAL_DIR)
+        export_hf_folder(trainer_.model, loaded.tokenizer, final_dir, ctx.is_main, loaded.export_dtype)
+        c = trainer_.counters
+        totals = {
+            "train_flops": c.train_flops,
+            "eval_flops": c.eval_flops,
+            "trained_tokens": c.trained_tokens,
+            "loss_tokens": c.loss_tokens,
+            "eval_tokens": c.eval_tokens,
+            "steps": c.step,
+            "train_seconds": c.train_seconds,
+            "eval_seconds": c.eval_seconds,
+            "wall_seconds": time.time() - start,
+        }
+        history.finish(final, totals)
+        history.write(ctx.is_main)
+    finally:
+        if trainer_ is not None:
+            trainer_.close()
+    if ctx.is_main:
+        log.info("done: final model (eval %d, pooled val loss %.4f) in %s; history in %s", final["eval_id"],
+                 final["pooled_val_loss"], final_dir, history.path)
+    return history.data
+
+
+def _on_main_first(ctx: DistContext, fn):
+    """Run `fn` on rank 0, then on the other ranks; a UserError on rank 0 stops every rank."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+    if not ctx.is_main:
+        result = fn()
+    return result
+
+
+def prepare_output_dir(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputError(f"output_dir {out} is a file, not a folder")
+    history_path = os.path.join(out, HISTORY_FILE)
+    if os.path.exists(history_path):
+        if not overwrite:
+            try:
+                with open(history_path, encoding="utf-8") as f:
+                    status = json.load(f).get("status")
+            except (OSError, ValueError):
+                status = "unreadable"
+            if status == "finished":
+                raise OutputError(f"output_dir {out} already holds a finished run; pass --overwrite to start over")
+            raise OutputError(f"output_dir {out} holds an unfinished run and resuming is not supported in this "
+                              "release yet; pass --overwrite to start over")
+    if overwrite:
+        for name in RUN_ARTIFACTS:  # only our own files: output_dir may hold anything else
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.unlink(path)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise OutputError(f"output_dir {out} is not writable ({e.strerror})") from None

@@ -1,0 +1,257 @@
+"""The step loop: packed micro-batches in, optimizer steps out; plus the packed evaluation pass.
+
+A method (SFT now; mSFT and SRO later) drives it with `train_until(epochs)` and `evaluate()` and
+decides what to keep; the loop itself knows nothing about stages or roll-backs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from msft_fast.config import Config
+from msft_fast.data.loader import MixtureLoader
+from msft_fast.data.tasks import TaskData
+from msft_fast.distributed import DistContext, all_reduce_sum, parallelize
+from msft_fast.flops import FlopCounter
+from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, decoder_blocks
+from msft_fast.optim import build_optimizer, build_scheduler
+from msft_fast.snapshot import ModelSnapshot
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TaskScore:
+    loss: float  # mean token loss
+    token_acc: float  # teacher-forced next-token accuracy
+    tokens: int
+
+
+@dataclass
+class EvalResult:
+    tasks: dict[str, TaskScore]
+    pooled_loss: float  # token-weighted over all tasks
+    flops: int
+
+
+@dataclass
+class Counters:
+    """Everything the run has spent so far (global over ranks)."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # current epoch of the active mixture
+    step_in_epoch: int = 0
+    train_flops: int = 0
+    eval_flops: int = 0
+    trained_tokens: int = 0  # tokens through forward + backward
+    loss_tokens: int = 0  # of those, tokens with a label
+    eval_tokens: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+def resolve_param_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: DistContext, loaded: LoadedModel, tasks: list[TaskData], output_dir: str):
+        self.cfg, self.ctx, self.tasks = cfg, ctx, tasks
+        self.task_names = [t.name for t in tasks]
+        self.flop_counter = FlopCounter.for_model(loaded.model)
+        self.model = CausalLMWithTaskLoss(loaded.model, len(tasks)).to(ctx.device)
+        self.param_dtype = resolve_param_dtype(cfg.train.precision, ctx.device)
+        parallelize(self.model, decoder_blocks(loaded.model), self.param_dtype)
+        self.optimizer = build_optimizer(self.model, cfg.train, ctx.device)
+        self.loader = MixtureLoader(tasks, cfg.data.tokens_per_batch, cfg.train.seed, ctx.rank, ctx.world_size,
+                                    cfg.train.grad_accum)
+        self.counters = Counters()
+        self._eval_batches = None
+        self._eval_flops_per_pass, self._eval_tokens_per_pass = self._eval_cost()
+        self.metrics_path = os.path.join(output_dir, METRICS_FILE)
+        self.total_steps = 0
+        self.scheduler = None
+        self.progress = None
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The method says how many steps it will take: the lr schedule and progress bar follow."""
+        if self.counters.step:
+            raise RuntimeError("the schedule is set before the first step")
+        self.total_steps = total_steps
+        self.scheduler = build_scheduler(self.optimizer, total_steps, self.cfg.train)
+        self.progress = _progress_bar(total_steps, enabled=self.ctx.is_main and self.cfg.train.progress)
+
+    # -------------------------------------------------------------------------------------------
+    # Position in the data
+
+    @property
+    def epoch_position(self) -> float:
+        """Epochs of the active mixture trained so far (fractional)."""
+        c = self.counters
+        return c.epoch + c.step_in_epoch / max(1, self.loader.steps_in_epoch(c.epoch))
+
+    def steps_until(self, target_epochs: float) -> int:
+        """Optimizer steps from the current position to `target_epochs` (same rule as train_until)."""
+        c = self.counters
+        epoch, step, total = c.epoch, c.step_in_epoch, 0
+        while True:
+            end = self._last_step_of(epoch, target_epochs)
+            total += max(0, end - step)
+            if end < self.loader.steps_in_epoch(epoch) or target_epochs <= epoch + 1:
+                return total
+            epoch, step = epoch + 1, 0
+
+    def _last_step_of(self, epoch: int, target_epochs: float) -> int:
+        """The step count within `epoch` at which the position reaches `target_epochs`."""
+        steps = self.loader.steps_in_epoch(epoch)
+        return min(steps, max(0, round((target_epochs - epoch) * steps)))
+
+    def train_until(self, target_epochs: float) -> None:
+        c = self.counters
+        while True:
+            end = self._last_step_of(c.epoch, target_epochs)
+            while c.step_in_epoch < end:
+                self.train_step()
+            if c.step_in_epoch >= self.loader.steps_in_epoch(c.epoch) and target_epochs > c.epoch + 1 - 1e-9:
+                c.epoch, c.step_in_epoch = c.epoch + 1, 0
+                if target_epochs > c.epoch:
+                    continue
+            return
+
+    # -------------------------------------------------------------------------------------------
+    # One optimizer step
+
+    def train_step(self) -> dict:
+        c, ctx = self.counters, self.ctx
+        t0 = time.perf_counter()
+        plans = self.loader.step_plans(c.epoch, c.step_in_epoch)
+        batches = self.loader.step_batches(c.epoch, c.step_in_epoch)
+        # Sum of token losses over the whole step, divided by its global count of trained tokens,
+        # so the update does not depend on how tokens fall into micro-batches or ranks. FSDP
+        # averages gradients over ranks, hence the factor world_size.
+        loss_tokens = self.loader.step_loss_tokens(c.epoch, c.step_in_epoch)
+        scale = ctx.world_size / max(1, loss_tokens)
+        T = len(self.tasks)
+        stats = torch.zeros(3, T, dtype=torch.float64, device=ctx.device)  # loss_sum, tokens, correct
+        for batch in batches:
+            loss_sum, s = self.model(batch.to(ctx.device))
+            (loss_sum * scale).backward()
+            stats[0] += s.loss_sum.double()
+            stats[1] += s.tokens.double()
+            stats[2] += s.correct.double()
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        all_reduce_sum(stats)
+        stats = stats.cpu()
+        dt = time.perf_counter() - t0
+
+        tokens = sum(p.num_tokens for p in plans)
+        c.step += 1
+        c.step_in_epoch += 1
+        c.trained_tokens += tokens
+        c.loss_tokens += loss_tokens
+        c.train_flops += self.flop_counter.train(tokens, self.loader.doc_lengths(plans))
+        c.train_seconds += dt
+        record = {
+            "step": c.step,
+            "epoch": round(self.epoch_position, 6),
+            "lr": lr,
+            "loss": float(stats[0].sum() / max(1.0, float(stats[1].sum()))),
+            "grad_norm": float(grad_norm),
+            "tokens": tokens,
+            "loss_tokens": loss_tokens,
+            "tokens_per_s": tokens / dt,
+            "step_seconds": dt,
+            "train_flops": c.train_flops,
+            "tasks": {
+                name: {"loss": _ratio(stats[0, i], stats[1, i]), "token_acc": _ratio(stats[2, i], stats[1, i]),
+                       "tokens": int(stats[1, i])}
+                for i, name in enumerate(self.task_names) if stats[1, i] > 0
+            },
+        }
+        self._log_step(record)
+        return record
+
+    def _log_step(self, record: dict) -> None:
+        if not self.ctx.is_main:
+            return
+        if record["step"] % self.cfg.train.log_every == 0 or record["step"] == self.total_steps:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                      epoch=f"{record['epoch']:.2f}", refresh=False)
+
+    # -------------------------------------------------------------------------------------------
+    # Evaluation: one packed forward over every task's validation split
+
+    @torch.no_grad()
+    def evaluate(self) -> EvalResult:
+        t0 = time.perf_counter()
+        if self._eval_batches is None:
+            self._eval_batches = [b.to(self.ctx.device) for b in self.loader.eval_batches()]
+        self.model.eval()
+        stats = torch.zeros(3, len(self.tasks), dtype=torch.float64, device=self.ctx.device)
+        for batch in self._eval_batches:
+            _, s = self.model(batch)
+            stats[0] += s.loss_sum.double()
+            stats[1] += s.tokens.double()
+            stats[2] += s.correct.double()
+        self.model.train()
+        all_reduce_sum(stats)
+        stats = stats.cpu()
+        c = self.counters
+        c.eval_flops += self._eval_flops_per_pass
+        c.eval_tokens += self._eval_tokens_per_pass
+        c.eval_seconds += time.perf_counter() - t0
+        tasks = {
+            name: TaskScore(_ratio(stats[0, i], stats[1, i]), _ratio(stats[2, i], stats[1, i]), int(stats[1, i]))
+            for i, name in enumerate(self.task_names)
+        }
+        return EvalResult(tasks, _ratio(stats[0].sum(), stats[1].sum()), self._eval_flops_per_pass)
+
+    def _eval_cost(self) -> tuple[int, int]:
+        lengths = [int(n) for t in self.tasks for n in t.val.lengths]
+        return self.flop_counter.eval(sum(lengths), lengths), sum(lengths)
+
+    # -------------------------------------------------------------------------------------------
+    # State a method may keep and restore
+
+    def snapshot_weights(self) -> ModelSnapshot:
+        return ModelSnapshot(self.model)
+
+    def restore_weights(self, snapshot: ModelSnapshot) -> None:
+        snapshot.restore(self.model)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+    return float(num / den) if float(den) > 0 else float("nan")
+
+
+def _progress_bar(total: int, enabled: bool) -> Optional[object]:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.5)

@@ -1,0 +1,65 @@
+"""Shared fixtures. Everything is built locally: no download happens in any test."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before anything imports triton or datasets: the Triton interpreter runs kernels on CPU tensors,
+# and caches go to a private folder so tests never touch (or depend on) the user's caches.
+_CACHE = tempfile.mkdtemp(prefix="msft-fast-tests-")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from msft_fast.builtin import char_tokenizer
+
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    from msft_fast.demo_data import write_demo_mixture
+
+    out = tmp_path_factory.mktemp("demo")
+    write_demo_mixture(out, seed=0)
+    return out
+
+
+def tiny_llama(tokenizer, tie: bool = False, seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    from msft_fast.builtin import tiny_llama_config
+
+    config = tiny_llama_config(len(tokenizer))
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 32, 64, 2
+    config.tie_word_embeddings = tie
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def user_model_dir(tmp_path_factory, tokenizer):
+    """A user's own local HF model folder: config, safetensors and tokenizer (tied embeddings)."""
+    folder = tmp_path_factory.mktemp("user-model")
+    model = tiny_llama(tokenizer, tie=True, seed=1)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path, rows) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return str(path)

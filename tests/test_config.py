@@ -1,0 +1,285 @@
+"""Config loading: YAML file + dotted overrides, and one-sentence ConfigErrors naming the key."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from msft_fast.config import Config, TaskConfig, load_config
+from msft_fast.errors import ConfigError
+
+BASE_YAML = textwrap.dedent(
+    """\
+    output_dir: runs/x
+    method: msft
+    model:
+      path: builtin:tiny-llama
+    data:
+      max_seq_len: 64
+      tokens_per_batch: 256
+      tasks:
+        - {name: t1, train: t1/train.jsonl, val: t1/val.jsonl}
+        - {name: t2, train: t2/train.jsonl, val_fraction: 0.2}
+    train:
+      lr: 3.0e-4
+      epochs: 2
+      grad_accum: 2
+    msft:
+      evals_per_epoch: 2
+    """
+)
+
+ONE_TASK = ["data.tasks=[{name: a, train: a.jsonl, val: b.jsonl}]"]
+
+
+@pytest.fixture
+def cfg_file(tmp_path):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(BASE_YAML)
+    return str(p)
+
+
+def _err(path, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    msg = str(info.value)
+    assert "\n" not in msg, f"message is not one line: {msg!r}"
+    return msg
+
+
+def _ok(overrides) -> list[str]:
+    return ["output_dir=out"] + ONE_TASK + list(overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def test_load_yaml_nested_sections(cfg_file):
+    cfg = load_config(cfg_file)
+    assert isinstance(cfg, Config)
+    assert cfg.output_dir == "runs/x"
+    assert cfg.method == "msft"
+    assert cfg.model.path == "builtin:tiny-llama"
+    assert cfg.data.max_seq_len == 64 and cfg.data.tokens_per_batch == 256
+    assert cfg.data.tasks == [
+        TaskConfig(name="t1", train="t1/train.jsonl", val="t1/val.jsonl"),
+        TaskConfig(name="t2", train="t2/train.jsonl", val_fraction=0.2),
+    ]
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert isinstance(cfg.train.epochs, float) and cfg.train.epochs == 2.0
+    assert cfg.train.grad_accum == 2
+    assert cfg.msft.evals_per_epoch == 2
+    # untouched keys keep their defaults
+    assert cfg.train.schedule == "cosine"
+    assert cfg.msft.budget_epochs == 1.0
+    assert cfg.data.overlong == "truncate"
+
+
+def test_overrides_win_over_file(cfg_file):
+    cfg = load_config(
+        cfg_file,
+        [
+            "train.lr=1e-4",
+            "method=sft",
+            "data.tasks=[{name: a, train: x.jsonl, val: y.jsonl}]",
+            "data.overlong=drop",
+            "msft.budget_epochs=0.5",
+        ],
+    )
+    assert cfg.method == "sft"
+    assert cfg.data.tasks == [TaskConfig(name="a", train="x.jsonl", val="y.jsonl")]
+    assert cfg.data.overlong == "drop"
+    assert cfg.msft.budget_epochs == 0.5
+    # other file values survive
+    assert cfg.data.max_seq_len == 64 and cfg.train.grad_accum == 2
+
+
+def test_yaml_string_exponent_parses_as_float(cfg_file, tmp_path):
+    # PyYAML reads "1e-4" (no dot) as a string; float keys must still accept it.
+    cfg = load_config(cfg_file, ["train.lr=1e-4"])
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(1e-4)
+    p = tmp_path / "exp.yaml"
+    p.write_text(BASE_YAML.replace("lr: 3.0e-4", "lr: 5e-5"))
+    cfg = load_config(str(p))
+    assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(5e-5)
+
+
+def test_overrides_only_without_file():
+    cfg = load_config(None, _ok(["train.seed=7", "train.progress=false"]))
+    assert cfg.output_dir == "out" and cfg.train.seed == 7 and cfg.train.progress is False
+    assert cfg.to_dict()["data"]["tasks"][0]["name"] == "a"
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_unknown_key_with_suggestion(cfg_file):
+    msg = _err(cfg_file, ["train.lrr=1"])
+    assert "train.lrr" in msg
+    assert "did you mean" in msg and "'train.lr'" in msg
+
+
+def test_unknown_top_level_section(cfg_file):
+    msg = _err(cfg_file, ["trian.lr=1"])
+    assert "trian" in msg and "unknown" in msg
+    msg = _err(cfg_file, ["optimizer.lr=1"])
+    assert "optimizer" in msg and "unknown" in msg
+
+
+def test_wrong_type(cfg_file):
+    msg = _err(cfg_file, ["train.grad_accum=two"])
+    assert "train.grad_accum" in msg and "int" in msg and "two" in msg
+    msg = _err(cfg_file, ["train.lr=fast"])
+    assert "train.lr" in msg and "float" in msg
+    msg = _err(cfg_file, ["train.grad_accum=true"])  # bool is not an int
+    assert "train.grad_accum" in msg
+
+
+def test_section_given_as_scalar(cfg_file):
+    msg = _err(cfg_file, ["msft=3"])
+    assert "msft" in msg and "mapping" in msg
+
+
+def test_literal_out_of_range(cfg_file):
+    msg = _err(cfg_file, ["method=dpo"])
+    assert "method" in msg and "dpo" in msg
+    for choice in ("sft", "msft", "sro"):
+        assert choice in msg
+    msg = _err(cfg_file, ["train.schedule=step"])
+    assert "train.schedule" in msg and "cosine" in msg
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.lr=-1e-4", "train.lr"),
+        ("train.lr=0", "train.lr"),
+        ("data.tokens_per_batch=0", "data.tokens_per_batch"),
+        ("msft.evals_per_epoch=0", "msft.evals_per_epoch"),
+        ("msft.budget_epochs=0", "msft.budget_epochs"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.beta2=1.0", "train.beta2"),
+        ("data.max_seq_len=1", "data.max_seq_len"),
+        ("data.tasks=[]", "data.tasks"),
+    ],
+)
+def test_bad_values(cfg_file, override, key):
+    msg = _err(cfg_file, [override])
+    assert key in msg
+
+
+def test_tokens_per_batch_below_max_seq_len(cfg_file):
+    msg = _err(cfg_file, ["data.max_seq_len=512", "data.tokens_per_batch=256"])
+    assert "data.tokens_per_batch" in msg and "data.max_seq_len" in msg
+    # equal is fine
+    cfg = load_config(cfg_file, ["data.max_seq_len=256", "data.tokens_per_batch=256"])
+    assert cfg.data.tokens_per_batch == cfg.data.max_seq_len == 256
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        "{name: a, train: a.jsonl, val: b.jsonl, val_fraction: 0.1}",  # both
+        "{name: a, train: a.jsonl}",  # neither
+    ],
+)
+def test_task_needs_exactly_one_val_source(cfg_file, task):
+    msg = _err(cfg_file, [f"data.tasks=[{task}]"])
+    assert "data.tasks[0]" in msg and "'a'" in msg
+    assert "val" in msg and "val_fraction" in msg
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1])
+def test_val_fraction_outside_open_unit_interval(cfg_file, fraction):
+    msg = _err(cfg_file, [f"data.tasks=[{{name: a, train: a.jsonl, val_fraction: {fraction}}}]"])
+    assert "data.tasks[0].val_fraction" in msg
+
+
+def test_duplicate_task_names(cfg_file):
+    msg = _err(
+        cfg_file,
+        ["data.tasks=[{name: a, train: a.jsonl, val: b.jsonl}, {name: a, train: c.jsonl, val: d.jsonl}]"],
+    )
+    assert "data.tasks[1].name" in msg and "'a'" in msg and "twice" in msg
+
+
+def test_task_missing_required_field(cfg_file):
+    msg = _err(cfg_file, ["data.tasks=[{name: a, val: b.jsonl}]"])
+    assert "data.tasks[0].train" in msg and "required" in msg
+
+
+def test_unknown_task_key_suggests(cfg_file):
+    msg = _err(cfg_file, ["data.tasks=[{name: a, train: a.jsonl, vall: b.jsonl}]"])
+    assert "data.tasks[0].vall" in msg and "did you mean" in msg
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    msg = _err(str(missing))
+    assert str(missing) in msg and "does not exist" in msg
+
+
+def test_invalid_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("output_dir: out\ntrain: {lr: [1, 2\n")
+    msg = _err(str(p))
+    assert str(p) in msg and "not valid YAML" in msg
+
+
+def test_yaml_not_a_mapping(tmp_path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    msg = _err(str(p))
+    assert str(p) in msg and "mapping" in msg
+
+
+def test_missing_output_dir(cfg_file, tmp_path):
+    p = tmp_path / "no_out.yaml"
+    p.write_text(BASE_YAML.replace("output_dir: runs/x\n", ""))
+    msg = _err(str(p))
+    assert "output_dir" in msg and "required" in msg
+    msg = _err(cfg_file, ["output_dir="])  # present but empty
+    assert "output_dir" in msg
+
+
+@pytest.mark.parametrize("item", ["train.lr", "=3"])
+def test_override_without_equals(cfg_file, item):
+    msg = _err(cfg_file, [item])
+    assert f"'{item}'" in msg and "key.path=value" in msg
+
+
+def test_override_into_non_section(cfg_file):
+    msg = _err(cfg_file, ["output_dir.x=1"])
+    assert "output_dir" in msg and "not a section" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_config_error_is_one_line_exit_2(tmp_path, capsys):
+    from msft_fast.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: out\ntrain:\n  lrr: 1\n")
+    code = main(["train", "--config", str(bad)])
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("msft-fast: error:")
+    assert "train.lrr" in lines[0]
+    assert "Traceback" not in err
+
+
+def test_cli_missing_config_file(tmp_path, capsys):
+    from msft_fast.cli import main
+
+    code = main(["train", "--config", str(tmp_path / "missing.yaml")])
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("msft-fast: error:")
+    assert "missing.yaml" in lines[0] and "Traceback" not in err

@@ -1,0 +1,162 @@
+"""Packing: best-fit bins, deterministic epochs, collated fields, document isolation, rank dealing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_llama
+
+from msft_fast.config import DataConfig, TaskConfig
+from msft_fast.data.formats import IGNORE_INDEX
+from msft_fast.data.loader import MixtureLoader
+from msft_fast.data.packing import best_fit_pack, collate, empty_batch, padding_fraction, plan_epoch
+from msft_fast.data.tasks import DocSet, TaskData, load_tasks
+from msft_fast.model import CausalLMWithTaskLoss
+
+
+def _docset(lengths, seed=0) -> DocSet:
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    total = int(lengths.sum())
+    ids = rng.integers(8, 100, total).astype(np.int32)
+    labels = np.where(rng.random(total) < 0.7, np.roll(ids, -1), IGNORE_INDEX).astype(np.int32)
+    labels[starts + lengths - 1] = IGNORE_INDEX
+    loss_tokens = np.array([(labels[s : s + n] != IGNORE_INDEX).sum() for s, n in zip(starts, lengths)])
+    return DocSet(ids, labels, starts, lengths, loss_tokens)
+
+
+def _tasks(*sizes, seed=0) -> list[TaskData]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, n in enumerate(sizes):
+        ds = _docset(rng.integers(3, 60, n), seed=seed + i)
+        out.append(TaskData(f"t{i}", i, ds, ds))
+    return out
+
+
+def test_best_fit_pack_places_every_item_once_within_capacity():
+    lengths = np.random.default_rng(0).integers(1, 97, 1001)
+    bins = best_fit_pack(lengths, 100)
+    flat = sorted(i for b in bins for i in b)
+    assert flat == list(range(len(lengths)))
+    assert all(lengths[b].sum() <= 100 for b in bins)
+    # Close to the fewest bins possible (total tokens / capacity).
+    lower_bound = int(np.ceil(lengths.sum() / 100))
+    assert len(bins) <= lower_bound * 1.05 + 1
+
+
+def test_best_fit_pack_rejects_a_document_longer_than_the_capacity():
+    with pytest.raises(ValueError, match="does not fit"):
+        best_fit_pack(np.array([5, 11]), 10)
+
+
+def test_plan_epoch_is_deterministic_per_seed_and_epoch_and_covers_each_document_once():
+    tasks = _tasks(50, 13, 120)
+    docsets = [t.train for t in tasks]
+    a = plan_epoch(docsets, [0, 1, 2], 256, seed=3, epoch=1)
+    b = plan_epoch(docsets, [0, 1, 2], 256, seed=3, epoch=1)
+    c = plan_epoch(docsets, [0, 1, 2], 256, seed=3, epoch=2)
+    key = lambda plans: [(p.tasks.tolist(), p.docs.tolist()) for p in plans]  # noqa: E731
+    assert key(a) == key(b)
+    assert key(a) != key(c)
+    seen = sorted((t, d) for p in a for t, d in zip(p.tasks.tolist(), p.docs.tolist()))
+    assert seen == sorted((t, d) for t in range(3) for d in range(len(docsets[t])))
+    assert all(p.num_tokens <= 256 for p in a)
+    # Only the active tasks are planned.
+    only = plan_epoch(docsets, [1], 256, seed=3, epoch=1)
+    assert {t for p in only for t in p.tasks.tolist()} == {1}
+
+
+def test_padding_fraction_on_the_demo_mixture_is_under_two_percent(demo_dir, tokenizer, tmp_path):
+    names = ["upper", "noisy_codes", "reverse", "sort", "add"]
+    cfg = DataConfig(
+        tasks=[TaskConfig(n, str(demo_dir / n / "train.jsonl"), str(demo_dir / n / "val.jsonl")) for n in names],
+        max_seq_len=128, tokens_per_batch=2048, cache_dir=str(tmp_path),
+    )
+    tasks = load_tasks(cfg, tokenizer)
+    plans = plan_epoch([t.train for t in tasks], range(len(tasks)), 2048, seed=0, epoch=0)
+    assert padding_fraction(plans, 2048) < 0.02
+
+
+def test_collate_restarts_positions_and_never_predicts_across_documents():
+    tasks = _tasks(7, 5)
+    docsets = [t.train for t in tasks]
+    plan = plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0]
+    batch = collate(plan, docsets, task_ids=[4, 9])
+    cu = batch.cu_seqlens.tolist()
+    assert cu[0] == 0 and cu[-1] == batch.num_tokens == plan.num_tokens
+    assert batch.max_seqlen == max(b - a for a, b in zip(cu, cu[1:]))
+    for (a, b), t, d in zip(zip(cu, cu[1:]), plan.tasks.tolist(), plan.docs.tolist()):
+        ds = docsets[t]
+        s = int(ds.starts[d])
+        assert batch.position_ids[a:b].tolist() == list(range(b - a))
+        assert batch.input_ids[a:b].tolist() == ds.input_ids[s : s + b - a].tolist()
+        assert batch.labels[a:b].tolist() == ds.labels[s : s + b - a].tolist()
+        assert batch.labels[b - 1].item() == IGNORE_INDEX  # no document predicts into the next
+        assert set(batch.task_ids[a:b].tolist()) == {[4, 9][t]}
+    assert batch.num_loss_tokens == int((batch.labels != IGNORE_INDEX).sum())
+
+
+def test_packed_logits_equal_each_document_run_alone(tokenizer):
+    """Attention never crosses documents: the packed row gives each document's own logits."""
+    lm = tiny_llama(tokenizer, seed=2)
+    wrapper = CausalLMWithTaskLoss(lm, num_tasks=2)
+    tasks = _tasks(6, 4, seed=5)
+    docsets = [t.train for t in tasks]
+    plan = plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0]
+    assert len(plan.docs) == 10
+    batch = collate(plan, docsets, [0, 1])
+    with torch.no_grad():
+        packed = lm.lm_head(wrapper.hidden_states(batch))
+        cu = batch.cu_seqlens.tolist()
+        for a, b in zip(cu, cu[1:]):
+            alone = lm(input_ids=batch.input_ids[None, a:b], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[a:b], alone, atol=2e-5, rtol=1e-5)
+
+
+def test_packed_loss_and_task_stats_match_per_document_cross_entropy(tokenizer):
+    lm = tiny_llama(tokenizer, seed=3)
+    wrapper = CausalLMWithTaskLoss(lm, num_tasks=2)
+    tasks = _tasks(5, 3, seed=7)
+    docsets = [t.train for t in tasks]
+    plan = plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0]
+    batch = collate(plan, docsets, [0, 1])
+    with torch.no_grad():
+        loss, stats = wrapper(batch)
+        expect_sum = torch.zeros(2, dtype=torch.float64)
+        expect_tokens = torch.zeros(2, dtype=torch.int64)
+        for t, d in zip(plan.tasks.tolist(), plan.docs.tolist()):
+            s, n = int(docsets[t].starts[d]), int(docsets[t].lengths[d])
+            ids = torch.from_numpy(docsets[t].input_ids[s : s + n].astype(np.int64))
+            labels = torch.from_numpy(docsets[t].labels[s : s + n].astype(np.int64))
+            logits = lm(input_ids=ids[None], use_cache=False).logits[0].double()
+            expect_sum[t] += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            expect_tokens[t] += int((labels != IGNORE_INDEX).sum())
+    assert stats.tokens.tolist() == expect_tokens.tolist()
+    torch.testing.assert_close(stats.loss_sum.double(), expect_sum, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(loss.double(), expect_sum.sum(), atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("world_size,grad_accum", [(2, 2), (3, 1), (4, 3)])
+def test_ranks_get_the_single_rank_micro_batches_in_equal_numbers(world_size, grad_accum):
+    tasks = _tasks(40, 9, 61)
+    single = MixtureLoader(tasks, 200, seed=1, rank=0, world_size=1, grad_accum=world_size * grad_accum)
+    ranks = [MixtureLoader(tasks, 200, seed=1, rank=r, world_size=world_size, grad_accum=grad_accum)
+             for r in range(world_size)]
+    steps = single.steps_in_epoch(0)
+    assert all(r.steps_in_epoch(0) == steps for r in ranks)
+    for step in range(steps):
+        want = sorted(b.input_ids.tolist() for b in single.step_batches(0, step))
+        per_rank = [r.step_batches(0, step) for r in ranks]
+        assert len({len(b) for b in per_rank}) == 1  # equal counts: no rank waits at an epoch's end
+        got = [b.input_ids.tolist() for bs in per_rank for b in bs if b.num_loss_tokens > 0 or b.num_tokens > 1]
+        assert sorted(got) == want
+        assert all(r.step_loss_tokens(0, step) == single.step_loss_tokens(0, step) for r in ranks)
+        assert single.step_loss_tokens(0, step) == sum(b.num_loss_tokens for b in single.step_batches(0, step))
+
+
+def test_empty_batch_carries_no_loss():
+    batch = empty_batch()
+    assert batch.num_tokens == 1 and batch.num_loss_tokens == 0
+    assert batch.labels.tolist() == [IGNORE_INDEX]

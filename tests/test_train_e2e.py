@@ -1,0 +1,135 @@
+"""End to end on a user's own model folder and jsonl tasks: train with SFT, check the outputs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from msft_fast.config import load_config
+from msft_fast.data.formats import IGNORE_INDEX
+from msft_fast.data.tasks import load_tasks
+from msft_fast.errors import OutputError
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path, demo_dir, model_dir, *overrides):
+    chat = [json.loads(line) for line in open(demo_dir / "upper" / "train.jsonl")]
+    yaml_text = f"""
+method: sft
+output_dir: {tmp_path / 'run'}
+model: {{path: {model_dir}}}
+data:
+  tasks:
+    - {{name: upper, train: {write_jsonl(tmp_path / 'upper.jsonl', chat)}, val_fraction: 0.2}}
+    - {{name: add, train: {demo_dir / 'add' / 'train.jsonl'}, val: {demo_dir / 'add' / 'val.jsonl'}}}
+    - {{name: reverse, train: {demo_dir / 'reverse' / 'train.jsonl'}, val: {demo_dir / 'reverse' / 'val.jsonl'}}}
+  max_seq_len: 64
+  tokens_per_batch: 512
+  cache_dir: {tmp_path / 'cache'}
+train: {{lr: 3.0e-3, epochs: 2, warmup_steps: 2, progress: false}}
+msft: {{evals_per_epoch: 2}}
+"""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text)
+    return load_config(str(path), list(overrides))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, demo_dir, user_model_dir):
+    from msft_fast.run import train
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = _config(tmp, demo_dir, user_model_dir)
+    history = train(cfg)
+    return cfg, history
+
+
+def test_history_has_every_contract_field(finished_run):
+    cfg, history = finished_run
+    on_disk = json.load(open(os.path.join(cfg.output_dir, "history.json")))
+    assert on_disk == json.loads(json.dumps(history))
+    assert on_disk["status"] == "finished" and on_disk["method"] == "sft"
+    assert on_disk["tasks"] == ["upper", "add", "reverse"]
+    evals = on_disk["evals"]
+    assert [e["eval_id"] for e in evals] == list(range(5))  # start + every half epoch for 2 epochs
+    # Evaluations fall on the optimizer step nearest each half epoch (53 steps per epoch here).
+    assert [e["epoch"] for e in evals] == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0], abs=0.02)
+    for e in evals:
+        assert set(e) >= {"eval_id", "step", "epoch", "stage", "train_flops", "eval_flops", "tasks"}
+        for name in on_disk["tasks"]:
+            assert set(e["tasks"][name]) >= {"val_loss", "val_token_acc", "active"}
+            assert 0.0 <= e["tasks"][name]["val_token_acc"] <= 1.0
+    steps = [e["step"] for e in evals]
+    assert steps == sorted(steps) and steps[0] == 0
+    assert [e["train_flops"] for e in evals] == sorted(e["train_flops"] for e in evals)
+    assert evals[0]["train_flops"] == 0 and evals[-1]["train_flops"] > 0
+    assert on_disk["stages"] == [{"stage": 0, "excluded": None, "rollback_to_eval": None}]
+    totals = on_disk["totals"]
+    assert set(totals) >= {"train_flops", "eval_flops", "trained_tokens", "wall_seconds"}
+    assert totals["train_flops"] == evals[-1]["train_flops"]
+    assert totals["eval_flops"] == evals[-1]["eval_flops"] == 5 * evals[0]["eval_flops"]
+    metrics = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    assert [m["step"] for m in metrics] == list(range(1, totals["steps"] + 1))
+    assert sum(m["tokens"] for m in metrics) == totals["trained_tokens"]
+
+
+def test_validation_loss_falls_and_final_is_the_best_pooled_eval(finished_run):
+    _, history = finished_run
+    pooled = [e["pooled_val_loss"] for e in history["evals"]]
+    assert pooled[-1] < pooled[0] - 0.5
+    best = min(range(len(pooled)), key=pooled.__getitem__)
+    assert history["final"] == {"eval_id": best, "pooled_val_loss": pooled[best]}
+
+
+def test_final_folder_loads_in_hf_and_reproduces_the_recorded_validation_loss(finished_run):
+    """An independent check of packing, loss, snapshot and export: plain HF, one document at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, history = finished_run
+    final_dir = os.path.join(cfg.output_dir, "final")
+    assert os.path.isfile(os.path.join(final_dir, "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(final_dir)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert tokenizer.chat_template
+    tasks = load_tasks(cfg.data, tokenizer)
+    recorded = history["evals"][history["final"]["eval_id"]]["tasks"]
+    for task in tasks:
+        loss_sum, tokens = 0.0, 0
+        with torch.no_grad():
+            for s, n in zip(task.val.starts, task.val.lengths):
+                ids = torch.from_numpy(task.val.input_ids[s : s + n].astype("int64"))[None]
+                labels = torch.from_numpy(task.val.labels[s : s + n].astype("int64"))
+                logits = model(input_ids=ids, use_cache=False).logits[0].double()
+                loss_sum += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
+                tokens += int((labels != IGNORE_INDEX).sum())
+        assert tokens == recorded[task.name]["val_tokens"]
+        assert loss_sum / tokens == pytest.approx(recorded[task.name]["val_loss"], rel=1e-5)
+
+
+def test_a_finished_run_is_not_overwritten_unless_asked(finished_run):
+    from msft_fast.run import train
+
+    cfg, _ = finished_run
+    with pytest.raises(OutputError, match="finished run; pass --overwrite"):
+        train(cfg)
+
+
+def test_cli_reports_a_malformed_data_row_in_one_line(tmp_path, demo_dir, user_model_dir):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, "{not json", {"prompt": "c"}])
+    cfg_path = tmp_path / "bad.yaml"
+    cfg_path.write_text(f"output_dir: {tmp_path / 'out'}\nmodel: {{path: {user_model_dir}}}\n"
+                        f"data: {{tasks: [{{name: t, train: {bad}, val_fraction: 0.5}}], max_seq_len: 64, tokens_per_batch: 64}}\n")
+    proc = subprocess.run([sys.executable, "-m", "msft_fast", "train", "--config", str(cfg_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("msft-fast: error:") and f"{bad}: line 2 is not valid JSON" in lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "out" / "history.json")
