@@ -39,11 +39,13 @@ def _chunk_logits(hidden: torch.Tensor, weight_c: torch.Tensor, rows: slice) -> 
     return hidden[rows].to(weight_c.dtype) @ weight_c.T
 
 
-def _forward(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size):
+def _forward(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size, grads=None):
     """Chunked forward pass.
 
     hidden [N, H], weight [V, H], labels [N] int64, task_ids [N] int64.
     Returns per-token loss [N] and logsumexp [N] in the compute dtype, and TaskStats with [T] tensors.
+    `grads`: optional (grad_hidden [N, H] or None, grad_weight [V, H] fp32 or None) buffers that
+    receive the gradient of the summed loss while each chunk's logits are at hand.
     """
     n, dev, cdt = hidden.shape[0], hidden.device, compute_dtype(hidden.dtype)
     # Low-precision weights are upcast once so the matmul yields fp32 logits (the Triton kernel
@@ -70,7 +72,25 @@ def _forward(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_si
         loss_sum.index_add_(0, tid, c_loss)
         tokens.index_add_(0, tid, valid.long())
         correct.index_add_(0, tid, hit.long())
+        if grads is not None:
+            _accumulate_grads(hidden, weight_c, logits, c_lse, y, valid, None, rows, *grads)
     return loss, lse, TaskStats(loss_sum.float(), tokens, correct)
+
+
+def _accumulate_grads(hidden, weight_c, logits, lse, y, valid, upstream, rows, grad_hidden, grad_weight):
+    """Gradient of the chunk's loss w.r.t. hidden rows and weight: (softmax - onehot(y)) x upstream.
+
+    Overwrites `logits` (the chunk's own buffer). `upstream` [C] or None (= 1 for every token).
+    """
+    grad_logits = logits.sub_(lse[:, None]).exp_()
+    grad_logits[torch.arange(y.shape[0], device=y.device), torch.where(valid, y, 0)] -= 1.0
+    # Ignored tokens have a constant 0 loss: zero their row (and any inf/NaN upstream grad there).
+    scale = valid.to(grad_logits.dtype) if upstream is None else torch.where(valid, upstream, 0.0)
+    grad_logits *= scale[:, None]
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad_logits @ weight_c
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.T, hidden[rows].to(weight_c.dtype))
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -98,19 +118,46 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             y = labels[rows]
-            valid = y != ctx.ignore_index
-            # Ignored tokens have a constant 0 loss: mask their upstream grad (even if inf/NaN).
-            g = torch.where(valid, grad_loss[rows].to(cdt), 0.0)
-            # d(lse - logit[y]) / d logits = softmax - onehot(y), scaled by the upstream grad.
-            grad_logits = torch.exp(_chunk_logits(hidden, weight_c, rows) - lse[rows, None])
-            grad_logits[torch.arange(y.shape[0], device=y.device), torch.where(valid, y, 0)] -= 1.0
-            grad_logits *= g[:, None]
-            if need_hidden:
-                grad_hidden[rows] = grad_logits @ weight_c
-            if need_weight:
-                grad_weight.addmm_(grad_logits.T, hidden[rows].to(cdt))
+            logits = _chunk_logits(hidden, weight_c, rows)
+            _accumulate_grads(hidden, weight_c, logits, lse[rows], y, y != ctx.ignore_index,
+                              grad_loss[rows].to(cdt), rows, grad_hidden, grad_weight)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+class SummedLinearCrossEntropyFunction(torch.autograd.Function):
+    """The summed loss (scalar) plus TaskStats, with the gradients computed during the forward.
+
+    A scalar loss has a scalar upstream gradient, so the gradients can be formed while each chunk's
+    logits exist and merely scaled in backward: one logits matmul per chunk instead of two.
+    Holds grad_hidden [N, H] (input dtype) and grad_weight [V, H] (weight dtype, accumulated in
+    fp32) from forward to backward; backward would allocate the same buffers anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size):
+        need_hidden, need_weight = hidden.requires_grad, weight.requires_grad
+        cdt = compute_dtype(hidden.dtype)
+        grad_hidden = torch.empty(hidden.shape, dtype=cdt, device=hidden.device) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_weight else None
+        loss, _, stats = _forward(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size,
+                                  grads=(grad_hidden, grad_weight))
+        ctx.grad_hidden = grad_hidden.to(hidden.dtype) if need_hidden else None
+        ctx.grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        ctx.mark_non_differentiable(*stats)
+        return (loss.sum(), *stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_unused_stat_grads):
+        # Kept on ctx (freed with the graph) so a retained graph can run backward again.
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        scale = grad_loss.to(torch.float32 if grad_loss.dtype != torch.float64 else grad_loss.dtype)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * scale.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight * scale.to(grad_weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
@@ -124,14 +171,17 @@ def linear_cross_entropy_reference(
     """
     args = (hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        loss, *stats = LinearCrossEntropyFunction.apply(*args)
+        if reduction == "none":
+            loss, *stats = LinearCrossEntropyFunction.apply(*args)
+        else:
+            loss, *stats = SummedLinearCrossEntropyFunction.apply(*args)
         stats = TaskStats(*stats)
     else:
         # Nothing to differentiate: skip the autograd Function so nothing is saved for backward.
         loss, _, stats = _forward(*args)
-    if reduction == "sum":
+    if reduction != "none" and loss.dim() == 1:
         loss = loss.sum()
-    elif reduction == "mean":
+    if reduction == "mean":
         # clamp keeps an all-ignored batch at 0 / 1 = 0 with zero grad instead of NaN, without a host sync.
-        loss = loss.sum() / stats.tokens.sum().clamp(min=1)
+        loss = loss / stats.tokens.sum().clamp(min=1)
     return loss, stats

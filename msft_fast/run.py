@@ -45,7 +45,7 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
 def _train(cfg: Config, ctx: DistContext, overwrite: bool) -> dict:
     start = time.time()
     out = resolve_path(cfg.output_dir)
-    _on_main_first(ctx, lambda: prepare_output_dir(out, overwrite))
+    _on_main_first(ctx, lambda: prepare_output_dir(out, overwrite), then_others=False)
     loaded = load_model(cfg.model, ctx.device, cfg.train.seed)
     limit = max_positions(loaded.model)
     if limit is not None and cfg.data.max_seq_len > limit:
@@ -96,13 +96,16 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool) -> dict:
         if trainer_ is not None:
             trainer_.close()
     if ctx.is_main:
+        log.info("trained %d tokens in %.1f s (%.0f tokens/s), evaluation took %.1f s", totals["trained_tokens"],
+                 totals["train_seconds"], totals["trained_tokens"] / max(1e-9, totals["train_seconds"]),
+                 totals["eval_seconds"])
         log.info("done: final model (eval %d, pooled val loss %.4f) in %s; history in %s", final["eval_id"],
                  final["pooled_val_loss"], final_dir, history.path)
     return history.data
 
 
-def _on_main_first(ctx: DistContext, fn):
-    """Run `fn` on rank 0, then on the other ranks; a UserError on rank 0 stops every rank."""
+def _on_main_first(ctx: DistContext, fn, then_others: bool = True):
+    """Run `fn` on rank 0, then (if asked) on the other ranks; a UserError on rank 0 stops every rank."""
     result, error = None, None
     if ctx.is_main:
         try:
@@ -112,7 +115,7 @@ def _on_main_first(ctx: DistContext, fn):
     error = broadcast_object(error)
     if error is not None:
         raise error
-    if not ctx.is_main:
+    if not ctx.is_main and then_others:
         result = fn()
     return result
 

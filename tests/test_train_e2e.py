@@ -133,3 +133,19 @@ def test_cli_reports_a_malformed_data_row_in_one_line(tmp_path, demo_dir, user_m
     assert lines[-1].startswith("msft-fast: error:") and f"{bad}: line 2 is not valid JSON" in lines[-1]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "out" / "history.json")
+
+
+def test_fractional_epochs_take_exactly_the_planned_steps(tmp_path, demo_dir):
+    """train.epochs=0.8 with 4 evaluations per epoch: evaluations at 0, .25, .5, .75 and .8."""
+    from msft_fast.methods.sft import eval_points
+    from msft_fast.run import train
+
+    assert eval_points(0.8, 4) == [0.25, 0.5, 0.75, 0.8]
+    assert eval_points(2, 2) == [0.5, 1.0, 1.5, 2.0]
+    cfg = _config(tmp_path, demo_dir, "builtin:tiny-llama", "train.epochs=0.8", "msft.evals_per_epoch=4")
+    history = train(cfg)
+    evals = history["evals"]
+    assert [e["epoch"] for e in evals] == pytest.approx([0, 0.25, 0.5, 0.75, 0.8], abs=0.03)
+    metrics = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    assert len(metrics) == history["totals"]["steps"] == evals[-1]["step"]
+    assert metrics[-1]["epoch"] == pytest.approx(0.8, abs=0.02)
