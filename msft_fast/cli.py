@@ -40,8 +40,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train(cfg, overwrite=args.overwrite)
         return 0
     except UserError as e:
+        # Errors that all ranks agreed on (see run._agreed) are printed once, by rank 0; any other
+        # is printed by the rank that hit it, so a failure on a far node is never silent.
         if rank == 0:
             print(f"msft-fast: error: {e}", file=sys.stderr)
+        elif not getattr(e, "all_ranks", False):
+            print(f"msft-fast: error: [rank {rank}] {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("msft-fast: interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 
@@ -51,16 +52,18 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, blocks: list[nn.Module], param_dtype: torch.dtype) -> nn.Module:
+def parallelize(model: nn.Module, blocks: list[nn.Module], param_dtype: torch.dtype, device: torch.device) -> nn.Module:
     """`fully_shard` each decoder block, then the root (`model`, which owns embeddings and head).
 
-    Parameters stay fp32 (the optimizer's master copy); compute runs in `param_dtype` and gradients
-    are reduced in fp32.
+    The model may sit on the CPU: each rank moves only its own shards to `device`, so no device
+    ever holds the whole model. Parameters stay fp32 (the optimizer's master copy); compute runs
+    in `param_dtype` and gradients are reduced in fp32.
     """
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
@@ -77,3 +80,11 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -33,13 +33,21 @@ class LoadedModel:
     source: str  # the folder it came from, or builtin:NAME
     attn_implementation: str
     export_dtype: torch.dtype  # the dtype the weights came in; final/ is saved in it
+    compute_dtype: torch.dtype  # forward/backward dtype (FSDP param_dtype); masters stay fp32
 
 
-def load_model(cfg: ModelConfig, device: torch.device, seed: int) -> LoadedModel:
-    """Load tokenizer and model from `cfg.path` (or build the built-in tiny model)."""
+def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int) -> LoadedModel:
+    """Load tokenizer and model from `cfg.path` (or build the built-in tiny model), on the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    attn = choose_attention(cfg.attn_implementation, device)
+    dtype = compute_dtype_for(precision, device)
+    attn = choose_attention(cfg.attn_implementation, device, dtype)
     if cfg.path.startswith(BUILTIN_MODEL_PREFIX):
         name = cfg.path[len(BUILTIN_MODEL_PREFIX):]
         if name not in BUILTIN_MODELS:
@@ -49,7 +57,7 @@ def load_model(cfg: ModelConfig, device: torch.device, seed: int) -> LoadedModel
         config._attn_implementation = attn
         torch.manual_seed(seed)  # the built-in model's random init is part of the run's seed
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
-        return LoadedModel(model, tokenizer, cfg.path, attn, torch.float32)
+        return LoadedModel(model, tokenizer, cfg.path, attn, torch.float32, dtype)
 
     path = resolve_path(cfg.path)
     _check_model_folder(path)
@@ -61,7 +69,26 @@ def load_model(cfg: ModelConfig, device: torch.device, seed: int) -> LoadedModel
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
         raise ModelError(f"cannot load the model folder {path}: {' '.join(str(e).split())[:300]}") from None
     model.config.dtype = export_dtype  # we train fp32 master weights; the saved config keeps its dtype
-    return LoadedModel(model, tokenizer, path, attn, export_dtype)
+    _check_head(model, path)
+    return LoadedModel(model, tokenizer, path, attn, export_dtype, dtype)
+
+
+# Config fields that change the logits beyond `hidden @ head.weight.T`; the fused loss does not
+# apply them yet, so training would optimise a different function from the one exported.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _check_head(model: nn.Module, path: str) -> None:
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ModelError(f"the model in {path} has no linear LM head")
+    if getattr(head, "bias", None) is not None:
+        raise ModelError(f"the model in {path} has an LM-head bias, which the loss does not support yet")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ModelError(f"the model in {path} sets {name}={value}, which the loss does not support yet")
 
 
 def _config_dtype(config: Any) -> torch.dtype:
@@ -81,16 +108,16 @@ def _check_model_folder(path: str) -> None:
         raise ModelError(f"model folder {path} has no weights (*.safetensors)")
 
 
-def choose_attention(requested: str, device: torch.device) -> str:
-    """flash-attn varlen on CUDA when installed, else SDPA; both isolate packed documents through
-    per-document position_ids with attention_mask=None (HF derives the document boundaries)."""
+def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """flash-attn varlen on CUDA in bf16/fp16 when installed, else SDPA; both isolate packed
+    documents through per-document position_ids with attention_mask=None."""
+    flash_ok = device.type == "cuda" and dtype != torch.float32 and importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash_attention_2" and not flash_ok:
+        raise ConfigError("config key 'model.attn_implementation': flash_attention_2 needs CUDA, bf16 compute "
+                          "(train.precision) and the flash-attn package (pip install 'msft-fast[gpu]')")
     if requested != "auto":
-        if requested == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
-            raise ConfigError("config key 'model.attn_implementation': flash_attention_2 needs CUDA and the flash-attn package (pip install 'msft-fast[gpu]')")
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    return "flash_attention_2" if flash_ok else "sdpa"
 
 
 def max_positions(model: nn.Module) -> int | None:

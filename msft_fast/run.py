@@ -17,8 +17,11 @@ import yaml
 from msft_fast.config import Config, resolve_path
 from msft_fast.data.packing import padding_fraction
 from msft_fast.data.tasks import load_tasks
-from msft_fast.distributed import DistContext, broadcast_object, init_distributed, shutdown_distributed
-from msft_fast.errors import ConfigError, OutputError, UserError
+from msft_fast.data.loader import MixtureLoader
+from msft_fast.distributed import (
+    DistContext, all_gather_object, broadcast_object, init_distributed, shutdown_distributed,
+)
+from msft_fast.errors import ConfigError, ModelError, OutputError, UserError
 from msft_fast.export import export_hf_folder
 from msft_fast.history import HISTORY_FILE, History
 from msft_fast.methods.sft import run_sft
@@ -45,13 +48,20 @@ def train(cfg: Config, overwrite: bool = False) -> dict:
 def _train(cfg: Config, ctx: DistContext, overwrite: bool) -> dict:
     start = time.time()
     out = resolve_path(cfg.output_dir)
-    _on_main_first(ctx, lambda: prepare_output_dir(out, overwrite), then_others=False)
-    loaded = load_model(cfg.model, ctx.device, cfg.train.seed)
+    _agreed(ctx, lambda: prepare_output_dir(out, overwrite), main_only=True)
+    loaded = _agreed(ctx, lambda: load_model(cfg.model, cfg.train.precision, ctx.device, cfg.train.seed))
     limit = max_positions(loaded.model)
     if limit is not None and cfg.data.max_seq_len > limit:
         raise ConfigError(f"config key 'data.max_seq_len' ({cfg.data.max_seq_len}) exceeds the model's position limit ({limit})")
     # Rank 0 tokenizes and fills the cache; the others then read the same cache.
-    tasks = _on_main_first(ctx, lambda: load_tasks(cfg.data, loaded.tokenizer))
+    tasks = _agreed(ctx, lambda: load_tasks(cfg.data, loaded.tokenizer), main_first=True)
+    check_token_ids(tasks, loaded.model)
+    loader = MixtureLoader(tasks, cfg.data.tokens_per_batch, cfg.train.seed, ctx.rank, ctx.world_size,
+                           cfg.train.grad_accum)
+    steps = loader.steps_between(0, 0, cfg.train.epochs)
+    if steps == 0:
+        raise ConfigError(f"config key 'train.epochs' ({cfg.train.epochs}) gives no optimizer step: one epoch is "
+                          f"{loader.steps_in_epoch(0)} steps of {loader.per_step} micro-batches")
     if ctx.is_main:
         with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
@@ -61,10 +71,9 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool) -> dict:
 
     trainer_ = None
     try:
-        trainer_ = Trainer(cfg, ctx, loaded, tasks, output_dir=out)
-        steps = trainer_.steps_until(cfg.train.epochs)
+        trainer_ = Trainer(cfg, ctx, loaded, tasks, loader, output_dir=out)
         trainer_.set_total_steps(steps)
-        pad = padding_fraction(trainer_.loader.epoch_plan(0), cfg.data.tokens_per_batch)
+        pad = padding_fraction(loader.epoch_plan(0), cfg.data.tokens_per_batch)
         if ctx.is_main:
             log.info("model %s (%s attention, %s compute), %d ranks, %d steps, padding %.2f%% of micro-batch capacity",
                      loaded.source, loaded.attn_implementation, str(trainer_.param_dtype).removeprefix("torch."),
@@ -104,20 +113,48 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool) -> dict:
     return history.data
 
 
-def _on_main_first(ctx: DistContext, fn, then_others: bool = True):
-    """Run `fn` on rank 0, then (if asked) on the other ranks; a UserError on rank 0 stops every rank."""
-    result, error = None, None
-    if ctx.is_main:
+def _agreed(ctx: DistContext, fn, main_first: bool = False, main_only: bool = False):
+    """Run a step that user input can fail, so that a UserError on any rank stops every rank with
+    that message before the next collective (no rank is left waiting for one that has quit).
+
+    main_first: rank 0 runs first (e.g. to fill a cache), then the others; main_only: only rank 0.
+    """
+    def attempt():
         try:
-            result = fn()
+            return fn(), None
         except UserError as e:
-            error = e
-    error = broadcast_object(error)
-    if error is not None:
-        raise error
-    if not ctx.is_main and then_others:
-        result = fn()
+            return None, e
+
+    result, error = None, None
+    if main_first or main_only:
+        if ctx.is_main:
+            result, error = attempt()
+        error = broadcast_object(error)
+        if error is not None:
+            error.all_ranks = True
+            raise error
+        if main_only:
+            return result
+    if not (main_first and ctx.is_main):
+        result, error = attempt()
+    errors = all_gather_object(error)
+    for rank, e in enumerate(errors):
+        if e is not None:
+            shared = e if rank == 0 else type(e)(f"on rank {rank}: {e}")
+            shared.all_ranks = True
+            raise shared
     return result
+
+
+def check_token_ids(tasks: list, model) -> None:
+    """Token ids past the embedding table fail deep inside torch (or as a CUDA assert): say it here."""
+    rows = model.get_input_embeddings().num_embeddings
+    for t in tasks:
+        for split, docs in (("train", t.train), ("val", t.val)):
+            top = max(int(docs.input_ids.max(initial=0)), int(docs.labels.max(initial=0)))
+            if top >= rows:
+                raise ModelError(f"task '{t.name}' ({split}) has token id {top}, but the model's embedding has only "
+                                 f"{rows} rows: the tokenizer does not match the model (resize the embeddings)")
 
 
 def prepare_output_dir(out: str, overwrite: bool) -> None:

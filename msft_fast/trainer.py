@@ -59,23 +59,17 @@ class Counters:
     eval_seconds: float = 0.0
 
 
-def resolve_param_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
-
-
 class Trainer:
-    def __init__(self, cfg: Config, ctx: DistContext, loaded: LoadedModel, tasks: list[TaskData], output_dir: str):
+    def __init__(self, cfg: Config, ctx: DistContext, loaded: LoadedModel, tasks: list[TaskData],
+                 loader: MixtureLoader, output_dir: str):
         self.cfg, self.ctx, self.tasks = cfg, ctx, tasks
         self.task_names = [t.name for t in tasks]
         self.flop_counter = FlopCounter.for_model(loaded.model)
-        self.model = CausalLMWithTaskLoss(loaded.model, len(tasks)).to(ctx.device)
-        self.param_dtype = resolve_param_dtype(cfg.train.precision, ctx.device)
-        parallelize(self.model, decoder_blocks(loaded.model), self.param_dtype)
+        self.model = CausalLMWithTaskLoss(loaded.model, len(tasks))
+        self.param_dtype = loaded.compute_dtype
+        parallelize(self.model, decoder_blocks(loaded.model), self.param_dtype, ctx.device)
         self.optimizer = build_optimizer(self.model, cfg.train, ctx.device)
-        self.loader = MixtureLoader(tasks, cfg.data.tokens_per_batch, cfg.train.seed, ctx.rank, ctx.world_size,
-                                    cfg.train.grad_accum)
+        self.loader = loader
         self.counters = Counters()
         self._eval_batches = None
         self._eval_flops_per_pass, self._eval_tokens_per_pass = self._eval_cost()
@@ -102,25 +96,13 @@ class Trainer:
         return c.epoch + c.step_in_epoch / max(1, self.loader.steps_in_epoch(c.epoch))
 
     def steps_until(self, target_epochs: float) -> int:
-        """Optimizer steps from the current position to `target_epochs` (same rule as train_until)."""
-        c = self.counters
-        epoch, step, total = c.epoch, c.step_in_epoch, 0
-        while True:
-            end = self._last_step_of(epoch, target_epochs)
-            total += max(0, end - step)
-            if end < self.loader.steps_in_epoch(epoch) or target_epochs <= epoch + 1:
-                return total
-            epoch, step = epoch + 1, 0
-
-    def _last_step_of(self, epoch: int, target_epochs: float) -> int:
-        """The step count within `epoch` at which the position reaches `target_epochs`."""
-        steps = self.loader.steps_in_epoch(epoch)
-        return min(steps, max(0, round((target_epochs - epoch) * steps)))
+        """Optimizer steps from the current position to `target_epochs` (as train_until takes them)."""
+        return self.loader.steps_between(self.counters.epoch, self.counters.step_in_epoch, target_epochs)
 
     def train_until(self, target_epochs: float) -> None:
         c = self.counters
         while True:
-            end = self._last_step_of(c.epoch, target_epochs)
+            end = self.loader.last_step_of(c.epoch, target_epochs)
             while c.step_in_epoch < end:
                 self.train_step()
             if c.step_in_epoch >= self.loader.steps_in_epoch(c.epoch) and target_epochs > c.epoch + 1 - 1e-9:
@@ -215,6 +197,7 @@ class Trainer:
             stats[1] += s.tokens.double()
             stats[2] += s.correct.double()
         self.model.train()
+        self.model.reshard()  # a forward without backward leaves the root unsharded
         all_reduce_sum(stats)
         stats = stats.cpu()
         c = self.counters

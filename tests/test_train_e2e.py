@@ -87,17 +87,14 @@ def test_validation_loss_falls_and_final_is_the_best_pooled_eval(finished_run):
     assert history["final"] == {"eval_id": best, "pooled_val_loss": pooled[best]}
 
 
-def test_final_folder_loads_in_hf_and_reproduces_the_recorded_validation_loss(finished_run):
+def _assert_final_reproduces_history(cfg, history):
     """An independent check of packing, loss, snapshot and export: plain HF, one document at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg, history = finished_run
     final_dir = os.path.join(cfg.output_dir, "final")
     assert os.path.isfile(os.path.join(final_dir, "model.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(final_dir)
-    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
-    assert tokenizer.chat_template
     tasks = load_tasks(cfg.data, tokenizer)
     recorded = history["evals"][history["final"]["eval_id"]]["tasks"]
     for task in tasks:
@@ -111,6 +108,26 @@ def test_final_folder_loads_in_hf_and_reproduces_the_recorded_validation_loss(fi
                 tokens += int((labels != IGNORE_INDEX).sum())
         assert tokens == recorded[task.name]["val_tokens"]
         assert loss_sum / tokens == pytest.approx(recorded[task.name]["val_loss"], rel=1e-5)
+    return model, tokenizer
+
+
+def test_final_folder_loads_in_hf_and_reproduces_the_recorded_validation_loss(finished_run):
+    cfg, history = finished_run
+    model, tokenizer = _assert_final_reproduces_history(cfg, history)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert tokenizer.chat_template
+
+
+def test_final_holds_the_best_evaluation_when_it_is_not_the_last(tmp_path, demo_dir, user_model_dir):
+    """A learning rate far too high: the best pooled loss comes early, and final/ must be that state
+    (embeddings and head included, which FSDP2 keeps unsharded after an evaluation)."""
+    from msft_fast.run import train
+
+    cfg = _config(tmp_path, demo_dir, user_model_dir, "train.lr=3.0", "train.schedule=constant",
+                  "train.grad_clip=0", "train.warmup_steps=0", "train.epochs=1", "msft.evals_per_epoch=4")
+    history = train(cfg)
+    assert history["final"]["eval_id"] < len(history["evals"]) - 1
+    _assert_final_reproduces_history(cfg, history)
 
 
 def test_a_finished_run_is_not_overwritten_unless_asked(finished_run):

@@ -48,24 +48,42 @@ def test_flop_counter_counts_matmul_params_and_per_document_causal_attention(tok
         assert counter.attention_forward([8]) > counter.attention_forward([3, 5])
 
 
-def test_snapshot_restore_is_bitwise_under_fsdp2(tokenizer):
+def test_snapshot_after_an_evaluation_restores_bitwise_under_fsdp2(tokenizer):
+    """After a forward without backward, FSDP2 leaves the root (embeddings, head) unsharded; the
+    snapshot must still capture and restore the real shards of every parameter."""
+    import numpy as np
+
+    from msft_fast.data.packing import collate, plan_epoch
     from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
     from msft_fast.snapshot import ModelSnapshot
+    from test_packing import _tasks
 
-    init_distributed()
+    ctx = init_distributed()
     try:
         lm = tiny_llama(tokenizer)
-        model = CausalLMWithTaskLoss(lm, num_tasks=1)
-        parallelize(model, decoder_blocks(lm), torch.float32)
-        before = [p.detach().to_local().clone() for p in model.parameters()]
-        snap = ModelSnapshot(model)
-        assert snap.nbytes == sum(t.numel() * 4 for t in before)
+        model = CausalLMWithTaskLoss(lm, num_tasks=2)
+        parallelize(model, decoder_blocks(lm), torch.float32, ctx.device)
+        docsets = [t.train for t in _tasks(6, 4, seed=1)]
+        batch = collate(plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0], docsets, [0, 1])
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+
         with torch.no_grad():
-            for p in model.parameters():
-                p.to_local().add_(torch.randn_like(p.to_local()))
-        assert any(not torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
+            loss_at_snapshot = model(batch)[0].item()
+        snap = ModelSnapshot(model)
+        shards = [p.detach().to_local().clone() for p in model.parameters()]
+        assert snap.nbytes == sum(t.numel() * 4 for t in shards)
+        for _ in range(3):
+            model(batch)[0].backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            assert model(batch)[0].item() != loss_at_snapshot
         snap.restore(model)
-        assert all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
+        model.reshard()
+        assert all(torch.equal(p.to_local(), s) for p, s in zip(model.parameters(), shards))
+        with torch.no_grad():
+            assert model(batch)[0].item() == loss_at_snapshot
+        assert np.isfinite(loss_at_snapshot)
     finally:
         shutdown_distributed()

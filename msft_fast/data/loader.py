@@ -41,6 +41,22 @@ class MixtureLoader:
     def steps_in_epoch(self, epoch: int) -> int:
         return math.ceil(len(self.epoch_plan(epoch)) / self.per_step)
 
+    def last_step_of(self, epoch: int, target_epochs: float) -> int:
+        """How many steps of `epoch` lie before the position `target_epochs` (fractional epochs)."""
+        steps = self.steps_in_epoch(epoch)
+        # Half steps round up (Python's round() would alternate between up and down).
+        return min(steps, max(0, math.floor((target_epochs - epoch) * steps + 0.5)))
+
+    def steps_between(self, epoch: int, step: int, target_epochs: float) -> int:
+        """Optimizer steps from step `step` of `epoch` to the position `target_epochs`."""
+        total = 0
+        while True:
+            end = self.last_step_of(epoch, target_epochs)
+            total += max(0, end - step)
+            if end < self.steps_in_epoch(epoch) or target_epochs <= epoch + 1:
+                return total
+            epoch, step = epoch + 1, 0
+
     def step_plans(self, epoch: int, step: int) -> list[MicroBatchPlan]:
         """All micro-batches of optimizer step `step` of `epoch`, over all ranks."""
         return self.epoch_plan(epoch)[step * self.per_step : (step + 1) * self.per_step]

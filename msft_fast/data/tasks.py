@@ -138,6 +138,9 @@ def _tokenize_file(task: TaskConfig, path: str, cfg: DataConfig, tokenizer: Any,
         with_indices=True,
         remove_columns=raw.column_names,
         new_fingerprint=key,
+        # datasets would write the cache beside the source files; a saved dataset folder is the
+        # user's (maybe read-only), so its tokenization goes to our cache folder instead.
+        cache_file_name=_cache_file(cfg.cache_dir, key) if os.path.isdir(path) else None,
         num_proc=cfg.num_proc,
         features=datasets.Features(
             {
@@ -176,6 +179,14 @@ def _flat(column: Any) -> tuple[np.ndarray, np.ndarray]:
     # `values` ignores a slice of the list array; cut it to the rows the offsets cover.
     values = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])).to_numpy(zero_copy_only=False)
     return values, offsets - offsets[0]
+
+
+def _cache_file(cache_dir: Optional[str], key: str) -> str:
+    import datasets
+
+    folder = os.path.join(cache_dir or datasets.config.HF_DATASETS_CACHE, "msft_fast_tokenized")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"tokenized-{key}.arrow")
 
 
 def _read_rows(path: str, cache_dir: Optional[str]) -> Any:

@@ -24,6 +24,8 @@ def run_sft(trainer: Trainer, history: History) -> dict:
     history.add_stage(0, excluded=None, rollback_to_eval=None)
     for target in [0.0] + eval_points(cfg.train.epochs, cfg.msft.evals_per_epoch):
         trainer.train_until(target)
+        if history.evals and history.evals[-1]["step"] == trainer.counters.step:
+            continue  # fewer steps per epoch than evaluations: this state is already evaluated
         result = trainer.evaluate()
         record = history.add_eval(eval_record(trainer, result, stage=0, active=set(trainer.task_names)))
         history.write(trainer.ctx.is_main)
