@@ -61,10 +61,15 @@ def _forward(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_si
         logits = _chunk_logits(hidden, weight_c, rows)
         y = labels[rows]
         valid = y != ignore_index
-        c_lse = torch.logsumexp(logits, dim=-1)
         target = logits.gather(1, torch.where(valid, y, 0)[:, None]).squeeze(1)
-        c_loss = torch.where(valid, c_lse - target, 0.0)
         hit = valid & (logits.argmax(dim=-1) == y)
+        # One exp pass over the chunk serves the log-sum-exp and, when training, the softmax
+        # (torch.logsumexp would make its own pass and the gradient another).
+        row_max = logits.amax(dim=-1, keepdim=True)
+        probs = logits.sub_(row_max).exp_()  # the logits buffer now holds exp(logits - max)
+        total = probs.sum(dim=-1)
+        c_lse = row_max.squeeze(1) + total.log()
+        c_loss = torch.where(valid, c_lse - target, 0.0)
         # Ignored tokens may carry any task id; route them to task 0, where they add only zeros.
         tid = torch.where(valid, task_ids[rows], 0)
         loss[rows], lse[rows] = c_loss, c_lse
@@ -73,16 +78,16 @@ def _forward(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_si
         tokens.index_add_(0, tid, valid.long())
         correct.index_add_(0, tid, hit.long())
         if grads is not None:
-            _accumulate_grads(hidden, weight_c, logits, c_lse, y, valid, None, rows, *grads)
+            _accumulate_grads(hidden, weight_c, probs.div_(total[:, None]), y, valid, None, rows, *grads)
     return loss, lse, TaskStats(loss_sum.float(), tokens, correct)
 
 
-def _accumulate_grads(hidden, weight_c, logits, lse, y, valid, upstream, rows, grad_hidden, grad_weight):
+def _accumulate_grads(hidden, weight_c, softmax, y, valid, upstream, rows, grad_hidden, grad_weight):
     """Gradient of the chunk's loss w.r.t. hidden rows and weight: (softmax - onehot(y)) x upstream.
 
-    Overwrites `logits` (the chunk's own buffer). `upstream` [C] or None (= 1 for every token).
+    Overwrites `softmax` [C, V] (the chunk's own buffer). `upstream` [C] or None (= 1 for every token).
     """
-    grad_logits = logits.sub_(lse[:, None]).exp_()
+    grad_logits = softmax
     grad_logits[torch.arange(y.shape[0], device=y.device), torch.where(valid, y, 0)] -= 1.0
     # Ignored tokens have a constant 0 loss: zero their row (and any inf/NaN upstream grad there).
     scale = valid.to(grad_logits.dtype) if upstream is None else torch.where(valid, upstream, 0.0)
@@ -118,8 +123,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             y = labels[rows]
-            logits = _chunk_logits(hidden, weight_c, rows)
-            _accumulate_grads(hidden, weight_c, logits, lse[rows], y, y != ctx.ignore_index,
+            softmax = _chunk_logits(hidden, weight_c, rows).sub_(lse[rows, None]).exp_()
+            _accumulate_grads(hidden, weight_c, softmax, y, y != ctx.ignore_index,
                               grad_loss[rows].to(cdt), rows, grad_hidden, grad_weight)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
