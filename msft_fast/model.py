@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,6 @@ from msft_fast.data.packing import PackedBatch
 from msft_fast.errors import ConfigError, ModelError
 from msft_fast.kernels import TaskStats, fused_linear_cross_entropy
 
-log = logging.getLogger(__name__)
 
 
 @dataclass

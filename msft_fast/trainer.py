@@ -6,7 +6,6 @@ decides what to keep; the loop itself knows nothing about stages or roll-backs.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -24,7 +23,6 @@ from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, decoder_blocks
 from msft_fast.optim import build_optimizer, build_scheduler
 from msft_fast.snapshot import ModelSnapshot
 
-log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
