@@ -20,6 +20,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo = sub.add_parser("demo-data", help="write the built-in synthetic multi-task mixture")
     demo.add_argument("out_dir", nargs="?", default="data/demo")
     demo.add_argument("--seed", type=int, default=0)
+    rep = sub.add_parser("report", help="rewrite curves.png and report.md of an output folder from its history.json")
+    rep.add_argument("output_dir")
+    cmp_ = sub.add_parser("compare", help="print a markdown table comparing runs (their output folders)")
+    cmp_.add_argument("dirs", nargs="+", metavar="OUTPUT_DIR")
     args = parser.parse_args(argv)
 
     rank = int(os.environ.get("RANK", "0"))
@@ -32,6 +36,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             entries = write_demo_mixture(args.out_dir, seed=args.seed)
             print(f"demo mixture ({len(entries)} tasks) in {args.out_dir}")
+            return 0
+        if args.command == "report":
+            from msft_fast.report import write_report
+
+            print("\n".join(write_report(args.output_dir)))
+            return 0
+        if args.command == "compare":
+            from msft_fast.report import compare
+
+            print(compare(args.dirs))
             return 0
         from msft_fast.config import load_config
         from msft_fast.run import train

@@ -67,7 +67,12 @@ class TrainConfig:
 @dataclass
 class MsftConfig:
     budget_epochs: float = 1.0  # C: epochs of the active mixture per roll-out
-    evals_per_epoch: int = 4
+    evals_per_epoch: int = 4  # every method evaluates this often, plus at each stage start
+    max_stages: int = 20  # roll-outs at most (a roll-out that excludes nothing counts too)
+    metric: str = "val_loss"  # val_loss | val_token_acc | module:function (per-task scores, higher is better)
+    tie_break: Literal["most_overfit", "first"] = "most_overfit"  # among tasks peaking at the same evaluation
+    restore: Literal["full", "weights"] = "full"  # full: weights+optimizer+schedule+data+RNG; weights: fresh optimizer
+    patience: Optional[int] = None  # end a roll-out once the earliest peak has held for this many evaluations
 
 
 @dataclass
@@ -234,6 +239,12 @@ def validate(cfg: Config) -> None:
     need(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)
     need(m.budget_epochs > 0 and _finite(m.budget_epochs), "msft.budget_epochs", "a positive number", m.budget_epochs)
     need(m.evals_per_epoch >= 1, "msft.evals_per_epoch", "at least 1", m.evals_per_epoch)
+    need(m.max_stages >= 1, "msft.max_stages", "at least 1", m.max_stages)
+    need(m.patience is None or m.patience >= 1, "msft.patience", "null (off) or at least 1", m.patience)
+    builtin_metric = m.metric in ("val_loss", "val_token_acc")
+    module, sep, func = m.metric.partition(":")
+    need(builtin_metric or (sep and module and func), "msft.metric",
+         "val_loss, val_token_acc or a callback 'module:function'", m.metric)
 
 
 def _finite(x: float) -> bool:

@@ -24,28 +24,33 @@ from msft_fast.distributed import (
 from msft_fast.errors import ConfigError, ModelError, OutputError, UserError
 from msft_fast.export import export_hf_folder
 from msft_fast.history import HISTORY_FILE, History
+from msft_fast.methods.metric import Metric
+from msft_fast.methods.msft import run_msft
 from msft_fast.methods.sft import run_sft
+from msft_fast.methods.sro import run_sro
 from msft_fast.model import load_model, max_positions
+from msft_fast.report import write_report
 from msft_fast.trainer import METRICS_FILE, Trainer
 
 log = logging.getLogger("msft_fast")
 
+METHODS = {"sft": run_sft, "msft": run_msft, "sro": run_sro}
 FINAL_DIR = "final"
-RUN_ARTIFACTS = (HISTORY_FILE, METRICS_FILE, "config.yaml", FINAL_DIR, FINAL_DIR + ".tmp", FINAL_DIR + ".old")
+RUN_ARTIFACTS = (HISTORY_FILE, METRICS_FILE, "config.yaml", "curves.png", "report.md", FINAL_DIR, FINAL_DIR + ".tmp",
+                 FINAL_DIR + ".old")
 
 
 def train(cfg: Config, overwrite: bool = False) -> dict:
     """Run `cfg` in this process (one rank of a torchrun group, or a one-rank group of its own)."""
-    if cfg.method != "sft":
-        raise ConfigError(f"config key 'method': '{cfg.method}' is not available in this release yet; use method=sft")
+    metric = Metric(cfg.msft.metric)  # a callback that does not import fails here, before any work
     ctx = init_distributed()
     try:
-        return _train(cfg, ctx, overwrite)
+        return _train(cfg, ctx, overwrite, metric)
     finally:
         shutdown_distributed()
 
 
-def _train(cfg: Config, ctx: DistContext, overwrite: bool) -> dict:
+def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric) -> dict:
     start = time.time()
     out = resolve_path(cfg.output_dir)
     _agreed(ctx, lambda: prepare_output_dir(out, overwrite), main_only=True)
@@ -72,19 +77,24 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool) -> dict:
     trainer_ = None
     try:
         trainer_ = Trainer(cfg, ctx, loaded, tasks, loader, output_dir=out)
-        trainer_.set_total_steps(steps)
+        # The lr schedule spans train.epochs of the full mixture for every method, so methods see the
+        # same learning rate at the same step; mSFT cannot know its length, so it may run past the
+        # horizon (at the floor lr) or stop before it.
+        trainer_.set_total_steps(steps, known=cfg.method == "sft")
         pad = padding_fraction(loader.epoch_plan(0), cfg.data.tokens_per_batch)
         if ctx.is_main:
-            log.info("model %s (%s attention, %s compute), %d ranks, %d steps, padding %.2f%% of micro-batch capacity",
-                     loaded.source, loaded.attn_implementation, str(trainer_.param_dtype).removeprefix("torch."),
-                     ctx.world_size, steps, 100 * pad)
+            log.info("%s: model %s (%s attention, %s compute), %d ranks, lr schedule over %d steps, "
+                     "padding %.2f%% of micro-batch capacity", cfg.method, loaded.source, loaded.attn_implementation,
+                     str(trainer_.param_dtype).removeprefix("torch."), ctx.world_size, steps, 100 * pad)
         history = History(out, cfg.method, trainer_.task_names, cfg.to_dict(), {
+            "metric": metric.name,
+            "higher_is_better": metric.higher_is_better,
             "world_size": ctx.world_size,
             "model": loaded.source,
             "padding_fraction": pad,
             "data": {t.name: t.counts for t in tasks},
         })
-        final = run_sft(trainer_, history)
+        final = METHODS[cfg.method](trainer_, history, metric)
         final_dir = os.path.join(out, FINAL_DIR)
         export_hf_folder(trainer_.model, loaded.tokenizer, final_dir, ctx.is_main, loaded.export_dtype)
         c = trainer_.counters
@@ -94,13 +104,18 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool) -> dict:
             "trained_tokens": c.trained_tokens,
             "loss_tokens": c.loss_tokens,
             "eval_tokens": c.eval_tokens,
-            "steps": c.step,
+            "steps": c.steps_trained,
+            "discarded_flops": sum(st.get("discarded_flops", 0) for st in history.data["stages"]),
             "train_seconds": c.train_seconds,
             "eval_seconds": c.eval_seconds,
+            "snapshot_seconds": sum(trainer_.pool.capture_seconds) if trainer_.pool else 0.0,
+            "restore_seconds": sum(trainer_.pool.restore_seconds) if trainer_.pool else 0.0,
             "wall_seconds": time.time() - start,
         }
         history.finish(final, totals)
         history.write(ctx.is_main)
+        if ctx.is_main:
+            write_report(out, history.data)
     finally:
         if trainer_ is not None:
             trainer_.close()
@@ -108,8 +123,8 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool) -> dict:
         log.info("trained %d tokens in %.1f s (%.0f tokens/s), evaluation took %.1f s", totals["trained_tokens"],
                  totals["train_seconds"], totals["trained_tokens"] / max(1e-9, totals["train_seconds"]),
                  totals["eval_seconds"])
-        log.info("done: final model (eval %d, pooled val loss %.4f) in %s; history in %s", final["eval_id"],
-                 final["pooled_val_loss"], final_dir, history.path)
+        log.info("done: final model (eval %d, pooled %s %.4f) in %s; history in %s; report in %s", final["eval_id"],
+                 metric.name, final["pooled_metric"], final_dir, history.path, os.path.join(out, "report.md"))
     return history.data
 
 

@@ -1,16 +1,29 @@
-"""Roll-back targets in host memory: each rank copies its own parameter shards, no collective.
+"""Roll-back targets in host memory: each rank copies its own shards, no collective.
 
+A snapshot holds this rank's shards of every parameter and, for a full restore, of the optimizer
+state, plus the small state (scheduler, data position, RNG) the trainer hands in. Buffers are
+reused: a released snapshot's buffers serve the next capture, so the pool's memory is bounded by
+the number of states alive at once, which the method plans before training (`plan_pool`).
+On CUDA the copies run on a side stream into pinned buffers and overlap the next training steps;
+`wait()` must be called before anything writes the parameters (the optimizer step).
 Restoring copies the bytes back, so a restored model is bitwise the one that was captured.
 """
 from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from msft_fast.errors import ConfigError
 
-def _sharded_params(model: nn.Module) -> list[torch.Tensor]:
+
+def sharded_params(model: nn.Module) -> list[torch.Tensor]:
     """This rank's shards. After a forward without backward (an evaluation) FSDP2 leaves the root's
     parameters unsharded, as temporary full copies: reshard first so we read and write the real
     shards, never those copies."""
@@ -19,24 +32,189 @@ def _sharded_params(model: nn.Module) -> list[torch.Tensor]:
     params = list(model.parameters())
     if isinstance(model, FSDPModule) and not all(isinstance(p, DTensor) for p in params):
         raise RuntimeError("a snapshot needs every parameter sharded; some are still unsharded")
-    return [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    return [_local(p) for p in params]
 
 
-class ModelSnapshot:
-    """A host copy of this rank's shard of every parameter."""
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
-    def __init__(self, model: nn.Module):
-        with torch.no_grad():
-            self.tensors = [t.detach().to("cpu", copy=True) for t in _sharded_params(model)]
 
-    def restore(self, model: nn.Module) -> None:
-        local = _sharded_params(model)
-        if len(local) != len(self.tensors) or any(a.shape != b.shape for a, b in zip(local, self.tensors)):
-            raise RuntimeError("snapshot does not match the model it is restored into")
-        with torch.no_grad():
-            for dst, saved in zip(local, self.tensors):
-                dst.copy_(saved, non_blocking=True)
+def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, torch.Tensor]]:
+    """Per parameter (in model order), its optimizer state as local tensors ({} before the first step)."""
+    return [{k: _local(v) for k, v in optimizer.state[p].items() if torch.is_tensor(v)} if p in optimizer.state else {}
+            for p in model.parameters()]
+
+
+@dataclass(eq=False)  # identity, not tensor contents, tells snapshots apart
+class Snapshot:
+    """One captured training state on this rank. `refs` counts who still needs it."""
+
+    params: list[torch.Tensor]
+    optim: Optional[list[dict[str, torch.Tensor]]]  # None: weights only
+    extra: dict[str, Any] = field(default_factory=dict)  # scheduler, data position, RNG (small)
+    refs: int = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
+        total = sum(t.numel() * t.element_size() for t in self.params)
+        for state in self.optim or []:
+            total += sum(t.numel() * t.element_size() for t in state.values())
+        return total
+
+
+class SnapshotPool:
+    """Captures and restores training states; at most `capacity` alive at once."""
+
+    def __init__(self, capacity: int, device: torch.device, with_optimizer: bool = True):
+        self.capacity = capacity
+        self.with_optimizer = with_optimizer
+        self.pin = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._event = None
+        self.alive: list[Snapshot] = []
+        self._free: list[Snapshot] = []
+        self.capture_seconds: list[float] = []
+        self.restore_seconds: list[float] = []
+
+    # Reference counting: a state lives while some task's best point or the best pooled point
+    # refers to it; the last release returns its buffers to the free list.
+    def retain(self, snap: Snapshot) -> Snapshot:
+        snap.refs += 1
+        return snap
+
+    def release(self, snap: Optional[Snapshot]) -> None:
+        if snap is None:
+            return
+        snap.refs -= 1
+        if snap.refs < 0:
+            raise RuntimeError("snapshot released more often than retained")
+        if snap.refs == 0:
+            self.alive.remove(snap)
+            self._free.append(snap)
+
+    def capture(self, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Snapshot:
+        t0 = time.perf_counter()
+        if len(self.alive) >= self.capacity:
+            raise RuntimeError(f"snapshot pool is full ({self.capacity} states alive); a reference was not released")
+        params = sharded_params(model)
+        optim = optimizer_tensors(model, optimizer) if self.with_optimizer else None
+        snap = self._buffers_for(params, optim)
+        snap.extra = extra
+        self._copy([(dst, src) for dst, src in zip(snap.params, params)] + self._optim_pairs(snap.optim, optim))
+        self.alive.append(snap)
+        self.capture_seconds.append(time.perf_counter() - t0)
+        return snap
+
+    def restore(self, snap: Snapshot, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Copy `snap` back into the model (and, if given and captured, the optimizer state)."""
+        t0 = time.perf_counter()
+        self.wait()
+        params = sharded_params(model)
+        if len(params) != len(snap.params) or any(a.shape != b.shape for a, b in zip(params, snap.params)):
+            raise RuntimeError("snapshot does not match the model it is restored into")
+        pairs = list(zip(params, snap.params))
+        if optimizer is not None and snap.optim is not None:
+            for p, saved in zip(model.parameters(), snap.optim):
+                if not saved:
+                    optimizer.state.pop(p, None)  # captured before this parameter's first step
+                    continue
+                state = optimizer.state.get(p, {})
+                if state.keys() < saved.keys():
+                    # Live state only ever grows (full restores never clear it), so this is a bug.
+                    raise RuntimeError("the optimizer has less state than the snapshot it restores")
+                pairs += [(_local(state[k]), v) for k, v in saved.items()]
+        with torch.no_grad():
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=self.pin)
+        if self.pin:
+            torch.cuda.current_stream().synchronize()
+        self.restore_seconds.append(time.perf_counter() - t0)
+
+    def wait(self) -> None:
+        """Block the compute stream until pending captures have read the live tensors."""
+        if self._event is not None:
+            torch.cuda.current_stream().wait_event(self._event)
+            self._event = None
+
+    # -------------------------------------------------------------------------------------------
+
+    def _buffers_for(self, params, optim) -> Snapshot:
+        for i, snap in enumerate(self._free):
+            if _same_layout(snap, params, optim):
+                return self._free.pop(i)
+        if self._free:  # a layout change (the optimizer state appeared): drop old buffers
+            self._free.clear()
+        new = lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin)  # noqa: E731
+        return Snapshot([new(t) for t in params],
+                        None if optim is None else [{k: new(v) for k, v in s.items()} for s in optim])
+
+    @staticmethod
+    def _optim_pairs(dst_optim, src_optim):
+        if dst_optim is None:
+            return []
+        return [(dst[k], src[k]) for dst, src in zip(dst_optim, src_optim) for k in src]
+
+    def _copy(self, pairs) -> None:
+        with torch.no_grad():
+            if self.stream is None:
+                for dst, src in pairs:
+                    dst.copy_(src)
+                return
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                for dst, src in pairs:
+                    dst.copy_(src, non_blocking=True)
+                    src.record_stream(self.stream)
+            self._event = self.stream.record_event()
+
+
+def _same_layout(snap: Snapshot, params, optim) -> bool:
+    if [t.shape for t in snap.params] != [t.shape for t in params]:
+        return False
+    if (snap.optim is None) != (optim is None):
+        return False
+    if optim is None:
+        return True
+    return all(a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a) for a, b in zip(snap.optim, optim))
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning the pool's host memory before training
+
+
+def host_memory_available() -> Optional[int]:
+    """MemAvailable from /proc/meminfo (bytes), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def plan_pool(model: nn.Module, states: int, with_optimizer: bool, ranks_per_host: int,
+              optimizer_tensors_per_param: int = 2) -> dict[str, int]:
+    """Worst-case host bytes of the pool on this rank and on its host; stop if they do not fit.
+
+    Adam keeps two fp32 tensors per parameter (exp_avg, exp_avg_sq), hence the default factor.
+    """
+    shard = sum(t.numel() * t.element_size() for t in sharded_params(model))
+    per_state = shard * (1 + (optimizer_tensors_per_param if with_optimizer else 0))
+    per_rank = per_state * states
+    per_host = per_rank * ranks_per_host
+    available = host_memory_available()
+    plan = {"states": states, "bytes_per_state": per_state, "bytes_per_rank": per_rank, "bytes_per_host": per_host,
+            "host_available": available if available is not None else -1}
+    if available is not None and per_host > 0.8 * available:
+        raise ConfigError(
+            f"the mSFT snapshot pool needs {per_host / 2**30:.1f} GiB of host memory on this host "
+            f"({states} states x {per_state / 2**30:.2f} GiB x {ranks_per_host} ranks) but "
+            f"{available / 2**30:.1f} GiB is available; use more nodes, fewer tasks, or msft.restore=weights"
+        )
+    return plan
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

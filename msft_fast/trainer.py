@@ -5,6 +5,7 @@ decides what to keep; the loop itself knows nothing about stages or roll-backs.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from msft_fast.distributed import DistContext, all_reduce_sum, parallelize
 from msft_fast.flops import FlopCounter
 from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, decoder_blocks
 from msft_fast.optim import build_optimizer, build_scheduler
-from msft_fast.snapshot import ModelSnapshot
+from msft_fast.snapshot import Snapshot, SnapshotPool
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -38,6 +39,7 @@ class TaskScore:
 class EvalResult:
     tasks: dict[str, TaskScore]
     pooled_loss: float  # token-weighted over all tasks
+    pooled_token_acc: float
     flops: int
 
 
@@ -45,7 +47,8 @@ class EvalResult:
 class Counters:
     """Everything the run has spent so far (global over ranks)."""
 
-    step: int = 0  # optimizer steps taken
+    step: int = 0  # optimizer steps behind the current weights (rolls back with them)
+    steps_trained: int = 0  # optimizer steps ever taken (never rolls back)
     epoch: int = 0  # current epoch of the active mixture
     step_in_epoch: int = 0
     train_flops: int = 0
@@ -62,6 +65,8 @@ class Trainer:
                  loader: MixtureLoader, output_dir: str):
         self.cfg, self.ctx, self.tasks = cfg, ctx, tasks
         self.task_names = [t.name for t in tasks]
+        self.tokenizer = loaded.tokenizer
+        self.tags: dict = {}  # added to every metrics.jsonl record (a method's stage, say)
         self.flop_counter = FlopCounter.for_model(loaded.model)
         self.model = CausalLMWithTaskLoss(loaded.model, len(tasks))
         self.param_dtype = loaded.compute_dtype
@@ -75,14 +80,17 @@ class Trainer:
         self.total_steps = 0
         self.scheduler = None
         self.progress = None
+        self.pool: Optional[SnapshotPool] = None
 
-    def set_total_steps(self, total_steps: int) -> None:
-        """The method says how many steps it will take: the lr schedule and progress bar follow."""
+    def set_total_steps(self, total_steps: int, known: bool = True) -> None:
+        """The lr schedule's horizon in steps. `known=False` when the method cannot tell how many
+        steps it will take (mSFT): the progress bar then counts without an ETA."""
         if self.counters.step:
             raise RuntimeError("the schedule is set before the first step")
         self.total_steps = total_steps
         self.scheduler = build_scheduler(self.optimizer, total_steps, self.cfg.train)
-        self.progress = _progress_bar(total_steps, enabled=self.ctx.is_main and self.cfg.train.progress)
+        self.progress = _progress_bar(total_steps if known else None,
+                                      enabled=self.ctx.is_main and self.cfg.train.progress)
 
     # -------------------------------------------------------------------------------------------
     # Position in the data
@@ -134,6 +142,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = self.scheduler.get_last_lr()[0]
+        if self.pool is not None:
+            self.pool.wait()  # a snapshot still copying must read the weights before they change
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -143,12 +153,14 @@ class Trainer:
 
         tokens = sum(p.num_tokens for p in plans)
         c.step += 1
+        c.steps_trained += 1
         c.step_in_epoch += 1
         c.trained_tokens += tokens
         c.loss_tokens += loss_tokens
         c.train_flops += self.flop_counter.train(tokens, self.loader.doc_lengths(plans))
         c.train_seconds += dt
         record = {
+            **self.tags,
             "step": c.step,
             "epoch": round(self.epoch_position, 6),
             "lr": lr,
@@ -206,20 +218,65 @@ class Trainer:
             name: TaskScore(_ratio(stats[0, i], stats[1, i]), _ratio(stats[2, i], stats[1, i]), int(stats[1, i]))
             for i, name in enumerate(self.task_names)
         }
-        return EvalResult(tasks, _ratio(stats[0].sum(), stats[1].sum()), self._eval_flops_per_pass)
+        return EvalResult(tasks, _ratio(stats[0].sum(), stats[1].sum()), _ratio(stats[2].sum(), stats[1].sum()),
+                          self._eval_flops_per_pass)
+
+    def call_with_full_model(self, fn):
+        """Run `fn(hf_model)` with every rank's weights gathered for the HF model's own forward
+        (e.g. `generate` in a user metric); every rank must call this together."""
+        self.model.unshard()  # the root (embeddings, head); the blocks gather in their own hooks
+        try:
+            with torch.no_grad():
+                return fn(self.model.lm)
+        finally:
+            self.model.reshard()
 
     def _eval_cost(self) -> tuple[int, int]:
         lengths = [int(n) for t in self.tasks for n in t.val.lengths]
         return self.flop_counter.eval(sum(lengths), lengths), sum(lengths)
 
     # -------------------------------------------------------------------------------------------
-    # State a method may keep and restore
+    # State a method may keep and restore (host copies of this rank's shards, no collective)
 
-    def snapshot_weights(self) -> ModelSnapshot:
-        return ModelSnapshot(self.model)
+    def make_pool(self, capacity: int, with_optimizer: bool) -> SnapshotPool:
+        self.pool = SnapshotPool(capacity, self.ctx.device, with_optimizer)
+        return self.pool
 
-    def restore_weights(self, snapshot: ModelSnapshot) -> None:
-        snapshot.restore(self.model)
+    def capture(self) -> Snapshot:
+        c = self.counters
+        extra = {
+            "position": (c.step, c.epoch, c.step_in_epoch),
+            "active": self.loader.active,
+            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.ctx.device) if self.ctx.device.type == "cuda" else None,
+        }
+        return self.pool.retain(self.pool.capture(self.model, self.optimizer, extra))
+
+    def restore(self, snap: Snapshot, weights_only: bool = False) -> None:
+        """Back to a captured state: weights, data position and schedule; optimizer state and RNG
+        too unless `weights_only` (then the optimizer starts fresh, as in the mSFT paper's code).
+        What was spent (FLOPs, tokens, seconds) is not rolled back."""
+        self.pool.restore(snap, self.model, None if weights_only else self.optimizer)
+        if weights_only:
+            self.optimizer.state.clear()
+        c = self.counters
+        c.step, c.epoch, c.step_in_epoch = snap.extra["position"]
+        self.loader.set_active(snap.extra["active"])
+        self.scheduler.load_state_dict(snap.extra["scheduler"])
+        if not weights_only:
+            torch.set_rng_state(snap.extra["rng"])
+            if snap.extra["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(snap.extra["cuda_rng"], self.ctx.device)
+
+    def set_active(self, active: list[int]) -> None:
+        """Train on these tasks from now on, keeping the position in epochs: one epoch is one pass
+        over every active task's data, so the new mixture continues where the old one was."""
+        position = self.epoch_position
+        self.loader.set_active(active)
+        c = self.counters
+        c.epoch = math.floor(position + 1e-9)
+        c.step_in_epoch = self.loader.last_step_of(c.epoch, position)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -230,7 +287,7 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
     return float(num / den) if float(den) > 0 else float("nan")
 
 
-def _progress_bar(total: int, enabled: bool) -> Optional[object]:
+def _progress_bar(total: Optional[int], enabled: bool) -> Optional[object]:
     if not enabled:
         return None
     from tqdm.auto import tqdm

@@ -69,7 +69,10 @@ def test_history_has_every_contract_field(finished_run):
     assert steps == sorted(steps) and steps[0] == 0
     assert [e["train_flops"] for e in evals] == sorted(e["train_flops"] for e in evals)
     assert evals[0]["train_flops"] == 0 and evals[-1]["train_flops"] > 0
-    assert on_disk["stages"] == [{"stage": 0, "excluded": None, "rollback_to_eval": None}]
+    [stage] = on_disk["stages"]
+    assert {k: stage[k] for k in ("stage", "excluded", "rollback_to_eval", "start_eval", "end_eval")} == {
+        "stage": 0, "excluded": None, "rollback_to_eval": None, "start_eval": 0, "end_eval": 4}
+    assert stage["steps_discarded"] == 0 and stage["steps_kept"] == on_disk["totals"]["steps"]
     totals = on_disk["totals"]
     assert set(totals) >= {"train_flops", "eval_flops", "trained_tokens", "wall_seconds"}
     assert totals["train_flops"] == evals[-1]["train_flops"]
@@ -84,7 +87,8 @@ def test_validation_loss_falls_and_final_is_the_best_pooled_eval(finished_run):
     pooled = [e["pooled_val_loss"] for e in history["evals"]]
     assert pooled[-1] < pooled[0] - 0.5
     best = min(range(len(pooled)), key=pooled.__getitem__)
-    assert history["final"] == {"eval_id": best, "pooled_val_loss": pooled[best]}
+    assert history["final"]["eval_id"] == best and history["final"]["pooled_val_loss"] == pooled[best]
+    assert history["final"]["pooled_metric"] == pooled[best]  # the default metric is val_loss
 
 
 def _assert_final_reproduces_history(cfg, history):
@@ -154,11 +158,12 @@ def test_cli_reports_a_malformed_data_row_in_one_line(tmp_path, demo_dir, user_m
 
 def test_fractional_epochs_take_exactly_the_planned_steps(tmp_path, demo_dir):
     """train.epochs=0.8 with 4 evaluations per epoch: evaluations at 0, .25, .5, .75 and .8."""
-    from msft_fast.methods.sft import eval_points
+    from msft_fast.methods.records import eval_points
     from msft_fast.run import train
 
-    assert eval_points(0.8, 4) == [0.25, 0.5, 0.75, 0.8]
-    assert eval_points(2, 2) == [0.5, 1.0, 1.5, 2.0]
+    assert eval_points(0.0, 0.8, 4) == [0.25, 0.5, 0.75, 0.8]
+    assert eval_points(0.0, 2, 2) == [0.5, 1.0, 1.5, 2.0]
+    assert eval_points(1.5, 1.0, 2) == [2.0, 2.5]
     cfg = _config(tmp_path, demo_dir, "builtin:tiny-llama", "train.epochs=0.8", "msft.evals_per_epoch=4")
     history = train(cfg)
     evals = history["evals"]

@@ -1,0 +1,66 @@
+"""Evaluate, score, record in history.json and log: the same for every method."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from msft_fast.history import History
+from msft_fast.methods.metric import Metric
+from msft_fast.trainer import Trainer
+
+
+@dataclass
+class Evaluation:
+    eval_id: int
+    step: int
+    epoch: float
+    costs: dict[str, float]  # per task, lower is better
+    pooled_cost: float
+    record: dict
+
+
+def eval_points(start: float, length: float, evals_per_epoch: int) -> list[float]:
+    """Epoch positions of the evaluations in (start, start + length]: every 1/evals_per_epoch, and the end."""
+    k = math.floor(length * evals_per_epoch + 1e-9)
+    points = [start + i / evals_per_epoch for i in range(1, k + 1)]
+    if not points or points[-1] < start + length - 1e-9:
+        points.append(start + length)
+    return points
+
+
+def evaluate(trainer: Trainer, history: History, metric: Metric, stage: int, active: set[str]) -> Evaluation:
+    result = trainer.evaluate()
+    scores, pooled = metric.scores(trainer, result)
+    c = trainer.counters
+    record = history.add_eval({
+        "step": c.step,
+        "steps_trained": c.steps_trained,
+        "epoch": round(trainer.epoch_position, 6),
+        "stage": stage,
+        "train_flops": c.train_flops,
+        "eval_flops": c.eval_flops,
+        "pooled_val_loss": result.pooled_loss,
+        "pooled_val_token_acc": result.pooled_token_acc,
+        "pooled_metric": pooled,
+        "tasks": {
+            name: {"val_loss": s.loss, "val_token_acc": s.token_acc, "val_tokens": s.tokens,
+                   "metric": scores[name], "active": name in active}
+            for name, s in result.tasks.items()
+        },
+    })
+    history.write(trainer.ctx.is_main)
+    _log(trainer, record, metric)
+    return Evaluation(record["eval_id"], c.step, trainer.epoch_position,
+                      {n: metric.cost(v) for n, v in scores.items()}, metric.cost(pooled), record)
+
+
+def _log(trainer: Trainer, record: dict, metric: Metric) -> None:
+    if not trainer.ctx.is_main:
+        return
+    per_task = "  ".join(f"{n}{'' if t['active'] else '(x)'} {t['metric']:.3f}" for n, t in record["tasks"].items())
+    message = (f"eval {record['eval_id']} @ epoch {record['epoch']:.2f} (step {record['step']}, stage {record['stage']}): "
+               f"pooled {metric.name} {record['pooled_metric']:.4f} | {per_task}")
+    if trainer.progress is not None:
+        trainer.progress.write(message)
+    else:
+        print(message, flush=True)

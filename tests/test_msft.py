@@ -1,0 +1,211 @@
+"""mSFT: the controller's decisions on scripted curves, the snapshot pool, and tiny end-to-end runs
+of msft and sro whose history.json must be self-consistent."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from msft_fast.config import load_config
+from msft_fast.methods.msft import choose_exclusion, peak_confirmed, task_peaks
+
+A, B, C = "a", "b", "c"
+
+
+def curves(**per_task):
+    """curves(a=[...], b=[...]) -> [{a: .., b: ..}, ...] per evaluation."""
+    n = len(next(iter(per_task.values())))
+    return [{k: v[i] for k, v in per_task.items()} for i in range(n)]
+
+
+def test_the_earliest_peaking_task_is_excluded_and_rolled_back_to_its_peak():
+    costs = curves(a=[3, 2, 1, 0.5], b=[3, 1, 2, 2.5], c=[3, 2, 1.5, 1.6])
+    d = choose_exclusion(costs, [A, B, C], "most_overfit")
+    assert (d.excluded, d.peak_index) == (B, 1)
+    assert d.peaks == {A: 3, B: 1, C: 2}
+
+
+def test_nothing_is_excluded_when_every_task_peaks_at_the_last_evaluation():
+    costs = curves(a=[3, 2, 1], b=[3, 2.5, 2])
+    d = choose_exclusion(costs, [A, B], "most_overfit")
+    assert d.excluded is None and d.peak_index is None
+
+
+def test_a_task_that_only_gets_worse_peaks_at_the_stage_start():
+    costs = curves(a=[1, 2, 3], b=[3, 2, 1])
+    d = choose_exclusion(costs, [A, B], "first")
+    assert (d.excluded, d.peak_index) == (A, 0)
+
+
+def test_ties_in_peak_time_break_by_overfit_or_config_order():
+    costs = curves(a=[3, 1, 1.1], b=[3, 1, 2], c=[3, 2, 1])
+    assert choose_exclusion(costs, [A, B, C], "most_overfit").excluded == B  # rose most since the peak
+    assert choose_exclusion(costs, [A, B, C], "first").excluded == A
+    equal = curves(a=[3, 1, 2], b=[3, 1, 2])
+    assert choose_exclusion(equal, [A, B], "most_overfit").excluded == A
+
+
+def test_equal_costs_count_the_earliest_evaluation_and_inactive_tasks_are_ignored():
+    costs = curves(a=[2, 1, 1, 1], b=[3, 2, 1, 0], c=[0, 9, 9, 9])
+    assert task_peaks(costs, [A, B]) == {A: 1, B: 3}
+    assert choose_exclusion(costs, [A, B], "first").excluded == A  # c is not active
+
+
+def test_a_diverged_evaluation_never_counts_as_a_peak():
+    from msft_fast.methods.metric import Metric
+
+    cost = Metric("val_loss").cost
+    costs = curves(a=[cost(3.0), cost(2.0), cost(math.nan)], b=[cost(3.0), cost(2.5), cost(2.0)])
+    assert task_peaks(costs, [A, B]) == {A: 1, B: 2}
+    assert Metric("val_token_acc").cost(0.7) == -0.7
+
+
+def test_patience_confirms_the_earliest_peak_after_enough_evaluations():
+    costs = curves(a=[3, 1, 2], b=[3, 2, 1])
+    assert not peak_confirmed(costs, [A, B], patience=2)
+    costs = curves(a=[3, 1, 2, 2.5], b=[3, 2, 1, 0.5])
+    assert peak_confirmed(costs, [A, B], patience=2)
+    assert not peak_confirmed(curves(a=[3, 2, 1]), [A], patience=1)
+
+
+def test_pool_restores_weights_and_adam_state_bitwise_and_reuses_released_buffers(tokenizer):
+    from msft_fast.data.packing import collate, plan_epoch
+    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
+    from msft_fast.snapshot import SnapshotPool
+    from test_packing import _tasks
+
+    ctx = init_distributed()
+    try:
+        lm = tiny_llama(tokenizer)
+        model = CausalLMWithTaskLoss(lm, num_tasks=2)
+        parallelize(model, decoder_blocks(lm), torch.float32, ctx.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        docsets = [t.train for t in _tasks(6, 4, seed=1)]
+        batch = collate(plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0], docsets, [0, 1])
+
+        def step():
+            model(batch)[0].backward()
+            opt.step()
+            opt.zero_grad()
+
+        def state():
+            model.reshard()
+            params = [p.detach().to_local().clone() for p in model.parameters()]
+            moments = [{k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in opt.state[p].items()}
+                       for p in model.parameters()]
+            return params, moments
+
+        pool = SnapshotPool(capacity=2, device=ctx.device, with_optimizer=True)
+        step()
+        with torch.no_grad():
+            model(batch)  # an evaluation leaves the root unsharded
+        want = state()
+        snap = pool.retain(pool.capture(model, opt, {"tag": 1}))
+        for _ in range(3):
+            step()
+        pool.restore(snap, model, opt)
+        got = state()
+        assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
+        for a, b in zip(got[1], want[1]):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        # Training on from the restored state repeats the same trajectory.
+        step()
+        after_one = state()
+        pool.restore(snap, model, opt)
+        step()
+        assert all(torch.equal(a, b) for a, b in zip(state()[0], after_one[0]))
+
+        other = pool.retain(pool.capture(model, opt, {}))
+        with pytest.raises(RuntimeError, match="pool is full"):
+            pool.capture(model, opt, {})
+        buffers = snap.params[0].data_ptr()
+        pool.release(snap)
+        third = pool.capture(model, opt, {})
+        assert third.params[0].data_ptr() == buffers  # the released state's buffers were reused
+        pool.release(other)
+        with pytest.raises(RuntimeError, match="released more often"):
+            pool.release(other)
+    finally:
+        shutdown_distributed()
+
+
+def _run(tmp_path, demo_dir, *overrides):
+    from msft_fast.run import train
+
+    names = ("upper", "noisy_codes", "sort")
+    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
+                      for n in names)
+    cfg = load_config(None, [
+        f"output_dir={tmp_path / 'run'}", f"data.tasks=[{tasks}]", "data.max_seq_len=64",
+        "data.tokens_per_batch=512", f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false",
+        "train.lr=3e-3", "train.epochs=2", "train.schedule=constant", "msft.evals_per_epoch=4", *overrides,
+    ])
+    return train(cfg)
+
+
+def _assert_consistent(history):
+    evals = {e["eval_id"]: e for e in history["evals"]}
+    sign = -1 if history["higher_is_better"] else 1
+    cost = lambda e, task: sign * e["tasks"][task]["metric"]  # noqa: E731
+    for stage in history["stages"]:
+        in_stage = [evals[stage["start_eval"]]] + [e for e in history["evals"] if e["stage"] == stage["stage"]
+                                                   and e["eval_id"] != stage["start_eval"]]
+        active = [t for t, v in in_stage[-1]["tasks"].items() if v["active"]]
+        if stage["excluded"] is not None:
+            task, target = stage["excluded"], stage["rollback_to_eval"]
+            best = min(in_stage, key=lambda e: (cost(e, task), e["eval_id"]))
+            assert best["eval_id"] == target == stage["peak_evals"][task]
+            for other in active:
+                assert stage["peak_evals"][other] >= target
+            assert stage["discarded_flops"] > 0 or target == in_stage[-1]["eval_id"]
+        else:
+            assert all(stage["peak_evals"][t] == in_stage[-1]["eval_id"] for t in active)
+    pooled = {e["eval_id"]: sign * e["pooled_metric"] for e in history["evals"]}
+    assert history["final"]["eval_id"] == min(pooled, key=lambda i: (pooled[i], i))
+    assert history["totals"]["discarded_flops"] == sum(s["discarded_flops"] for s in history["stages"])
+
+
+@pytest.mark.slow
+def test_msft_end_to_end_history_is_consistent(tmp_path, demo_dir):
+    history = _run(tmp_path, demo_dir, "method=msft", "msft.budget_epochs=0.75", "msft.max_stages=4")
+    assert history["status"] == "finished" and history["method"] == "msft"
+    excluded = [s["excluded"] for s in history["stages"] if s["excluded"]]
+    assert excluded, "the tiny mixture overfits within the budget: something must be excluded"
+    assert len(set(excluded)) == len(excluded)
+    _assert_consistent(history)
+    # Excluded tasks stay excluded in every later evaluation.
+    for stage in history["stages"]:
+        if stage["excluded"]:
+            later = [e for e in history["evals"] if e["stage"] > stage["stage"]]
+            assert all(not e["tasks"][stage["excluded"]]["active"] for e in later)
+    assert history["snapshot_pool"]["states"] == 4 and history["snapshot_pool"]["bytes_per_state"] > 0
+    assert history["totals"]["snapshot_seconds"] >= 0 and history["totals"]["restore_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_msft_patience_ends_roll_outs_early_and_weights_restore_runs(tmp_path, demo_dir):
+    history = _run(tmp_path, demo_dir, "method=msft", "msft.budget_epochs=1", "msft.max_stages=2",
+                   "msft.patience=1", "msft.restore=weights", "msft.metric=val_token_acc")
+    _assert_consistent(history)
+    assert history["metric"] == "val_token_acc" and history["higher_is_better"]
+    # With patience 1 a roll-out stops one evaluation after the earliest peak, short of its budget.
+    stages = [s for s in history["stages"] if s["excluded"]]
+    assert stages and any(s["end_eval"] - s["start_eval"] < 6 for s in stages)
+
+
+@pytest.mark.slow
+def test_sro_excludes_each_task_at_its_probe_peak(tmp_path, demo_dir):
+    history = _run(tmp_path, demo_dir, "method=sro", "train.epochs=1")
+    probe, *schedule = history["stages"]
+    assert probe["phase"] == "probe" and all(s["phase"] == "schedule" for s in schedule)
+    assert sorted(s["excluded"] for s in schedule) == sorted(history["tasks"])
+    evals = {e["eval_id"]: e for e in history["evals"]}
+    peak_epoch = {t: evals[i]["epoch"] for t, i in probe["peak_evals"].items()}
+    assert [s["excluded"] for s in schedule] == sorted(peak_epoch, key=lambda t: (peak_epoch[t], history["tasks"].index(t)))
+    schedule_evals = [e for e in history["evals"] if e["stage"] >= 1] + [evals[probe["start_eval"]]]
+    best = min(schedule_evals, key=lambda e: (e["pooled_metric"], e["eval_id"]))
+    assert history["final"]["eval_id"] == best["eval_id"]
+    assert history["totals"]["train_flops"] > probe["train_flops"]  # the probe's compute counts too
