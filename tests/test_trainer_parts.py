@@ -56,7 +56,7 @@ def test_snapshot_after_an_evaluation_restores_bitwise_under_fsdp2(tokenizer):
     from msft_fast.data.packing import collate, plan_epoch
     from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
-    from msft_fast.snapshot import ModelSnapshot
+    from msft_fast.snapshot import SnapshotPool
     from test_packing import _tasks
 
     ctx = init_distributed()
@@ -70,7 +70,8 @@ def test_snapshot_after_an_evaluation_restores_bitwise_under_fsdp2(tokenizer):
 
         with torch.no_grad():
             loss_at_snapshot = model(batch)[0].item()
-        snap = ModelSnapshot(model)
+        pool = SnapshotPool(capacity=1, device=ctx.device, with_optimizer=False)
+        snap = pool.capture(model, opt, {})
         shards = [p.detach().to_local().clone() for p in model.parameters()]
         assert snap.nbytes == sum(t.numel() * 4 for t in shards)
         for _ in range(3):
@@ -79,7 +80,7 @@ def test_snapshot_after_an_evaluation_restores_bitwise_under_fsdp2(tokenizer):
             opt.zero_grad()
         with torch.no_grad():
             assert model(batch)[0].item() != loss_at_snapshot
-        snap.restore(model)
+        pool.restore(snap, model, None)
         model.reshard()
         assert all(torch.equal(p.to_local(), s) for p, s in zip(model.parameters(), shards))
         with torch.no_grad():
