@@ -46,13 +46,18 @@ def _run(cmd, env) -> None:
     assert proc.returncode == 0, stderr[-3000:]
 
 
-def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_dir):
+@pytest.mark.parametrize("method", ["sft", "msft"])
+def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_dir, method):
+    """For msft this also covers the snapshot pool and roll-backs with sharded state on 2 ranks."""
     config = _write_config(tmp_path, demo_dir, user_model_dir)
     env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "-m", "msft_fast", "train", "--config", config, f"output_dir={one}", "train.grad_accum=2"], env)
+    extra = [f"method={method}", "msft.budget_epochs=0.75", "msft.max_stages=3", "msft.evals_per_epoch=4",
+             "train.lr=5e-3"]
+    _run([sys.executable, "-m", "msft_fast", "train", "--config", config, f"output_dir={one}", "train.grad_accum=2",
+          *extra], env)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "msft_fast.train", "--config", config, f"output_dir={two}", "train.grad_accum=1"], env)
+          "-m", "msft_fast.train", "--config", config, f"output_dir={two}", "train.grad_accum=1", *extra], env)
 
     def metrics(folder):
         return [json.loads(line) for line in open(folder / "metrics.jsonl")]
@@ -60,7 +65,8 @@ def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_d
     m1, m2 = metrics(one), metrics(two)
     assert len(m1) == len(m2) > 3
     for a, b in zip(m1, m2):
-        assert (a["step"], a["tokens"], a["loss_tokens"]) == (b["step"], b["tokens"], b["loss_tokens"])
+        assert (a.get("stage"), a["step"], a["tokens"], a["loss_tokens"]) == \
+            (b.get("stage"), b["step"], b["tokens"], b["loss_tokens"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         for name, task in a["tasks"].items():
@@ -69,6 +75,10 @@ def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_d
     h1, h2 = (json.load(open(folder / "history.json")) for folder in (one, two))
     assert h2["world_size"] == 2 and h1["world_size"] == 1
     assert h1["final"]["eval_id"] == h2["final"]["eval_id"]
+    assert [(st["excluded"], st["rollback_to_eval"]) for st in h1["stages"]] == \
+        [(st["excluded"], st["rollback_to_eval"]) for st in h2["stages"]]
+    if method == "msft":
+        assert any(st["excluded"] for st in h1["stages"])  # a roll-back happened and matched
     for e1, e2 in zip(h1["evals"], h2["evals"]):
         assert e1["step"] == e2["step"] and e1["train_flops"] == e2["train_flops"]
         for name, t in e1["tasks"].items():
