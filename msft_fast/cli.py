@@ -1,4 +1,4 @@
-"""`msft-fast` command line: `train` a config, or write the built-in `demo-data` mixture."""
+"""`msft-fast` command line: `train` a config, write the built-in `demo-data`, `report` on a run, `compare` runs."""
 from __future__ import annotations
 
 import argparse
