@@ -1,12 +1,15 @@
 """Shared fixtures. Everything is built locally: no download happens in any test."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Before anything imports triton or datasets: the Triton interpreter runs kernels on CPU tensors,
 # and caches go to a private folder so tests never touch (or depend on) the user's caches.
 _CACHE = tempfile.mkdtemp(prefix="msft-fast-tests-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
