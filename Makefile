@@ -23,10 +23,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-demo: $(STAMP)
+# The demo: a warm-up of the built-in tiny model (a stand-in for pretraining; redone only when its
+# config or the data change), then SFT and mSFT on the same mixture, compared side by side.
+WARMUP := runs/demo_warmup/history.json
+
+$(DEMO_DATA)/manifest.json: $(STAMP) msft_fast/demo_data.py
 	$(VENV)/bin/msft-fast demo-data $(DEMO_DATA)
+
+$(WARMUP): $(DEMO_DATA)/manifest.json configs/demo_warmup.yaml
+	$(VENV)/bin/msft-fast train --config configs/demo_warmup.yaml --overwrite
+
+demo: $(WARMUP)
+	$(VENV)/bin/msft-fast train --config configs/demo_sft.yaml --overwrite
 	$(VENV)/bin/msft-fast train --config configs/demo.yaml --overwrite
-	@echo "demo results: runs/demo/history.json (every evaluation), runs/demo/metrics.jsonl (every step), runs/demo/final/ (HF model folder)"
+	$(VENV)/bin/msft-fast compare runs/demo_sft runs/demo
+	@echo "demo results: runs/demo/report.md and runs/demo/curves.png (mSFT), runs/demo_sft/ (SFT);"
+	@echo "each run folder has history.json, metrics.jsonl and final/ (a HF model folder)"
 
 clean:
 	rm -rf $(VENV) runs data/demo
