@@ -209,3 +209,23 @@ def test_sro_excludes_each_task_at_its_probe_peak(tmp_path, demo_dir):
     best = min(schedule_evals, key=lambda e: (e["pooled_metric"], e["eval_id"]))
     assert history["final"]["eval_id"] == best["eval_id"]
     assert history["totals"]["train_flops"] > probe["train_flops"]  # the probe's compute counts too
+
+
+@pytest.mark.slow
+def test_a_user_metric_callback_runs_generate_on_the_sharded_model(tmp_path, demo_dir):
+    import metric_callbacks
+
+    history = _run(tmp_path, demo_dir, "method=msft", "msft.budget_epochs=0.5", "msft.max_stages=2",
+                   "msft.metric=metric_callbacks:greedy_match", "train.epochs=1")
+    assert metric_callbacks.CALLS and set(metric_callbacks.CALLS) == {3}
+    assert history["metric"] == "metric_callbacks:greedy_match" and history["higher_is_better"]
+    first = history["evals"][0]
+    assert first["pooled_metric"] == pytest.approx(sum(t["metric"] for t in first["tasks"].values()) / 3)
+    _assert_consistent(history)
+
+
+def test_a_metric_callback_that_does_not_import_is_a_config_error(tmp_path, demo_dir):
+    from msft_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="msft.metric.*cannot import 'nowhere:score'"):
+        _run(tmp_path, demo_dir, "method=msft", "msft.metric=nowhere:score")
