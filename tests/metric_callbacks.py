@@ -13,3 +13,14 @@ def greedy_match(model, tokenizer, task_names):
     # A score per task that depends on the weights, so it moves as training goes.
     head = float(model.get_output_embeddings().weight.float().abs().mean())
     return {name: head * (i + 1) for i, name in enumerate(task_names)}
+
+
+_EVALS = [0]
+
+
+def scripted(model, tokenizer, task_names):
+    """A metric that makes the first task peak at the second evaluation and every other task keep
+    improving, whatever the data: it forces one exclusion and one real roll-back, deterministically."""
+    _EVALS[0] += 1
+    n = _EVALS[0]
+    return {name: -float((n - 2) ** 2) if i == 0 else float(n) for i, name in enumerate(task_names)}

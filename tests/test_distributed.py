@@ -50,10 +50,14 @@ def _run(cmd, env) -> None:
 def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_dir, method):
     """For msft this also covers the snapshot pool and roll-backs with sharded state on 2 ranks."""
     config = _write_config(tmp_path, demo_dir, user_model_dir)
-    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
     one, two = tmp_path / "one", tmp_path / "two"
-    extra = [f"method={method}", "msft.budget_epochs=0.75", "msft.max_stages=3", "msft.evals_per_epoch=4",
+    extra = [f"method={method}", "msft.budget_epochs=0.75", "msft.max_stages=2", "msft.evals_per_epoch=4",
              "train.lr=5e-3"]
+    if method == "msft":  # a scripted metric forces an exclusion with a real roll-back on any data
+        extra.append("msft.metric=metric_callbacks:scripted")
     _run([sys.executable, "-m", "msft_fast", "train", "--config", config, f"output_dir={one}", "train.grad_accum=2",
           *extra], env)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -77,12 +81,13 @@ def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_d
     assert h1["final"]["eval_id"] == h2["final"]["eval_id"]
     assert [(st["excluded"], st["rollback_to_eval"]) for st in h1["stages"]] == \
         [(st["excluded"], st["rollback_to_eval"]) for st in h2["stages"]]
-    if method == "msft":
-        assert any(st["excluded"] for st in h1["stages"])  # a roll-back happened and matched
+    if method == "msft":  # the roll-back happened, past the stage start, and matched
+        assert h1["stages"][0]["excluded"] == "upper" and h1["stages"][0]["rollback_to_eval"] == 1
     for e1, e2 in zip(h1["evals"], h2["evals"]):
         assert e1["step"] == e2["step"] and e1["train_flops"] == e2["train_flops"]
         for name, t in e1["tasks"].items():
             assert e2["tasks"][name]["val_loss"] == pytest.approx(t["val_loss"], rel=1e-5)
+            assert e2["tasks"][name]["metric"] == pytest.approx(t["metric"], rel=1e-5)
             assert e2["tasks"][name]["val_tokens"] == t["val_tokens"]
     # Both export the same model.
     from safetensors.torch import load_file
