@@ -1,8 +1,6 @@
 """Deterministic built-in synthetic multi-task mixture for ``make demo`` and the tests.
 
-Writes five small JSONL tasks and a separate warm-up pool from the same task families (no downloads),
-sized for the built-in character-level tiny Llama. Calibrated so that, after the warm-up, plain SFT
-on the mixture sees the tasks' validation losses bottom out at clearly different epochs.
+Writes small JSONL tasks of different size and difficulty (no downloads) for a tiny char-level model.
 """
 
 from __future__ import annotations
@@ -13,9 +11,9 @@ import random
 import string
 import tempfile
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
-DEMO_VERSION = 2  # bump when the generated content changes
+DEMO_VERSION = 1  # bump when the generated content changes
 
 MANIFEST = "manifest.json"
 WARMUP = "warmup"
@@ -25,91 +23,78 @@ _LOWER = string.ascii_lowercase
 _CODE_CHARS = string.ascii_lowercase + string.digits
 _ALLOWED = frozenset(chr(c) for c in range(32, 127)) | {"\n"}
 
-# A family draws (input, answer); a template turns the input into a prompt. Inputs are what must
-# never repeat: no input is in two of train, val and warm-up, nor in two tasks.
-Draw = tuple[str, str]
+# A sample is (key, prompt, completion); key identifies the input, for train/val/warm-up disjointness.
+Sample = tuple[str, str, str]
 
 
 # --------------------------------------------------------------------------- task families
-# Words have a fixed length of five letters: the tiny model then finds each answer character at a
-# fixed distance from its source, which it learns within the short warm-up; variable lengths need
-# induction heads that it does not form in that budget.
 
 
-def _word(rng: random.Random, n: int, alphabet: str = _LOWER) -> str:
-    return "".join(rng.choice(alphabet) for _ in range(n))
+def _word(rng: random.Random, lo: int, hi: int) -> str:
+    return "".join(rng.choice(_LOWER) for _ in range(rng.randint(lo, hi)))
 
 
-def gen_upper(rng: random.Random) -> Draw:
-    """Uppercase a word: a per-character map that the warm-up already teaches. Learnt again in the
-    chat format within a few epochs, then flat."""
-    w = _word(rng, 5)
-    return w, w.upper()
+def gen_upper(rng: random.Random) -> Sample:
+    """Uppercase a 3-7 letter word. Small and trivially learnable (a per-character map), so it is
+    learnt within the first epochs and then over-fits: the early-stopping task of the mixture."""
+    w = _word(rng, 3, 7)
+    return w, f"Uppercase: {w}", w.upper()
 
 
-def gen_noisy_codes(rng: random.Random) -> Draw:
-    """A random code for a random key. Nothing generalises: the warm-up teaches the shape of a code,
-    and SFT can only memorise its few facts, which makes the validation loss rise from the first
-    epoch on (the early-stopping task of the mixture)."""
-    return _word(rng, 4), _word(rng, 4, _CODE_CHARS)
+def gen_noisy_codes(rng: random.Random) -> Sample:
+    """Map a random 4-letter key to a random 4-character code. Nothing generalises, so it can only
+    be memorised: train loss falls, validation loss rises once memorised (pure over-fitting signal)."""
+    k = "".join(rng.choice(_LOWER) for _ in range(4))
+    v = "".join(rng.choice(_CODE_CHARS) for _ in range(4))
+    return k, f"code {k} = ", v
 
 
-def gen_reverse(rng: random.Random) -> Draw:
-    """Reverse a word: a mirror copy that the tiny model learns slowly. Its small train set is
-    memorised sooner than the rule is learnt, so it over-fits after a few epochs."""
-    w = _word(rng, 5)
-    return w, w[::-1]
+def gen_reverse(rng: random.Random) -> Sample:
+    """Reverse a 3-8 letter string. Mid-sized and of mid difficulty (position-dependent copying):
+    it keeps improving for a few epochs longer than `upper` before over-fitting."""
+    w = _word(rng, 3, 8)
+    return w, w, w[::-1]
 
 
-def gen_sort(rng: random.Random) -> Draw:
-    """Sort the letters of a word: a rule learnt gradually, over-fitting in mid run."""
-    w = _word(rng, 5)
-    return w, "".join(sorted(w))
+def gen_sort(rng: random.Random) -> Sample:
+    """Sort 4-8 letters alphabetically. Larger and harder (needs comparing all input letters), so
+    it needs many epochs and over-fits late."""
+    w = _word(rng, 4, 8)
+    return w, f"sort {w} -> ", "".join(sorted(w))
 
 
-def gen_add(rng: random.Random) -> Draw:
-    """Add two three-digit numbers: the largest and hardest task (carries), still improving at the
-    end of the run: the task that gains most from more epochs."""
-    a, b = rng.randint(100, 999), rng.randint(100, 999)
-    return f"{a}+{b}", str(a + b)
+def gen_add(rng: random.Random) -> Sample:
+    """Add two 2-3 digit numbers. The largest and hardest task (carries), still improving when the
+    small tasks are long memorised: the task that gains most from more epochs."""
+    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    return f"{a}+{b}", f"{a}+{b}=", str(a + b)
 
 
-class _Task(NamedTuple):
-    name: str
-    gen: Callable[[random.Random], Draw]
-    fmt: str  # row format in the SFT mixture: "chat" or "prompt" (the warm-up pool is "text")
-    templates: tuple[str, ...]  # ways of asking, shared by the SFT rows and the warm-up pool
-    n_train: int  # distinct train inputs
-    phrasings: int  # train rows per train input (each a different template)
-    n_val: int
-    n_warmup: int  # warm-up rows of this family
-
-
-_TASKS: tuple[_Task, ...] = (
-    _Task("upper", gen_upper, "chat", ("upper {} = ", "uppercase {} = ", "in capitals {} = ", "shout {} = "),
-          100, 1, 100, 2000),
-    # 40 facts, each asked three ways; a small warm-up share, so SFT first sharpens the code shape.
-    _Task("noisy_codes", gen_noisy_codes, "prompt",
-          ("code {} = ", "code of {} = ", "the code for {} = ", "look up code {} = "), 40, 3, 100, 300),
-    _Task("reverse", gen_reverse, "prompt", ("reverse {} = ", "reversed {} = ", "mirror {} = ", "backwards {} = "),
-          150, 1, 100, 2000),
-    _Task("sort", gen_sort, "prompt", ("sort {} = ", "sorted {} = ", "sort letters {} = ", "alphabetize {} = "),
-          200, 1, 100, 2000),
-    _Task("add", gen_add, "prompt", ("{}=", "add {}=", "sum {}=", "compute {}="), 1000, 1, 100, 2000),
-)
-_WARMUP_VAL_PER_TASK = 20
+# name -> (generator, row format, n_train, n_val, system prompt for chat rows)
+_TASKS: list[tuple[str, Callable[[random.Random], Sample], str, int, int, str | None]] = [
+    ("upper", gen_upper, "chat", 100, 50, None),
+    ("noisy_codes", gen_noisy_codes, "prompt", 80, 40, None),
+    ("reverse", gen_reverse, "chat", 300, 60, "Reverse the letters."),
+    ("sort", gen_sort, "prompt", 500, 60, None),
+    ("add", gen_add, "prompt", 1000, 80, None),
+]
+_WARMUP_TRAIN_PER_TASK = 100  # 500 rows in all
+_WARMUP_VAL_PER_TASK = 10
 
 
 # --------------------------------------------------------------------------- rows and files
 
 
-def _row(fmt: str, prompt: str, completion: str) -> dict:
+def _row(fmt: str, prompt: str, completion: str, system: str | None) -> dict:
     if fmt == "chat":
-        return {"messages": [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": completion}]}
+        msgs = [{"role": "system", "content": system}] if system else []
+        msgs += [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return {"messages": msgs}
     if fmt == "prompt":
         return {"prompt": prompt, "completion": completion}
     if fmt == "text":
-        return {"text": prompt + completion}  # every template ends in "= " or "="
+        sep = "" if prompt.endswith((" ", "=")) else "\n"  # "12+34=46", "sort ab -> ab", "abc\ncba"
+        return {"text": prompt + sep + completion}
     raise ValueError(f"unknown row format {fmt!r}")
 
 
@@ -120,13 +105,6 @@ def row_texts(row: dict) -> list[str]:
     if "prompt" in row:
         return [row["prompt"], row["completion"]]
     return [row["text"]]
-
-
-def row_input(row: dict) -> str:
-    """The input that a demo row asks about ("abcde", "123+456"), whatever its format and phrasing."""
-    texts = row_texts(row)
-    question = texts[0] if "text" in row else texts[-2]
-    return question.rsplit("=", 1)[0].split()[-1]
 
 
 def _check(row: dict) -> None:
@@ -161,17 +139,17 @@ def _entry(out_dir: Path, name: str) -> dict:
     return {"name": name, "train": str(out_dir / name / "train.jsonl"), "val": str(out_dir / name / "val.jsonl")}
 
 
-def _unique(rng: random.Random, gen: Callable[[random.Random], Draw], n: int, seen: set[str]) -> list[Draw]:
-    out: list[Draw] = []
+def _unique(rng: random.Random, gen: Callable[[random.Random], Sample], n: int, seen: set[str]) -> list[Sample]:
+    out: list[Sample] = []
     tries = 0
     while len(out) < n:
         tries += 1
         if tries > 1000 * (n + 1):
             raise RuntimeError(f"cannot draw {n} distinct samples from {gen.__name__}")
-        d = gen(rng)
-        if d[0] not in seen:
-            seen.add(d[0])
-            out.append(d)
+        s = gen(rng)
+        if s[0] not in seen:
+            seen.add(s[0])
+            out.append(s)
     return out
 
 
@@ -180,21 +158,19 @@ def build_demo_mixture(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     out: dict[str, dict[str, list[dict]]] = {}
     warm_train: list[dict] = []
     warm_val: list[dict] = []
-    seen: set[str] = set()  # one input set for everything: train, val and warm-up inputs all differ
-    for task in _TASKS:
-        rng = random.Random(f"msft-demo/v{DEMO_VERSION}/{seed}/{task.name}")  # str seeds are stable
-        tr = _unique(rng, task.gen, task.n_train, seen)
-        va = _unique(rng, task.gen, task.n_val, seen)
-        wt = _unique(rng, task.gen, task.n_warmup, seen)
-        wv = _unique(rng, task.gen, _WARMUP_VAL_PER_TASK, seen)
-        train = [_row(task.fmt, t.format(x), y) for x, y in tr for t in rng.sample(task.templates, task.phrasings)]
-        rng.shuffle(train)
-        out[task.name] = {
-            "train": train,
-            "val": [_row(task.fmt, rng.choice(task.templates).format(x), y) for x, y in va],
+    for name, gen, fmt, n_train, n_val, system in _TASKS:
+        rng = random.Random(f"msft-demo/v{DEMO_VERSION}/{seed}/{name}")  # str seeds are stable
+        seen: set[str] = set()  # one key set per family: train, val and warm-up inputs all differ
+        tr = _unique(rng, gen, n_train, seen)
+        va = _unique(rng, gen, n_val, seen)
+        wt = _unique(rng, gen, _WARMUP_TRAIN_PER_TASK, seen)
+        wv = _unique(rng, gen, _WARMUP_VAL_PER_TASK, seen)
+        out[name] = {
+            "train": [_row(fmt, p, c, system) for _, p, c in tr],
+            "val": [_row(fmt, p, c, system) for _, p, c in va],
         }
-        warm_train += [_row("text", rng.choice(task.templates).format(x), y) for x, y in wt]
-        warm_val += [_row("text", rng.choice(task.templates).format(x), y) for x, y in wv]
+        warm_train += [_row("text", p, c, None) for _, p, c in wt]
+        warm_val += [_row("text", p, c, None) for _, p, c in wv]
     rng = random.Random(f"msft-demo/v{DEMO_VERSION}/{seed}/{WARMUP}")
     rng.shuffle(warm_train)
     rng.shuffle(warm_val)
@@ -232,7 +208,7 @@ def write_demo_mixture(out_dir: str | os.PathLike, seed: int = 0) -> list[dict]:
     """Write the demo tasks under out_dir and return the task entries for a config:
     [{"name": ..., "train": ".../train.jsonl", "val": ".../val.jsonl"}, ...] (paths as str)."""
     out = Path(out_dir)
-    entries = [_entry(out, t.name) for t in _TASKS]
+    entries = [_entry(out, name) for name, *_ in _TASKS]
     if _manifest_ok(out, seed):
         return entries
     out.mkdir(parents=True, exist_ok=True)
@@ -250,8 +226,8 @@ def write_demo_mixture(out_dir: str | os.PathLike, seed: int = 0) -> list[dict]:
     manifest = {
         "demo_version": DEMO_VERSION,
         "seed": seed,
-        "tasks": [{"name": t.name, "format": t.fmt, "train": f"{t.name}/train.jsonl", "val": f"{t.name}/val.jsonl"}
-                  for t in _TASKS],
+        "tasks": [{"name": n, "format": f, "train": f"{n}/train.jsonl", "val": f"{n}/val.jsonl"}
+                  for n, _, f, *_ in _TASKS],
         "warmup": {"name": WARMUP, "format": "text", "train": f"{WARMUP}/train.jsonl", "val": f"{WARMUP}/val.jsonl"},
         "files": files,
     }
