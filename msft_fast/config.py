@@ -62,6 +62,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     log_every: int = 1
     progress: bool = True
+    checkpoint_every: int = 500  # optimizer steps between resumable checkpoints; 0 = none
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    max_bad_steps: int = 3  # non-finite steps in a row (each skipped) before `on_bad_steps` acts
+    on_bad_steps: Literal["stop", "restore"] = "stop"  # restore: newest checkpoint's weights and optimizer
 
 
 @dataclass
@@ -237,6 +241,9 @@ def validate(cfg: Config) -> None:
     need(0.0 <= t.beta2 < 1.0, "train.beta2", "in [0, 1)", t.beta2)
     need(t.grad_clip >= 0, "train.grad_clip", "0 (off) or a positive norm", t.grad_clip)
     need(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)
+    need(t.checkpoint_every >= 0, "train.checkpoint_every", "0 (off) or a number of steps", t.checkpoint_every)
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1", t.keep_checkpoints)
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", "at least 1", t.max_bad_steps)
     need(m.budget_epochs > 0 and _finite(m.budget_epochs), "msft.budget_epochs", "a positive number", m.budget_epochs)
     need(m.evals_per_epoch >= 1, "msft.evals_per_epoch", "at least 1", m.evals_per_epoch)
     need(m.max_stages >= 1, "msft.max_stages", "at least 1", m.max_stages)
