@@ -237,7 +237,7 @@ def test_every_row_overlong_is_error(tmp_path, tokenizer):
     cfg = _data_cfg(tmp_path, [TaskConfig("longs", path, val=val)], max_seq_len=16, overlong="drop")
     msg = _err(cfg, tokenizer)
     assert "'longs'" in msg and "no usable training rows" in msg and path in msg
-    assert "dropped_overlong: 3" in msg
+    assert "dropped_overlong: 3" in msg and "data.max_seq_len" in msg
 
 
 def test_validation_all_dropped_is_error(tmp_path, tokenizer):
@@ -328,6 +328,7 @@ def test_missing_val_file(tmp_path, tokenizer):
     val = str(tmp_path / "val.jsonl")
     msg = _err(_data_cfg(tmp_path, [TaskConfig("t", train, val=val)]), tokenizer)
     assert val in msg and "does not exist" in msg
+    assert "task 't': validation file" in msg and "config key 'data.tasks[0].val'" in msg
 
 
 @pytest.mark.parametrize("name, content", [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", "[]")])
@@ -344,7 +345,7 @@ def test_empty_val_file(tmp_path, tokenizer):
     val = tmp_path / "val.jsonl"
     val.write_text("")
     msg = _err(_data_cfg(tmp_path, [TaskConfig("t", train, val=str(val))]), tokenizer)
-    assert str(val) in msg and "has no rows" in msg
+    assert str(val) in msg and "has no rows" in msg and "task 't': validation file" in msg
 
 
 def test_empty_saved_dataset(tmp_path, tokenizer):

@@ -179,11 +179,54 @@ def test_labels_from_mask_small_cases():
             "message 1 must be an object",
         ),
         ("messages", {"messages": ["hello", {"role": "assistant", "content": "x"}]}, "message 0 must be an object"),
+        (
+            "messages",
+            {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
+            "roles out of order: message 0 is 'assistant' as the first message",
+        ),
+        (
+            "messages",
+            {"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                          {"role": "assistant", "content": "a"}]},
+            "message 1 is 'system' after a 'user' turn; 'system' may come only as the first message",
+        ),
+        (
+            "messages",
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                          {"role": "assistant", "content": "b"}]},
+            "message 2 is 'assistant' after a 'assistant' turn",
+        ),
+        (
+            "messages",
+            {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"},
+                          {"role": "assistant", "content": "a"}]},
+            "message 1 is 'user' after a 'user' turn",
+        ),
+        (
+            "messages",
+            {"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "{}"},
+                          {"role": "assistant", "content": "a"}]},
+            "message 1 is 'tool' after a 'user' turn",
+        ),
+        (
+            "messages",
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                          {"role": "user", "content": "q2"}]},
+            "the last message is 'user'",
+        ),
     ],
 )
 def test_row_errors(tokenizer, fmt, row, match):
     with pytest.raises(RowError, match=match):
         RowEncoder(tokenizer, fmt).encode(row)
+
+
+def test_tool_turns_in_order_are_accepted(tokenizer):
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "call"}, {"role": "tool", "content": "42"},
+            {"role": "tool", "content": "43"}, {"role": "assistant", "content": "a"}]
+    ids, mask = RowEncoder(tokenizer, "messages").encode({"messages": chat})
+    assert sum(mask) == len("call") + len("a") + 2  # both assistant turns with their <|end|>
 
 
 @pytest.mark.parametrize(

@@ -124,3 +124,22 @@ def _check_messages(messages: list) -> None:
             raise RowError(f"message {j} has unknown role {msg['role']!r} (expected one of {', '.join(CHAT_ROLES)})")
     if not any(m["role"] == "assistant" for m in messages):
         raise RowError("'messages' has no assistant turn to train on")
+    # The order most chat templates assume (several raise on anything else): an optional system
+    # turn first, then user and assistant alternating, tool results only after an assistant turn,
+    # and an assistant turn at the end (a trailing question without its answer is a broken row).
+    for j, msg in enumerate(messages):
+        role, prev = msg["role"], messages[j - 1]["role"] if j else None
+        if role == "system":
+            ok, want = j == 0, "only as the first message"
+        elif role == "user":
+            ok, want = prev in (None, "system", "assistant", "tool"), "first, or after a system, assistant or tool turn"
+        elif role == "assistant":
+            ok, want = prev in ("user", "tool"), "after a user or tool turn"
+        else:  # tool
+            ok, want = prev in ("assistant", "tool"), "after an assistant or tool turn"
+        if not ok:
+            after = f"after a {prev!r} turn" if prev else "as the first message"
+            raise RowError(f"roles out of order: message {j} is {role!r} {after}; {role!r} may come {want}")
+    if messages[-1]["role"] != "assistant":
+        raise RowError(f"the last message is {messages[-1]['role']!r}: the conversation must end with the "
+                       "assistant turn that answers it")

@@ -59,25 +59,36 @@ def load_tasks(cfg: DataConfig, tokenizer: Any) -> list[TaskData]:
     tok_key = _tokenizer_fingerprint(tokenizer)
     out = []
     for task_id, task in enumerate(cfg.tasks):
-        train = _tokenize_file(task, task.train, cfg, tokenizer, tok_key)
+        key = f"data.tasks[{task_id}]"
+        train = _tokenize_file(task, "train", f"{key}.train", task.train, cfg, tokenizer, tok_key)
         counts = {f"train_{k}": v for k, v in train[1].items()}
         if task.val is not None:
-            val_docs, val_counts = _tokenize_file(task, task.val, cfg, tokenizer, tok_key)
+            val_docs, val_counts = _tokenize_file(task, "validation", f"{key}.val", task.val, cfg, tokenizer, tok_key)
             train_docs = train[0]
             counts.update({f"val_{k}": v for k, v in val_counts.items()})
         else:
             train_docs, val_docs = _hold_out(train[0], task.val_fraction, cfg.split_seed)
         if len(train_docs) == 0:
-            raise DataError(f"task '{task.name}' has no usable training rows in {task.train} ({_why_empty(counts)})")
+            raise DataError(f"task '{task.name}' has no usable training rows in {task.train} "
+                            f"({_why_empty(counts, 'train')}){_overlong_hint(counts, 'train')}")
         if len(val_docs) == 0:
-            where = task.val if task.val is not None else f"val_fraction={task.val_fraction} of {task.train}"
-            raise DataError(f"task '{task.name}' has an empty validation split ({where})")
+            if task.val is not None:
+                raise DataError(f"task '{task.name}' has an empty validation split ({task.val}: "
+                                f"{_why_empty(counts, 'val')}){_overlong_hint(counts, 'val')}")
+            raise DataError(f"task '{task.name}' has an empty validation split (val_fraction={task.val_fraction} "
+                            f"of {len(train_docs)} usable rows of {task.train}): it needs at least 2 usable rows")
         out.append(TaskData(task.name, task_id, train_docs, val_docs, counts))
     return out
 
 
-def _why_empty(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k.removeprefix('train_')}: {v}" for k, v in counts.items() if k.startswith("train_"))
+def _why_empty(counts: dict[str, int], split: str) -> str:
+    return ", ".join(f"{k.removeprefix(split + '_')}: {v}" for k, v in counts.items() if k.startswith(split + "_"))
+
+
+def _overlong_hint(counts: dict[str, int], split: str) -> str:
+    if counts.get(f"{split}_dropped_overlong"):
+        return "; raise data.max_seq_len or set data.overlong=truncate"
+    return ""
 
 
 def _hold_out(docs: DocSet, fraction: float, seed: int) -> tuple[DocSet, DocSet]:
@@ -94,16 +105,19 @@ def _hold_out(docs: DocSet, fraction: float, seed: int) -> tuple[DocSet, DocSet]
 # Reading and tokenizing one file
 
 
-def _tokenize_file(task: TaskConfig, path: str, cfg: DataConfig, tokenizer: Any, tok_key: str):
+def _tokenize_file(task: TaskConfig, split: str, key: str, path: str, cfg: DataConfig, tokenizer: Any, tok_key: str):
+    """Rows of one file as a DocSet plus counts. `split` (train/validation) and the config `key`
+    only name the file in error messages."""
     path = resolve_path(path)
-    raw = _read_rows(path, cfg.cache_dir)
+    where = f"task '{task.name}': {split} file {path}"
+    raw = _read_rows(path, cfg.cache_dir, where, key)
     if len(raw) == 0:
-        raise DataError(f"task '{task.name}': {path} has no rows")
+        raise DataError(f"{where} has no rows")
     try:
         fmt = task.format if task.format != "auto" else detect_format(raw.column_names)
         encoder = RowEncoder(tokenizer, fmt)
     except RowError as e:
-        raise DataError(f"task '{task.name}': {path}: {e}") from None
+        raise DataError(f"{where}: {e}") from None
 
     max_len, policy = cfg.max_seq_len, cfg.overlong
 
@@ -114,7 +128,7 @@ def _tokenize_file(task: TaskConfig, path: str, cfg: DataConfig, tokenizer: Any,
             try:
                 ids, mask = encoder.encode(row)
             except RowError as e:
-                raise DataError(f"task '{task.name}': {path}: row {idx + 1}: {e}") from None
+                raise DataError(f"{where}: row {idx + 1}: {e}") from None
             status = OK
             if len(ids) > max_len:
                 status = TRUNCATED if policy == "truncate" else DROPPED_OVERLONG
@@ -189,25 +203,27 @@ def _cache_file(cache_dir: Optional[str], key: str) -> str:
     return os.path.join(folder, f"tokenized-{key}.arrow")
 
 
-def _read_rows(path: str, cache_dir: Optional[str]) -> Any:
+def _read_rows(path: str, cache_dir: Optional[str], where: str, key: str) -> Any:
+    """The file or saved dataset folder at `path` as a Dataset; `where` names it in errors
+    ("task 'x': train file PATH") and `key` is the config key that gave the path."""
     import datasets
 
     if not os.path.exists(path):
-        raise DataError(f"data file {path} does not exist")
+        raise DataError(f"{where} does not exist (config key '{key}')")
     if os.path.isdir(path):
         try:
             ds = datasets.load_from_disk(path)
         except Exception as e:  # datasets raises several types for a folder it cannot read
-            raise DataError(f"{path} is not a saved HF dataset folder: {_one_line(e)}") from None
+            raise DataError(f"{where} is not a saved HF dataset folder: {_one_line(e)}") from None
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
-                raise DataError(f"{path} holds splits {list(ds)}; point at one split's folder")
+                raise DataError(f"{where} holds splits {list(ds)}; point at one split's folder")
             ds = ds["train"]
         return ds
     ext = os.path.splitext(path)[1].lower()
     builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}.get(ext)
     if builder is None:
-        raise DataError(f"data file {path}: unsupported extension '{ext}' (use .jsonl, .json, .parquet or .arrow)")
+        raise DataError(f"{where}: unsupported extension '{ext}' (use .jsonl, .json, .parquet or .arrow)")
     ds_logger = logging.getLogger("datasets")
     level = ds_logger.level
     ds_logger.setLevel(logging.CRITICAL)  # we report the failure ourselves, in one sentence
@@ -215,13 +231,13 @@ def _read_rows(path: str, cache_dir: Optional[str]) -> Any:
         return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
     except Exception as e:
         if builder == "json":
-            _raise_first_bad_json_line(path)
-        raise DataError(f"could not read {path}: {_one_line(e)}") from None
+            _raise_first_bad_json_line(path, where)
+        raise DataError(f"{where} cannot be read: {_one_line(e)}") from None
     finally:
         ds_logger.setLevel(level)
 
 
-def _raise_first_bad_json_line(path: str) -> None:
+def _raise_first_bad_json_line(path: str, where: str) -> None:
     """datasets does not say which line broke; find it ourselves (only on the failure path)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         head = f.read(1).lstrip()
@@ -230,9 +246,9 @@ def _raise_first_bad_json_line(path: str) -> None:
             try:
                 rows = json.load(f)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {e.lineno} is not valid JSON ({e.msg})") from None
+                raise DataError(f"{where}: line {e.lineno} is not valid JSON ({e.msg})") from None
             if rows == []:
-                raise DataError(f"data file {path} has no rows")
+                raise DataError(f"{where} has no rows")
             return
         seen = False
         for lineno, line in enumerate(f, start=1):
@@ -241,12 +257,12 @@ def _raise_first_bad_json_line(path: str) -> None:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+                raise DataError(f"{where}: line {lineno} is not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}: line {lineno} is not a JSON object")
+                raise DataError(f"{where}: line {lineno} is not a JSON object")
             seen = True
         if not seen:  # datasets fails on an empty file with a blank or cryptic message
-            raise DataError(f"data file {path} has no rows")
+            raise DataError(f"{where} has no rows")
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
