@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .reference import TaskStats, auto_chunk_size, linear_cross_entropy_reference
@@ -22,7 +24,12 @@ def fused_linear_cross_entropy(
     reduction: str = "sum",
     impl: str = "auto",
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, TaskStats]:
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    return_z_loss: bool = False,
+):
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising the [N, V] logits.
 
     Args:
@@ -37,33 +44,73 @@ def fused_linear_cross_entropy(
         reduction: "sum" -> scalar sum over non-ignored tokens; "mean" -> that sum divided by the
             number of non-ignored tokens (0.0 when there are none); "none" -> [N] per-token losses,
             0 at ignored positions.
-        impl: "auto" (best available backend), "torch" (chunked reference) or "triton" (not yet available).
-        chunk_size: tokens per chunk; None picks it so a chunk's fp32 logits take about 64 MiB.
+        impl: "auto" -> the Triton kernel for CUDA tensors of float16/bfloat16/float32, the
+            reference otherwise (CPU tensors, float64); "triton" forces the kernel (CUDA tensors, or
+            CPU tensors under TRITON_INTERPRET=1); "torch" forces the chunked PyTorch reference.
+        chunk_size: tokens per chunk of the reference; None picks it so a chunk's fp32 logits take
+            about 64 MiB. The Triton kernel does not chunk and ignores it.
+        bias: optional [V] LM-head bias (same dtype and device as ``weight``), differentiable.
+        softcap: optional positive float; logits become softcap * tanh(logits / softcap) (Gemma 2).
+        z_loss: weight of the auxiliary z-loss, z_loss * logsumexp(logits)**2 per non-ignored token,
+            added to the returned loss (PaLM); 0 disables it.
+        return_z_loss: also return the z-loss part of the loss, per task.
 
     Returns:
-        (loss, stats): loss in float32 (float64 for float64 inputs), differentiable in ``hidden``
-        and ``weight`` with gradients in their own dtypes; stats is a detached TaskStats whose
-        loss_sum [T] float32, tokens [T] int64 and correct [T] int64 (argmax of the logits equals
-        the label) are computed in the same pass.
+        (loss, stats), or (loss, stats, z_loss_sum) with ``return_z_loss``: loss in float32 (float64
+        for float64 inputs on the reference) includes the z-loss, and is differentiable in ``hidden``,
+        ``weight`` and ``bias`` with gradients in their own dtypes; stats is a detached TaskStats whose
+        loss_sum [T] float32 (cross-entropy only, without the z-loss), tokens [T] int64 and
+        correct [T] int64 (argmax of the logits equals the label) come from the same pass;
+        z_loss_sum [T] float32 (detached) is the z-loss summed per task.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}.")
-    if impl == "triton":
-        raise NotImplementedError(
-            'The Triton fused linear cross-entropy kernel is not available yet; use impl="torch" or impl="auto".'
-        )
     hidden, weight, labels, task_ids, num_tasks = _validate(
         hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size
     )
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(weight.shape[0], hidden.dtype)
-    # impl == "auto" | "torch": the chunked reference on every device. When the Triton kernel lands,
-    # "auto" should route CUDA tensors to it here and keep the reference for everything else.
-    return linear_cross_entropy_reference(
-        hidden, weight, labels, task_ids, num_tasks, ignore_index, reduction, chunk_size
-    )
+    bias, softcap, z_loss = _validate_options(hidden, weight, bias, softcap, z_loss)
+    if impl == "triton" and hidden.dtype == torch.float64:
+        raise ValueError('impl="triton" takes float16, bfloat16 or float32 inputs; use impl="torch" for float64.')
+    if impl == "auto":
+        impl = "triton" if hidden.device.type == "cuda" and hidden.dtype != torch.float64 else "torch"
+    if impl == "triton":
+        try:
+            from .triton_flce import linear_cross_entropy_triton  # imports triton: only when asked for
+        except ImportError as err:
+            raise RuntimeError(f'impl="triton" needs the triton package, which failed to import: {err}') from err
+        loss, stats, z_sum = linear_cross_entropy_triton(
+            hidden, weight, labels, task_ids, num_tasks, ignore_index, reduction,
+            bias=bias, softcap=softcap, z_loss=z_loss,
+        )
+    else:
+        if chunk_size is None:
+            chunk_size = auto_chunk_size(weight.shape[0], hidden.dtype)
+        loss, stats, z_sum = linear_cross_entropy_reference(
+            hidden, weight, labels, task_ids, num_tasks, ignore_index, reduction, chunk_size,
+            bias=bias, softcap=softcap, z_loss=z_loss,
+        )
+    return (loss, stats, z_sum) if return_z_loss else (loss, stats)
+
+
+def _validate_options(hidden, weight, bias, softcap, z_loss):
+    """Check bias [V], softcap > 0 and z_loss >= 0; return the contiguous bias and plain floats."""
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be a 1-D tensor of length V={weight.shape[0]}, got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}.")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise ValueError(f"bias must have the dtype and device of weight ({weight.dtype}, {weight.device}), "
+                             f"got {bias.dtype}, {bias.device}.")
+        bias = bias.contiguous()
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (0 < softcap < math.inf):
+            raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}.")
+        softcap = float(softcap)
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)) or not (0 <= z_loss < math.inf):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}.")
+    return bias, softcap, float(z_loss)
 
 
 def _validate(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size):

@@ -20,18 +20,29 @@ def make_inputs(n, h, v, num_tasks=4, dtype=torch.float64, seed=0, ignore_frac=0
     return hidden, weight, labels, task_ids
 
 
-def plain(hidden, weight, labels, task_ids, num_tasks, reduction):
-    """Materialised-logits loss (float64) and an independent per-task loop for the stats."""
+def plain(hidden, weight, labels, task_ids, num_tasks, reduction, bias=None, softcap=None, z_loss=0.0,
+          with_z=False):
+    """Materialised-logits loss (float64) and an independent per-task loop for the stats.
+
+    With ``with_z`` also returns the per-task z-loss sums (float64).
+    """
     logits = hidden.double() @ weight.double().T
-    per_tok = F.cross_entropy(logits, labels, ignore_index=IGN, reduction="none")
+    if bias is not None:
+        logits = logits + bias.double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     valid = labels != IGN
+    per_tok = F.cross_entropy(logits, labels, ignore_index=IGN, reduction="none")
+    z_tok = torch.where(valid, z_loss * torch.logsumexp(logits, dim=-1) ** 2, 0.0)
+    z_sums = torch.stack([z_tok[valid & (task_ids == t)].sum() for t in range(num_tasks)]).detach()
     stats = TaskStats(
         torch.stack([per_tok[valid & (task_ids == t)].sum() for t in range(num_tasks)]).detach(),
         torch.tensor([int((valid & (task_ids == t)).sum()) for t in range(num_tasks)]),
         torch.tensor([int((valid & (task_ids == t) & (logits.argmax(-1) == labels)).sum()) for t in range(num_tasks)]),
     )
+    per_tok = per_tok + z_tok
     loss = {"sum": per_tok.sum(), "mean": per_tok.sum() / max(int(valid.sum()), 1), "none": per_tok}[reduction]
-    return loss, stats
+    return (loss, stats, z_sums) if with_z else (loss, stats)
 
 
 def loss_and_grads(fn, hidden, weight, reduction, upstream):
@@ -176,6 +187,82 @@ def test_validation_errors(change):
         fused_linear_cross_entropy(**{**args, **change})
 
 
-def test_triton_not_available_yet():
-    with pytest.raises(NotImplementedError, match="impl=\"torch\""):
-        fused_linear_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), impl="triton")
+def test_triton_refuses_float64():
+    with pytest.raises(ValueError, match="float64"):
+        fused_linear_cross_entropy(torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64),
+                                   torch.tensor([0, 1]), impl="triton")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("use_bias,softcap,z_loss", [(True, None, 0.0), (False, 2.5, 0.0), (False, None, 1e-2),
+                                                     (True, 1.5, 3e-2)])
+def test_options_match_plain_torch_float64(use_bias, softcap, z_loss, reduction):
+    n, v = 37, 53
+    hidden, weight, labels, task_ids = make_inputs(n, 19, v)
+    bias = torch.randn(v, dtype=torch.float64, requires_grad=True) if use_bias else None
+    upstream = torch.randn(n, dtype=torch.float64)
+    opts = dict(bias=bias, softcap=softcap, z_loss=z_loss)
+
+    def run(fn):
+        loss, stats, z_sums = fn()
+        (loss * upstream if reduction == "none" else loss).sum().backward()
+        grads = [t.grad.clone() for t in (hidden, weight, bias) if t is not None]
+        for t in (hidden, weight, bias):
+            if t is not None:
+                t.grad = None
+        return loss.detach(), stats, z_sums, grads
+
+    got = run(lambda: fused_linear_cross_entropy(hidden, weight, labels, task_ids, 4, reduction=reduction,
+                                                 chunk_size=16, return_z_loss=True, **opts))
+    ref = run(lambda: plain(hidden, weight, labels, task_ids, 4, reduction, with_z=True, **opts))
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-10)
+    assert_stats(got[1], ref[1])
+    assert got[2].dtype == torch.float32 and got[2].shape == (4,) and not got[2].requires_grad
+    torch.testing.assert_close(got[2].double(), ref[2], rtol=1e-6, atol=1e-6)
+    if z_loss == 0:
+        assert torch.all(got[2] == 0)
+    for a, b in zip(got[3], ref[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_gradcheck_with_options(reduction):
+    hidden, weight, labels, task_ids = make_inputs(6, 5, 7, num_tasks=3)
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    fn = lambda h, w, b: fused_linear_cross_entropy(h, w, labels, task_ids, 3, reduction=reduction, chunk_size=4,
+                                                    bias=b, softcap=1.3, z_loss=0.1)[0]
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias))
+
+
+def test_default_return_is_a_pair_and_stats_exclude_z_loss():
+    hidden, weight, labels, task_ids = make_inputs(20, 6, 13)
+    out = fused_linear_cross_entropy(hidden, weight, labels, task_ids, 4)
+    assert len(out) == 2 and isinstance(out[1], TaskStats)
+    loss, stats, z_sums = fused_linear_cross_entropy(hidden, weight, labels, task_ids, 4, z_loss=0.5,
+                                                     return_z_loss=True)
+    torch.testing.assert_close(stats.loss_sum, out[1].loss_sum)  # cross-entropy only
+    torch.testing.assert_close(loss.detach(), out[0].detach() + z_sums.sum().double(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(bias=torch.randn(6, dtype=torch.float64)),  # wrong length
+        dict(bias=torch.randn(7, 1, dtype=torch.float64)),  # not 1-D
+        dict(bias=torch.randn(7, dtype=torch.float32)),  # dtype mismatch
+        dict(softcap=0.0),
+        dict(softcap=-1.0),
+        dict(softcap=float("inf")),
+        dict(softcap="30"),
+        dict(z_loss=-1e-4),
+        dict(z_loss=float("nan")),
+    ],
+)
+def test_option_validation_errors(change):
+    args = dict(
+        hidden=torch.randn(4, 3, dtype=torch.float64), weight=torch.randn(7, 3, dtype=torch.float64),
+        labels=torch.tensor([0, IGN, 1, 2]), bias=torch.randn(7, dtype=torch.float64), softcap=30.0, z_loss=1e-4,
+    )
+    fused_linear_cross_entropy(**args)  # the unchanged arguments are valid
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(**{**args, **change})
