@@ -71,11 +71,7 @@ def fused_linear_cross_entropy(
         hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size
     )
     bias, softcap, z_loss = _validate_options(hidden, weight, bias, softcap, z_loss)
-    if impl == "triton" and hidden.dtype == torch.float64:
-        raise ValueError('impl="triton" takes float16, bfloat16 or float32 inputs; use impl="torch" for float64.')
-    if impl == "auto":
-        impl = "triton" if hidden.device.type == "cuda" and hidden.dtype != torch.float64 else "torch"
-    if impl == "triton":
+    if choose_backend(impl, hidden.device, hidden.dtype) == "triton":
         try:
             from .triton_flce import linear_cross_entropy_triton  # imports triton: only when asked for
         except ImportError as err:
@@ -92,6 +88,15 @@ def fused_linear_cross_entropy(
             bias=bias, softcap=softcap, z_loss=z_loss,
         )
     return (loss, stats, z_sum) if return_z_loss else (loss, stats)
+
+
+def choose_backend(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend ("triton" or "torch") that ``impl`` picks for inputs of this device and dtype."""
+    if impl == "triton" and dtype == torch.float64:
+        raise ValueError('impl="triton" takes float16, bfloat16 or float32 inputs; use impl="torch" for float64.')
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+    return impl
 
 
 def _validate_options(hidden, weight, bias, softcap, z_loss):

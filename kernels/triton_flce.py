@@ -194,13 +194,13 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_p
     y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
     valid = row_mask & (y != ignore_index)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-    # where, not a product: an inf/NaN upstream gradient at an ignored token must not leak.
-    g = tl.where(valid, tl.load(g_ptr + rows, mask=row_mask, other=0.0), 0.0)
+    g = tl.load(g_ptr + rows, mask=row_mask, other=0.0)
     p = tl.exp(z - lse[:, None])
     dz = p * (g * (1.0 + 2.0 * z_loss * lse))[:, None] - tl.where(cols[None, :] == y[:, None], g[:, None], 0.0)
     if HAS_SOFTCAP:
         t = z / softcap
         dz = dz * (1.0 - t * t)
+    # where, not a product: an inf/NaN upstream gradient (or overflow in a masked row) must not leak.
     dz = tl.where(valid[:, None] & col_mask[None, :], dz, 0.0)
     if NEED_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)

@@ -1,0 +1,198 @@
+"""Triton fused linear cross-entropy under the interpreter (TRITON_INTERPRET=1, set in conftest.py)
+vs plain float64 PyTorch on materialised logits, and vs the chunked reference."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from msft_fast.kernels import TaskStats, fused_linear_cross_entropy
+from msft_fast.kernels.fused_linear_cross_entropy import choose_backend
+from msft_fast.kernels.triton_flce import TritonBlocks, is_interpreting, linear_cross_entropy_triton
+from test_loss_reference import IGN, plain
+
+T = 4  # the last task never gets a token
+# Tiny tiles so that awkward shapes span several row blocks, V tiles, H steps and vocabulary slices.
+SMALL = TritonBlocks(block_m=16, block_v=32, block_k=16, v_splits=3, block_n=16, num_warps=4, num_stages=1)
+
+
+def test_runs_under_the_interpreter():
+    assert is_interpreting(), "tests/conftest.py must set TRITON_INTERPRET=1 before triton is imported"
+
+
+def make_inputs(n=37, h=24, v=103, dtype=torch.float32, seed=0, bias=False, hit_frac=0.4):
+    """Random leaves in `dtype`; ~25% ignored labels, ~hit_frac of the others set to the argmax."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.25  # peaked softmax, some argmax hits
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    logits = hidden.to(dtype).double() @ weight.to(dtype).double().T + (0 if b is None else b.to(dtype).double())
+    labels = torch.randint(0, v, (n,), generator=g)
+    hit = torch.rand(n, generator=g) < hit_frac
+    labels[hit] = logits.argmax(-1)[hit]
+    labels[torch.rand(n, generator=g) < 0.25] = IGN
+    task_ids = torch.randint(0, T - 1, (n,), generator=g)
+    task_ids[labels == IGN] = 77  # out of range but ignored: must not count anywhere
+    leaves = [t.to(dtype).requires_grad_() if t is not None else None for t in (hidden, weight, b)]
+    return (*leaves, labels, task_ids)
+
+
+def run(fn, leaves, reduction, upstream):
+    """(loss, stats, z_sums, grads of the leaves) of one call, with a random upstream gradient for none."""
+    loss, stats, z_sums = fn()
+    (loss * upstream if reduction == "none" else loss).sum().backward()
+    grads = []
+    for t in leaves:
+        if t is not None:
+            grads.append(t.grad.clone())
+            t.grad = None
+    return loss.detach(), stats, z_sums, grads
+
+
+def as64(leaves):
+    return [None if t is None else t.detach().double().requires_grad_() for t in leaves]
+
+
+def check_stats(stats, ref, atol):
+    assert isinstance(stats, TaskStats) and stats.loss_sum.shape == (T,)
+    assert stats.loss_sum.dtype == torch.float32 and stats.tokens.dtype == stats.correct.dtype == torch.int64
+    assert torch.equal(stats.tokens, ref.tokens) and torch.equal(stats.correct, ref.correct)
+    torch.testing.assert_close(stats.loss_sum.double(), ref.loss_sum, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("blocks", [None, SMALL], ids=["interp-blocks", "small-blocks"])
+@pytest.mark.parametrize("options", [{}, dict(bias=True, softcap=2.0, z_loss=1e-2)], ids=["plain", "bias-cap-z"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_fp32_matches_float64(reduction, options, blocks):
+    hidden, weight, bias, labels, task_ids = make_inputs(bias=options.get("bias", False))
+    opts = dict(softcap=options.get("softcap"), z_loss=options.get("z_loss", 0.0))
+    upstream = torch.randn(labels.shape[0], dtype=torch.float64)
+    got = run(lambda: linear_cross_entropy_triton(hidden, weight, labels, task_ids, T, IGN, reduction,
+                                                  bias=bias, blocks=blocks, **opts),
+              (hidden, weight, bias), reduction, upstream.float())
+    h64, w64, b64 = as64((hidden, weight, bias))
+    ref = run(lambda: plain(h64, w64, labels, task_ids, T, reduction, bias=b64, with_z=True, **opts),
+              (h64, w64, b64), reduction, upstream)
+    assert got[0].dtype == torch.float32 and got[0].shape == ref[0].shape
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-5)
+    check_stats(got[1], ref[1], atol=1e-4)
+    assert got[1].correct.sum() >= 3  # the argmax path is exercised, not only misses
+    assert got[1].tokens[-1] == 0 and got[1].loss_sum[-1] == 0  # the task without tokens
+    torch.testing.assert_close(got[2].double(), ref[2], rtol=1e-5, atol=1e-5)
+    assert len(got[3]) == len(ref[3]) == (3 if bias is not None else 2)
+    for a, b in zip(got[3], ref[3]):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)], ids=["fp16", "bf16"],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_16bit_inputs_close_to_float64(dtype, tol, reduction):
+    hidden, weight, bias, labels, task_ids = make_inputs(dtype=dtype, seed=1, bias=True)
+    upstream = torch.randn(labels.shape[0], dtype=torch.float64)
+    got = run(lambda: fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, reduction=reduction,
+                                                 impl="triton", bias=bias, softcap=3.0, z_loss=1e-3,
+                                                 return_z_loss=True),
+              (hidden, weight, bias), reduction, upstream.to(dtype))
+    # The float64 reference sees the very same (rounded) inputs and upstream gradient.
+    h64, w64, b64 = as64((hidden, weight, bias))
+    ref = run(lambda: plain(h64, w64, labels, task_ids, T, reduction, bias=b64, softcap=3.0, z_loss=1e-3,
+                            with_z=True),
+              (h64, w64, b64), reduction, upstream.to(dtype).double())
+    assert got[0].dtype == torch.float32  # fp32 accumulation and loss for 16-bit inputs
+    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-5)
+    check_stats(got[1], ref[1], atol=1e-3)
+    for a, b in zip(got[3], ref[3]):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+def test_agrees_with_reference_backend_through_public_api():
+    hidden, weight, bias, labels, task_ids = make_inputs(n=53, h=40, v=211, seed=2, bias=True)
+    upstream = torch.randn(53)
+    outs = {}
+    for impl in ("triton", "torch"):
+        fn = lambda: fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, reduction="none", impl=impl,
+                                                bias=bias, softcap=5.0, z_loss=1e-3, return_z_loss=True)
+        outs[impl] = run(fn, (hidden, weight, bias), "none", upstream)
+    a, b = outs["triton"], outs["torch"]
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(a[1].tokens, b[1].tokens) and torch.equal(a[1].correct, b[1].correct)
+    torch.testing.assert_close(a[1].loss_sum, b[1].loss_sum, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-6)
+    for ga, gb in zip(a[3], b[3]):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("n", [0, 9])
+def test_all_ignored_and_empty(n, reduction):
+    hidden, weight, bias, _, task_ids = make_inputs(n=n, h=20, v=40, bias=True)
+    labels = torch.full((n,), IGN)
+    loss, stats = fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, reduction=reduction, impl="triton",
+                                             bias=bias, z_loss=0.1)
+    assert loss.shape == ((n,) if reduction == "none" else ())
+    loss.sum().backward()
+    assert torch.all(loss == 0)
+    assert all(torch.all(t.grad == 0) for t in (hidden, weight, bias))
+    assert all(torch.all(s == 0) for s in stats) and stats.loss_sum.shape == (T,)
+
+
+def test_bad_upstream_at_ignored_tokens_does_not_leak():
+    hidden, weight, _, labels, task_ids = make_inputs()
+    upstream = torch.randn(labels.shape[0])
+    upstream[labels == IGN] = float("nan")
+    loss, _ = fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, reduction="none", impl="triton")
+    (loss * torch.nan_to_num(upstream)).sum().backward()  # reference gradients at finite upstream values
+    clean = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss, _ = fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, reduction="none", impl="triton")
+    loss.backward(upstream)
+    torch.testing.assert_close(hidden.grad, clean[0])
+    torch.testing.assert_close(weight.grad, clean[1], rtol=1e-5, atol=1e-6)
+
+
+def test_partial_grads_and_no_grad():
+    hidden, weight, bias, labels, task_ids = make_inputs(bias=True)
+    weight.requires_grad_(False)
+    bias.requires_grad_(False)
+    loss, _ = fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, impl="triton", bias=bias)
+    loss.backward()
+    h64 = hidden.detach().double().requires_grad_()
+    plain(h64, weight.double(), labels, task_ids, T, "sum", bias=bias.double())[0].backward()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        loss, stats = fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, impl="triton", bias=bias)
+    assert loss.grad_fn is None and stats.tokens.sum() == (labels != IGN).sum()
+
+
+def test_dispatch():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_backend("auto", cpu, torch.float32) == "torch"
+    assert choose_backend("auto", cuda, torch.bfloat16) == "triton"
+    assert choose_backend("auto", cuda, torch.float64) == "torch"
+    assert choose_backend("torch", cuda, torch.float16) == "torch"
+    assert choose_backend("triton", cpu, torch.float32) == "triton"
+    with pytest.raises(ValueError, match="float64"):
+        choose_backend("triton", cuda, torch.float64)
+
+
+def test_triton_on_cpu_without_interpreter_says_so():
+    code = (
+        "import torch\n"
+        "from msft_fast.kernels import fused_linear_cross_entropy\n"
+        "h, w = torch.randn(4, 8), torch.randn(5, 8)\n"
+        "fused_linear_cross_entropy(h, w, torch.tensor([0, 1, 2, 3]), impl='auto')\n"  # CPU: the reference
+        "try:\n"
+        "    fused_linear_cross_entropy(h, w, torch.tensor([0, 1, 2, 3]), impl='triton')\n"
+        "except RuntimeError as err:\n"
+        "    print('ERROR', err)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERROR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout and 'impl="torch"' in out.stdout
