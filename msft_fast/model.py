@@ -7,9 +7,11 @@ reduce-scattered as usual (reading it outside a managed forward is a known FSDP 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
 def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int) -> LoadedModel:
     """Load tokenizer and model from `cfg.path` (or build the built-in tiny model), on the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     dtype = compute_dtype_for(precision, device)
     attn = choose_attention(cfg.attn_implementation, device, dtype)
@@ -59,13 +62,23 @@ def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int
 
     path = resolve_path(cfg.path)
     _check_model_folder(path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-        export_dtype = _config_dtype(config)
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32, attn_implementation=attn)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise ModelError(f"cannot load the model folder {path}: {' '.join(str(e).split())[:300]}") from None
+    # Whatever HF raises here (OSError, ValueError, SafetensorError, an ImportError for a missing
+    # tokenizer backend) is a problem of the folder: one sentence. The load report HF logs on the
+    # way is held back, and passed on only when loading succeeds.
+    hf_logging.get_verbosity()  # HF adds its log handler on first use: let that happen before holding
+    with _held_logs("transformers") as held:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path)
+            export_dtype = _config_dtype(config)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, config=config, dtype=torch.float32, attn_implementation=attn, output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, in one sentence
+            )
+        except Exception as e:
+            raise ModelError(f"cannot load the model folder {path}: {_short(e)}") from None
+        _check_loading_info(info, path)
+        held.pass_on()
     model.config.dtype = export_dtype  # we train fp32 master weights; the saved config keeps its dtype
     _check_head(model, path)
     return LoadedModel(model, tokenizer, path, attn, export_dtype, dtype)
@@ -97,13 +110,78 @@ def _config_dtype(config: Any) -> torch.dtype:
 
 
 def _check_model_folder(path: str) -> None:
-    if not os.path.isdir(path):
+    if not os.path.exists(path):
         raise ModelError(f"model folder {path} does not exist (config key 'model.path')")
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    if not os.path.isdir(path):
+        raise ModelError(f"model folder {path} is a file, not a folder (config key 'model.path')")
+    try:
+        files = os.listdir(path)
+    except OSError as e:
+        raise ModelError(f"model folder {path} cannot be read ({e.strerror})") from None
+    if "config.json" not in files:
         raise ModelError(f"model folder {path} has no config.json")
-    files = os.listdir(path)
     if not any(f.endswith(".safetensors") or f.endswith(".bin") for f in files):
         raise ModelError(f"model folder {path} has no weights (*.safetensors)")
+    if not any(f in files for f in _TOKENIZER_FILES):
+        raise ModelError(f"model folder {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_loading_info(info: dict, path: str) -> None:
+    """HF starts missing or wrongly shaped weights from random values and only warns: refuse instead."""
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        shown = ", ".join(f"{k}: checkpoint {list(a)}, config {list(b)}" for k, a, b in mismatched[:2])
+        raise ModelError(f"the model folder {path} has {len(mismatched)} weight(s) whose shape does not match its "
+                         f"config.json ({shown}{', ...' if len(mismatched) > 2 else ''})")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelError(f"the model folder {path} has no weights for {len(missing)} parameter(s) "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): its checkpoint "
+                         "is incomplete or for another architecture")
+
+
+class _HeldRecords(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.targets: list[logging.Handler] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def pass_on(self) -> None:
+        """Pass the held records on to the logger's own handlers (called when loading succeeded)."""
+        for record in self.records:
+            for handler in self.targets:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+        self.records = []
+
+
+@contextlib.contextmanager
+def _held_logs(name: str):
+    """Hold what logger `name` emits inside the block; records not passed on (`pass_on()`) are dropped."""
+    logger = logging.getLogger(name)
+    held = _HeldRecords()
+    saved = logger.handlers[:], logger.propagate
+    held.targets = saved[0] or logging.getLogger().handlers
+    logger.handlers, logger.propagate = [held], False
+    try:
+        yield held
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line: ANSI colours dropped, cut at a sentence end near `limit`."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split()) or type(e).__name__
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(". ", 0, limit)
+    return text[: cut + 1] if cut > limit // 3 else text[:limit] + "..."
 
 
 def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
