@@ -231,6 +231,8 @@ def validate(cfg: Config) -> None:
             f"data.max_seq_len ({d.max_seq_len}) so that every document fits in one micro-batch"
         )
     need(d.num_proc is None or d.num_proc >= 1, "data.num_proc", "at least 1", d.num_proc)
+    need(d.split_seed >= 0, "data.split_seed", "0 or more", d.split_seed)  # numpy seeds are non-negative
+    need(t.seed >= 0, "train.seed", "0 or more", t.seed)
     need(t.lr > 0 and _finite(t.lr), "train.lr", "a positive number", t.lr)
     need(t.epochs > 0 and _finite(t.epochs), "train.epochs", "a positive number", t.epochs)
     need(t.grad_accum >= 1, "train.grad_accum", "at least 1", t.grad_accum)

@@ -163,6 +163,10 @@ def test_literal_out_of_range(cfg_file):
         ("train.beta2=1.0", "train.beta2"),
         ("data.max_seq_len=1", "data.max_seq_len"),
         ("data.tasks=[]", "data.tasks"),
+        ("train.lr=.nan", "train.lr"),
+        ("msft.budget_epochs=.inf", "msft.budget_epochs"),
+        ("data.split_seed=-1", "data.split_seed"),
+        ("train.seed=-1", "train.seed"),
     ],
 )
 def test_bad_values(cfg_file, override, key):
