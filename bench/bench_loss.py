@@ -1,12 +1,20 @@
-"""Loss benchmark on this machine: our chunked loss vs the materialised-logits loss users would
+"""Loss benchmark: our fused linear + cross-entropy vs the materialised-logits loss users would
 otherwise run (HF-style `F.cross_entropy(hidden @ W.T)`) and, when installed, Apple's Cut
-Cross-Entropy (`pip install cut-cross-entropy`; its torch.compile path is the one that runs on a
-CPU). Forward + backward, side by side, same inputs.
+Cross-Entropy (`cut-cross-entropy`) and Liger's fused linear cross-entropy (`liger-kernel`).
+Forward + backward, side by side, same inputs.
 
-Each case runs in its own subprocess so its peak resident memory is its own. Writes
-bench/results/loss_<device>.json and .md.
+On a CPU: our chunked reference vs materialised logits vs CCE's torch.compile path (its only CPU
+path); best of repeats, peak resident memory. On CUDA: our Triton kernel (16 tasks, and without
+tasks: the cost of the per-task statistics), our PyTorch reference, materialised logits, Liger, and
+CCE (default gradient filter, and filter_eps=None for exact gradients); median CUDA time and peak
+allocated memory above the inputs. A peer that is not importable is skipped with a printed note.
 
-    python bench/bench_loss.py [--tokens 4096 --hidden 256 --vocab 32000 --dtype float32 --repeats 3]
+Each case runs in its own subprocess so its peak memory is its own (and an OOM stays its own).
+Writes bench/results/loss_<device>.json and .md.
+
+    python bench/bench_loss.py                     # CPU defaults: 4096 x 256 x 32000, float32
+    python bench/bench_loss.py --device cuda       # Llama 3 head: 8192 x 4096 x 128256, bfloat16
+    python bench/bench_loss.py --device cuda --check   # first: Triton vs float64 reference on the GPU
 """
 from __future__ import annotations
 
@@ -15,105 +23,235 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
-CASES = ("inputs_only", "materialised", "cce_torch_compile", "msft_fast")
+CPU_CASES = ("inputs_only", "materialised", "cce_torch_compile", "msft_fast")
+CUDA_CASES = ("inputs_only", "materialised", "msft_fast_torch", "msft_fast_triton", "msft_fast_triton_no_tasks",
+              "liger", "cce", "cce_exact")
+OURS = {"cpu": "msft_fast", "cuda": "msft_fast_triton"}
+DEFAULTS = {"cpu": dict(tokens=4096, hidden=256, vocab=32000, dtype="float32", repeats=3),
+            "cuda": dict(tokens=8192, hidden=4096, vocab=128256, dtype="bfloat16", repeats=10)}
+NUM_TASKS = 16
 
 
-def run_case(case: str, n: int, h: int, v: int, dtype: str, repeats: int) -> dict:
+def make_inputs(n: int, h: int, v: int, dtype: str, device: str):
     import torch
+
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    hidden = torch.randn(n, h, dtype=dt, device=device, requires_grad=True)
+    weight = (torch.randn(v, h, device=device) * h**-0.5).to(dt).requires_grad_()
+    labels = torch.randint(0, v, (n,), device=device)
+    labels[torch.rand(n, device=device) < 0.3] = -100
+    task_ids = torch.randint(0, NUM_TASKS, (n,), device=device)
+    return hidden, weight, labels, task_ids
+
+
+def loss_fn(case: str):
+    """fn(hidden, weight, labels, task_ids) -> summed loss, or a str saying why the case is skipped."""
     import torch.nn.functional as F
 
     from msft_fast.kernels import fused_linear_cross_entropy
 
-    torch.manual_seed(0)
-    dt = getattr(torch, dtype)
-    hidden = torch.randn(n, h, dtype=dt, requires_grad=True)
-    weight = (torch.randn(v, h, dtype=dt) * h**-0.5).requires_grad_()
-    labels = torch.randint(0, v, (n,))
-    labels[torch.rand(n) < 0.3] = -100
-    task_ids = torch.randint(0, 5, (n,))
-
-    if case == "cce_torch_compile":
+    if case in ("cce_torch_compile", "cce", "cce_exact"):
         try:
             from cut_cross_entropy import linear_cross_entropy
         except ImportError:
-            return {"case": case, "skipped": "cut-cross-entropy is not installed"}
+            return "cut-cross-entropy is not installed"
+        kw = {"cce_torch_compile": dict(impl="torch_compile"), "cce": {}, "cce_exact": dict(filter_eps=None)}[case]
+        return lambda h, w, y, t: linear_cross_entropy(h, w, y, reduction="sum", **kw)
+    if case == "liger":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            return "liger-kernel is not installed"
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
+        return lambda h, w, y, t: liger(w, h, y)
+    if case == "materialised":
+        return lambda h, w, y, t: F.cross_entropy((h @ w.T).float(), y, ignore_index=-100, reduction="sum")
+    impl = {"msft_fast": "torch", "msft_fast_torch": "torch"}.get(case, "triton")
+    if case == "msft_fast_triton_no_tasks":
+        return lambda h, w, y, t: fused_linear_cross_entropy(h, w, y, impl=impl)[0]
+    return lambda h, w, y, t: fused_linear_cross_entropy(h, w, y, t, NUM_TASKS, impl=impl)[0]
+
+
+def run_case(case: str, device: str, n: int, h: int, v: int, dtype: str, repeats: int) -> dict:
+    import torch
+
+    hidden, weight, labels, task_ids = make_inputs(n, h, v, dtype, device)
+    fn = loss_fn(case) if case != "inputs_only" else None
+    if isinstance(fn, str):
+        return {"case": case, "skipped": fn}
+    cuda = device == "cuda"
 
     def step():
-        if case == "cce_torch_compile":
-            loss = linear_cross_entropy(hidden, weight, labels, impl="torch_compile", reduction="sum")
-        elif case == "materialised":
-            loss = F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100, reduction="sum")
-        else:
-            loss, _ = fused_linear_cross_entropy(hidden, weight, labels, task_ids, 5, impl="torch")
+        loss = fn(hidden, weight, labels, task_ids)
         loss.backward()
         hidden.grad = weight.grad = None
         return loss.item()
 
-    times, loss = [], None
-    if case != "inputs_only":
-        loss = step()  # warm-up (and compilation, for CCE)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return {"case": case, "loss": loss, "seconds": min(times) if times else None,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if fn is None:
+        return {"case": case, "loss": None, "seconds": None,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    loss = step()  # warm-up: Triton compilation, autotuning, torch.compile
+    step()
+    times = []
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()  # .item() synchronises
+        times.append(time.perf_counter() - t0)
+    out = {"case": case, "loss": loss, "seconds": statistics.median(times) if cuda else min(times)}
+    if cuda:
+        out["extra_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def check(device: str) -> bool:
+    """Triton kernel vs the float64 reference on awkward shapes; True when everything matches."""
+    import torch
+
+    from msft_fast.kernels import fused_linear_cross_entropy
+
+    ok = True
+    for n, h, v, dtype, tol in [(37, 48, 101, torch.float32, 1e-4), (1000, 512, 32003, torch.float32, 1e-4),
+                                (1000, 512, 32003, torch.bfloat16, 3e-2), (4096, 2048, 128256, torch.bfloat16, 3e-2)]:
+        if device == "cpu" and n > 100:
+            continue  # the interpreter: only the smallest shape
+        for opts in ({}, dict(softcap=30.0, z_loss=1e-4)):
+            for reduction in ("sum", "none"):
+                g = torch.Generator(device="cpu").manual_seed(n + v)
+                hid = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
+                w = (torch.randn(v, h, generator=g) * h**-0.5 * 4).to(device, dtype).requires_grad_()
+                y = torch.randint(0, v, (n,), generator=g).to(device)
+                y[torch.rand(n, generator=g).to(device) < 0.3] = -100
+                t = torch.randint(0, 3, (n,), generator=g).to(device)
+                up = torch.randn(n, generator=g).to(device)
+                res = {}
+                for impl, (hh, ww) in (("triton", (hid, w)),
+                                       ("torch", [x.detach().double().requires_grad_() for x in (hid, w)])):
+                    loss, st = fused_linear_cross_entropy(hh, ww, y, t, 3, reduction=reduction, impl=impl,
+                                                          chunk_size=512, **opts)
+                    (loss.double() * up.double() if reduction == "none" else loss).sum().backward()
+                    res[impl] = (loss.detach().double(), st, hh.grad.double(), ww.grad.double())
+                a, b = res["triton"], res["torch"]
+                errs = {name: float(((x - r).abs().max() / r.abs().max().clamp(min=1)).cpu())
+                        for name, x, r in (("loss", a[0], b[0]), ("grad_hidden", a[2], b[2]),
+                                           ("grad_weight", a[3], b[3]),
+                                           ("loss_sum", a[1].loss_sum.double(), b[1].loss_sum.double()))}
+                counts = torch.equal(a[1].tokens, b[1].tokens) and int((a[1].correct - b[1].correct).abs().sum()) <= 1
+                passed = counts and all(e <= tol for e in errs.values())
+                ok &= passed
+                print(f"{'ok  ' if passed else 'FAIL'} N={n} H={h} V={v} {str(dtype)[6:]} {reduction} {opts} "
+                      f"counts_match={counts} " + " ".join(f"{k}={e:.1e}" for k, e in errs.items()), flush=True)
+    return ok
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--case", choices=CASES)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--tokens", type=int, help="N (default: 4096 on cpu, 8192 on cuda)")
+    p.add_argument("--hidden", type=int, help="H (default: 256 on cpu, 4096 on cuda)")
+    p.add_argument("--vocab", type=int, help="V (default: 32000 on cpu, 128256 on cuda)")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--repeats", type=int, help="timed steps per case (default: 3 on cpu, 10 on cuda)")
+    p.add_argument("--check", action="store_true", help="only check the Triton kernel against the float64 reference "
+                   "(on cpu it needs TRITON_INTERPRET=1)")
+    p.add_argument("--case", help=argparse.SUPPRESS)  # child process
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = p.parse_args()
-    if a.case:  # child process
-        print(json.dumps(run_case(a.case, a.tokens, a.hidden, a.vocab, a.dtype, a.repeats)))
+    for key, value in DEFAULTS[a.device].items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    if a.check:
+        sys.exit(0 if check(a.device) else 1)
+    if a.case:
+        print(json.dumps(run_case(a.case, a.device, a.tokens, a.hidden, a.vocab, a.dtype, a.repeats)))
         return
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device is available here.")
+    cases = CPU_CASES if a.device == "cpu" else CUDA_CASES
     results = {}
-    for case in CASES:
-        cmd = [sys.executable, __file__, "--case", case, "--tokens", str(a.tokens), "--hidden", str(a.hidden),
-               "--vocab", str(a.vocab), "--dtype", a.dtype, "--repeats", str(a.repeats)]
-        results[case] = json.loads(subprocess.check_output(cmd, text=True).strip().splitlines()[-1])
-    base = results["inputs_only"]["peak_rss_mb"]
+    for case in cases:
+        cmd = [sys.executable, __file__, "--case", case, "--device", a.device, "--tokens", str(a.tokens),
+               "--hidden", str(a.hidden), "--vocab", str(a.vocab), "--dtype", a.dtype, "--repeats", str(a.repeats)]
+        proc = subprocess.run(cmd, text=True, capture_output=True)
+        if proc.returncode != 0:
+            results[case] = {"case": case, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"}
+        else:
+            results[case] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if "skipped" in results[case]:
+            print(f"note: {case} skipped ({results[case]['skipped']})", flush=True)
+    write_report(a, results)
+
+
+def write_report(a, results: dict) -> None:
     import torch
 
+    if a.device == "cpu":
+        base = results["inputs_only"]["peak_rss_mb"]
+        for r in results.values():
+            if "peak_rss_mb" in r:
+                r["extra_peak_mb"] = r["peak_rss_mb"] - base
+    machine = {"device": a.device, "cores": os.cpu_count(), "platform": platform.platform(),
+               "python": platform.python_version(), "torch": torch.__version__}
+    if a.device == "cuda":
+        import triton
+
+        machine.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__)
+    for pkg in ("cut_cross_entropy", "liger_kernel"):
+        try:
+            from importlib.metadata import version
+
+            machine[pkg] = version(pkg.replace("_", "-"))
+        except Exception:  # not installed
+            pass
+    cases = [c for c in results if c != "inputs_only"]
     report = {
-        "what": "fused linear + cross-entropy, forward + backward, best of repeats",
+        "what": "fused linear + cross-entropy, forward + backward, "
+                + ("best of repeats, peak RSS" if a.device == "cpu" else "median of repeats, peak allocated memory"),
         "shape": {"tokens": a.tokens, "hidden": a.hidden, "vocab": a.vocab, "dtype": a.dtype},
-        "machine": {"device": "cpu", "cores": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine,
         "date": time.strftime("%Y-%m-%d"),
-        "results": {
-            c: {"seconds": results[c]["seconds"], "extra_peak_mb": results[c]["peak_rss_mb"] - base,
-                "loss": results[c]["loss"]}
-            for c in CASES[1:] if "skipped" not in results[c]
-        },
+        "results": {c: {"seconds": results[c]["seconds"], "extra_peak_mb": results[c]["extra_peak_mb"],
+                        "loss": results[c]["loss"]}
+                    for c in cases if "skipped" not in results[c]},
         "skipped": {c: r["skipped"] for c, r in results.items() if "skipped" in r},
     }
-    ours = report["results"]["msft_fast"]
-    report["ratios"] = {
-        f"{key}_msft_fast_over_{peer}": ours[field] / max(1e-9, r[field])
-        for peer, r in report["results"].items() if peer != "msft_fast"
+    ours_name = OURS[a.device]
+    ours = report["results"].get(ours_name)
+    report["ratios"] = {} if ours is None else {
+        f"{key}_{ours_name}_over_{peer}": ours[field] / max(1e-9, r[field])
+        for peer, r in report["results"].items() if peer != ours_name
         for key, field in (("time", "seconds"), ("memory", "extra_peak_mb"))
     }
     os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, "loss_cpu")
+    stem = os.path.join(a.out, f"loss_{a.device}")
     with open(stem + ".json", "w") as fh:
         json.dump(report, fh, indent=2)
-    lines = [f"# Loss fwd+bwd on CPU ({a.tokens} tokens x {a.hidden} hidden x {a.vocab} vocab, {a.dtype})", "",
-             f"{report['date']}, {os.cpu_count()} cores, torch {torch.__version__}", "",
-             "| implementation | seconds | extra peak RSS (MB) | loss |", "|---|---|---|---|"]
+    where = f"on CPU, {os.cpu_count()} cores" if a.device == "cpu" else f"on {machine['gpu']}"
+    memory = "extra peak RSS (MB)" if a.device == "cpu" else "extra peak allocated (MB)"
+    lines = [f"# Loss fwd+bwd {where} ({a.tokens} tokens x {a.hidden} hidden x {a.vocab} vocab, {a.dtype})", "",
+             f"{report['date']}, torch {torch.__version__}"
+             + "".join(f", {k} {machine[k]}" for k in ("triton", "cut_cross_entropy", "liger_kernel") if k in machine),
+             "", f"| implementation | {'seconds' if a.device == 'cpu' else 'ms'} | {memory} | loss |", "|---|---|---|---|"]
     for c, r in report["results"].items():
-        lines.append(f"| {c} | {r['seconds']:.3f} | {r['extra_peak_mb']:.0f} | {r['loss']:.3f} |")
-    lines += ["", "Ratios (msft_fast / peer; below 1 is better):", ""]
+        t = f"{r['seconds']:.3f}" if a.device == "cpu" else f"{r['seconds'] * 1e3:.1f}"
+        lines.append(f"| {c} | {t} | {r['extra_peak_mb']:.0f} | {r['loss']:.3f} |")
+    lines += ["", f"Ratios ({ours_name} / peer; below 1 is better):", ""]
     lines += [f"- {k}: {v:.2f}" for k, v in report["ratios"].items()]
     lines += [f"- {c} skipped: {why}" for c, why in report["skipped"].items()]
     with open(stem + ".md", "w") as fh:

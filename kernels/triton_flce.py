@@ -28,12 +28,12 @@ Gradients are exact: no softmax-sparsity filtering of tiles (CCE's default) is a
 Memory beyond the inputs: O(N x S) partials and lse in forward; the fp32 dH [N, H] and dW [V, H]
 buffers in backward (the gradient itself for fp32 inputs; an extra fp32 copy for bf16/fp16).
 
-What needs tuning on a GPU (nothing here was measured on one; see bench/bench_loss.py):
-  - BLOCK_M/BLOCK_V/BLOCK_K, num_warps and num_stages per kernel (defaults below are a guess for
-    H100/H200: 128x128x64, 8 warps, 3 stages forward; the backward holds the dlogits tile plus two
-    dot accumulators, so it may prefer BLOCK_K=32 or 64x128 tiles). A `triton.autotune` over a few
-    configs keyed on (H, V) would pick them; the backward then needs `reset_to_zero` for its
-    atomic buffers.
+What needs tuning on a GPU (nothing here was timed on one; see bench/bench_loss.py):
+  - BLOCK_M/BLOCK_V/BLOCK_K, num_warps and num_stages per kernel. The defaults (GPU_BLOCKS) are only
+    known to compile for sm_90 into pipelined wgmma code without register spills; their speed is
+    unmeasured. A `triton.autotune` over a few configs keyed on (H, V, dtype) would pick them; the
+    backward then needs `reset_to_zero` for its atomic buffers. Loads are only pipelined when H
+    is a multiple of 16 (Triton's divisibility specialisation), which every real model has.
   - the number of V splits S (now: enough programs for about two waves of SMs);
   - program order: a grouped (swizzled) launch order for L2 reuse of weight tiles, and, in the
     backward, to spread the atomics on one dW tile over time;
@@ -67,6 +67,19 @@ class TritonBlocks:
     num_stages: int = 3
 
 
+# GPU defaults per input dtype, checked by compiling for sm_90 (ptxas, no GPU needed; see
+# tests/test_loss_triton.py): these pipeline their loads (cp.async, 3 stages) into wgmma without
+# register spills. 16-bit: forward 98 KiB / backward 160 KiB shared memory. fp32 (3xTF32 dots)
+# spills at 128x128 tiles, hence smaller ones. Not timed on a GPU: a starting point for tuning.
+GPU_BLOCKS = {
+    torch.bfloat16: TritonBlocks(),
+    torch.float16: TritonBlocks(),
+    torch.float32: TritonBlocks(block_m=64, block_v=64, block_k=32),
+}
+# fp32 inputs: 3xTF32 dots, close to fp32 accuracy on the tensor cores (torch's default fp32 matmul
+# is not plain TF32 either; exact "ieee" dots cannot use wgmma and spill at these tiles). For 16-bit
+# operands the setting is moot: they go to the tensor cores as they are, accumulating in fp32.
+DOT_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "tf32x3"}
 # The interpreter pays per program and per op, not per FLOP: few, large programs.
 INTERPRETER_BLOCKS = TritonBlocks(block_m=64, block_v=128, block_k=64, v_splits=1, block_n=128)
 
@@ -238,9 +251,8 @@ def _launch_options(hidden: torch.Tensor, blocks: TritonBlocks | None):
             'interpreter, with TRITON_INTERPRET=1 set before msft_fast.kernels first runs it. Use impl="torch" '
             'or impl="auto" for CPU tensors.'
         )
-    blocks = blocks or (INTERPRETER_BLOCKS if interp else TritonBlocks())
-    # Exact fp32 dots for fp32 inputs (torch's default matmul is not TF32 either).
-    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
+    blocks = blocks or (INTERPRETER_BLOCKS if interp else GPU_BLOCKS[hidden.dtype])
+    precision = DOT_PRECISION[hidden.dtype]
     # The interpreter mishandles bf16 arithmetic: upcast tiles at load there.
     return blocks, interp, precision
 

@@ -1,6 +1,7 @@
 """Triton fused linear cross-entropy under the interpreter (TRITON_INTERPRET=1, set in conftest.py)
 vs plain float64 PyTorch on materialised logits, and vs the chunked reference."""
 
+import json
 import os
 import subprocess
 import sys
@@ -196,3 +197,77 @@ def test_triton_on_cpu_without_interpreter_says_so():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ERROR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout and 'impl="torch"' in out.stdout
+
+
+# Compiles the kernels as a launch on an H100/H200 would (sm_90, the default tiles, 16-byte aligned
+# pointers and sizes divisible by 16) and reads ptxas's register report: catches GPU lowering
+# errors and register spills that the interpreter cannot see. Needs no GPU; TRITON_INTERPRET unset.
+_AOT_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from msft_fast.kernels import triton_flce as K
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+INTS = {"N", "V", "H", "v_per_split", "S", "ignore_index"}
+report = []
+for name in sys.argv[1:]:
+    dtype = getattr(torch, name)
+    tdt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    b = K.GPU_BLOCKS[dtype]
+    common = dict(BLOCK_M=b.block_m, BLOCK_V=b.block_v, BLOCK_K=b.block_k, HAS_BIAS=True, HAS_SOFTCAP=True,
+                  UPCAST=False, DOT_PRECISION=K.DOT_PRECISION[dtype])
+    jobs = [(K._fwd_kernel, common, dict(num_warps=b.num_warps, num_stages=b.num_stages)),
+            (K._bwd_kernel, dict(common, NEED_DH=True, NEED_DW=True, NEED_DB=True),
+             dict(num_warps=b.num_warps, num_stages=b.num_stages)),
+            (K._combine_kernel, dict(BLOCK_N=128, T_PAD=16), dict(num_warps=4))]
+    for fn, consts, opts in jobs:
+        sig = {}
+        for arg in fn.arg_names:
+            if arg in consts:
+                sig[arg] = "constexpr"
+            elif arg in ("h_ptr", "w_ptr", "b_ptr"):
+                sig[arg] = "*" + tdt
+            elif arg in ("y_ptr", "tid_ptr"):
+                sig[arg] = "*i64"
+            elif arg in ("idx_ptr", "tok_part_ptr", "hit_part_ptr"):
+                sig[arg] = "*i32"
+            elif arg.endswith("_ptr"):
+                sig[arg] = "*fp32"
+            else:
+                sig[arg] = "i32" if arg in INTS else "fp32"
+        div = {(i,): [["tt.divisibility", 16]] for i, (a, t) in enumerate(sig.items())
+               if t.startswith("*") or a in ("N", "V", "H", "v_per_split")}
+        src = ASTSource(fn=fn, signature=sig, attrs=div,
+                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(k.asm["ptx"])
+        info = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+        os.unlink(f.name)
+        spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info))
+        report.append(dict(kernel=fn.__name__, dtype=name, shared=k.metadata.shared, spills=spills,
+                           wgmma=k.asm["ptx"].count("wgmma.mma_async"), cp_async=k.asm["ptx"].count("cp.async")))
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_spills():
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton build ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, "bfloat16", "float16", "float32"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(report) == 9
+    for r in report:
+        assert r["spills"] == 0, r
+        assert r["shared"] <= 227 * 1024, r  # the most shared memory a block may use on H100/H200
+        if r["kernel"] != "_combine_kernel":
+            assert r["wgmma"] > 0 and r["cp_async"] > 0, r  # tensor cores, pipelined loads
