@@ -30,7 +30,7 @@ import time
 
 CPU_CASES = ("inputs_only", "materialised", "cce_torch_compile", "msft_fast")
 CUDA_CASES = ("inputs_only", "materialised", "msft_fast_torch", "msft_fast_triton", "msft_fast_triton_no_tasks",
-              "liger", "cce", "cce_exact")
+              "msft_fast_triton_gemm_bwd", "liger", "cce", "cce_exact")
 OURS = {"cpu": "msft_fast", "cuda": "msft_fast_triton"}
 DEFAULTS = {"cpu": dict(tokens=4096, hidden=256, vocab=32000, dtype="float32", repeats=3),
             "cuda": dict(tokens=8192, hidden=4096, vocab=128256, dtype="bfloat16", repeats=10)}
@@ -50,12 +50,22 @@ def make_inputs(n: int, h: int, v: int, dtype: str, device: str):
     return hidden, weight, labels, task_ids
 
 
+def gemm_blocks(dtype):
+    from dataclasses import replace
+
+    from msft_fast.kernels.triton_flce import GPU_BLOCKS, INTERPRETER_BLOCKS, is_interpreting
+
+    return replace(INTERPRETER_BLOCKS if is_interpreting() else GPU_BLOCKS[dtype], backward="gemm")
+
+
 def loss_fn(case: str):
     """fn(hidden, weight, labels, task_ids) -> summed loss, or a str saying why the case is skipped."""
     import torch.nn.functional as F
 
     from msft_fast.kernels import fused_linear_cross_entropy
 
+    if case == "msft_fast_triton_gemm_bwd":
+        from msft_fast.kernels.triton_flce import linear_cross_entropy_triton
     if case in ("cce_torch_compile", "cce", "cce_exact"):
         try:
             from cut_cross_entropy import linear_cross_entropy
@@ -72,6 +82,9 @@ def loss_fn(case: str):
         return lambda h, w, y, t: liger(w, h, y)
     if case == "materialised":
         return lambda h, w, y, t: F.cross_entropy((h @ w.T).float(), y, ignore_index=-100, reduction="sum")
+    if case == "msft_fast_triton_gemm_bwd":  # the deterministic backward: dlogits chunks + cuBLAS GEMMs
+        return lambda h, w, y, t: linear_cross_entropy_triton(h, w, y, t, NUM_TASKS, -100, "sum",
+                                                              blocks=gemm_blocks(h.dtype))[0]
     impl = {"msft_fast": "torch", "msft_fast_torch": "torch"}.get(case, "triton")
     if case == "msft_fast_triton_no_tasks":
         return lambda h, w, y, t: fused_linear_cross_entropy(h, w, y, impl=impl)[0]
@@ -122,6 +135,7 @@ def check(device: str) -> bool:
     import torch
 
     from msft_fast.kernels import fused_linear_cross_entropy
+    from msft_fast.kernels.triton_flce import linear_cross_entropy_triton
 
     ok = True
     for n, h, v, dtype, tol in [(37, 48, 101, torch.float32, 1e-4), (1000, 512, 32003, torch.float32, 1e-4),
@@ -129,7 +143,7 @@ def check(device: str) -> bool:
         if device == "cpu" and n > 100:
             continue  # the interpreter: only the smallest shape
         for opts in ({}, dict(softcap=30.0, z_loss=1e-4)):
-            for reduction in ("sum", "none"):
+            for reduction, backward in (("sum", "fused"), ("none", "fused"), ("sum", "gemm"), ("none", "gemm")):
                 g = torch.Generator(device="cpu").manual_seed(n + v)
                 hid = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
                 w = (torch.randn(v, h, generator=g) * h**-0.5 * 4).to(device, dtype).requires_grad_()
@@ -140,8 +154,12 @@ def check(device: str) -> bool:
                 res = {}
                 for impl, (hh, ww) in (("triton", (hid, w)),
                                        ("torch", [x.detach().double().requires_grad_() for x in (hid, w)])):
-                    loss, st = fused_linear_cross_entropy(hh, ww, y, t, 3, reduction=reduction, impl=impl,
-                                                          chunk_size=512, **opts)
+                    if impl == "triton":
+                        loss, st, _ = linear_cross_entropy_triton(hh, ww, y, t, 3, -100, reduction, **opts,
+                                                                  blocks=gemm_blocks(dtype) if backward == "gemm" else None)
+                    else:
+                        loss, st = fused_linear_cross_entropy(hh, ww, y, t, 3, reduction=reduction, impl=impl,
+                                                              chunk_size=512, **opts)
                     (loss.double() * up.double() if reduction == "none" else loss).sum().backward()
                     res[impl] = (loss.detach().double(), st, hh.grad.double(), ww.grad.double())
                 a, b = res["triton"], res["torch"]
@@ -152,7 +170,7 @@ def check(device: str) -> bool:
                 counts = torch.equal(a[1].tokens, b[1].tokens) and int((a[1].correct - b[1].correct).abs().sum()) <= 1
                 passed = counts and all(e <= tol for e in errs.values())
                 ok &= passed
-                print(f"{'ok  ' if passed else 'FAIL'} N={n} H={h} V={v} {str(dtype)[6:]} {reduction} {opts} "
+                print(f"{'ok  ' if passed else 'FAIL'} N={n} H={h} V={v} {str(dtype)[6:]} {reduction} {backward} {opts} "
                       f"counts_match={counts} " + " ".join(f"{k}={e:.1e}" for k, e in errs.items()), flush=True)
     return ok
 

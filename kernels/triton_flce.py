@@ -17,16 +17,27 @@ registers:
      and the argmax hit, and reduces loss, z-loss, token and hit counts per task with a one-hot
      [BLOCK_N, T] reduction into per-block partials (summed by torch: deterministic, no atomics).
      This is the only cost of the per-task statistics: O(N x T) work on data already in registers.
-  3. `_bwd_kernel`, grid (N / BLOCK_M, V / BLOCK_V): recomputes one logit tile from hidden, weight
-     and the saved lse, forms dlogits = g * (softmax * (1 + 2 z_loss lse) - onehot) * softcap'
-     in registers and accumulates dH += dlogits @ W and dW += dlogits.T @ hidden (and dbias) with
-     fp32 atomics into fp32 buffers, in one loop over H that loads each W and hidden tile once.
-     Backward costs 3 matmuls (recompute, dH, dW) instead of the 4 of a deterministic split into
-     a dH kernel and a dW kernel that would each recompute the logits; the price is run-to-run
-     bit differences in the gradients (fp32 atomics in a varying order).
+  3. `_bwd_kernel` (backward="fused", the default), grid (N / BLOCK_M, V / BLOCK_V): recomputes one
+     logit tile from hidden, weight and the saved lse, forms
+     dlogits = g * (softmax * (1 + 2 z_loss lse) - onehot) * softcap' in registers and accumulates
+     dH += dlogits @ W and dW += dlogits.T @ hidden (and dbias) with fp32 atomics into fp32
+     buffers, in one loop over H that loads each W and hidden tile once. 3 matmuls (recompute, dH,
+     dW) and no [N, V] buffer; the price is run-to-run bit noise in the gradients (atomic order).
 Gradients are exact: no softmax-sparsity filtering of tiles (CCE's default) is applied.
 Memory beyond the inputs: O(N x S) partials and lse in forward; the fp32 dH [N, H] and dW [V, H]
 buffers in backward (the gradient itself for fp32 inputs; an extra fp32 copy for bf16/fp16).
+
+The risk of the fused backward, and the alternative kept beside it. Every (token block, V tile)
+program adds a [BLOCK_M, H] slice to dH and a [BLOCK_V, H] slice to dW, so the atomics move
+4 N V H (1/BLOCK_M + 1/BLOCK_V) bytes: about 270 GB at 8192 x 4096 x 128256 with 128 x 128 tiles,
+against ~26 TFLOP of backward matmuls. Unless the L2 absorbs that at several TB/s the backward is
+atomic-bound (CCE avoids most of it by skipping tiles whose softmax is negligible). Hence
+backward="gemm" (TritonBlocks.backward): `_dlogits_kernel` writes a token chunk's dlogits
+[C, V] in the input dtype (the same fused recompute, no atomics except the [V] dbias) and cuBLAS
+forms dH = dlogits @ W and dW += dlogits.T @ hidden, fp32-accumulated across chunks. It is
+deterministic, runs its two GEMMs at cuBLAS speed, and pays 2 x C x V x 2 bytes of HBM traffic
+per chunk plus the chunk buffer (TritonBlocks.gemm_chunk_bytes, 1 GiB). Which one wins on an
+H100/H200 is the first thing to measure (bench/bench_loss.py --device cuda times both).
 
 What needs tuning on a GPU (nothing here was timed on one; see bench/bench_loss.py):
   - BLOCK_M/BLOCK_V/BLOCK_K, num_warps and num_stages per kernel. The defaults (GPU_BLOCKS) are only
@@ -65,6 +76,11 @@ class TritonBlocks:
     block_n: int = 128  # tokens per program of the combine kernel
     num_warps: int = 8
     num_stages: int = 3
+    # "fused": one kernel, dH/dW accumulated with fp32 atomics (3 matmuls, run-to-run bit noise).
+    # "gemm": Triton writes a token chunk's dlogits [C, V] in the input dtype, cuBLAS forms dH and
+    # dW from it (deterministic, no atomics; costs the chunk buffer and its HBM round trip).
+    backward: str = "fused"
+    gemm_chunk_bytes: int = 1 << 30  # dlogits buffer of the "gemm" backward
 
 
 # GPU defaults per input dtype, checked by compiling for sm_90 (ptxas, no GPU needed; see
@@ -189,19 +205,12 @@ def _combine_kernel(max_ptr, sum_ptr, idx_ptr, tgt_ptr, y_ptr, tid_ptr, loss_ptr
 
 
 @triton.jit
-def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
-                N, V, H, ignore_index, softcap, z_loss,
-                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PRECISION: tl.constexpr,
-                NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr):
-    """Recompute one logit tile, form dlogits, atomically add its dH, dW and dbias contributions."""
-    pid_m = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
+def _dlogits_tile(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask,
+                  H, ignore_index, softcap, z_loss,
+                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_V] fp32 dloss/dlogits = g * (softmax * (1 + 2 z_loss lse) - onehot) * softcap'."""
     z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, softcap,
                     BLOCK_M, BLOCK_V, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
     y = tl.load(y_ptr + rows, mask=row_mask, other=ignore_index)
@@ -214,7 +223,26 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_p
         t = z / softcap
         dz = dz * (1.0 - t * t)
     # where, not a product: an inf/NaN upstream gradient (or overflow in a masked row) must not leak.
-    dz = tl.where(valid[:, None] & col_mask[None, :], dz, 0.0)
+    return tl.where(valid[:, None] & col_mask[None, :], dz, 0.0)
+
+
+@triton.jit
+def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_ptr,
+                N, V, H, ignore_index, softcap, z_loss,
+                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PRECISION: tl.constexpr,
+                NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr):
+    """Fused backward: one dlogits tile; atomically add its dH, dW and dbias contributions (fp32)."""
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    dz = _dlogits_tile(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask,
+                       H, ignore_index, softcap, z_loss,
+                       BLOCK_M, BLOCK_V, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
     if NEED_DB:
         tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
     if not UPCAST:
@@ -238,6 +266,29 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dh_ptr, dw_ptr, db_p
             tl.atomic_add(dw_ptr + w_row + ks[None, :], dw, mask=col_mask[:, None] & k_mask[None, :])
 
 
+@triton.jit
+def _dlogits_kernel(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, dz_ptr, db_ptr,
+                    row_start, N, V, H, ignore_index, softcap, z_loss,
+                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, NEED_DB: tl.constexpr):
+    """GEMM backward, step 1: the dlogits of tokens [row_start, N) -> dz [chunk, V] (cuBLAS does the rest)."""
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row_start + local
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    dz = _dlogits_tile(h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ptr, rows, cols, row_mask, col_mask,
+                       H, ignore_index, softcap, z_loss,
+                       BLOCK_M, BLOCK_V, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION)
+    if NEED_DB:
+        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_mask)
+    out = local.to(tl.int64)[:, None] * V + cols[None, :]
+    tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
 def is_interpreting() -> bool:
     """True when the kernels were defined under TRITON_INTERPRET=1 (they then run on CPU tensors)."""
     return isinstance(_fwd_kernel, InterpretedFunction)
@@ -252,6 +303,8 @@ def _launch_options(hidden: torch.Tensor, blocks: TritonBlocks | None):
             'or impl="auto" for CPU tensors.'
         )
     blocks = blocks or (INTERPRETER_BLOCKS if interp else GPU_BLOCKS[hidden.dtype])
+    if blocks.backward not in ("fused", "gemm"):
+        raise ValueError(f'TritonBlocks.backward must be "fused" or "gemm", got {blocks.backward!r}.')
     precision = DOT_PRECISION[hidden.dtype]
     # The interpreter mishandles bf16 arithmetic: upcast tiles at load there.
     return blocks, interp, precision
@@ -322,6 +375,11 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         n, h_dim = hidden.shape
         vocab, dev = weight.shape[0], hidden.device
         f32 = dict(dtype=torch.float32, device=dev)
+        if blocks.backward == "gemm" and n > 0:
+            dh, dw, db = _backward_gemm(hidden, weight, bias, labels, lse, grad_loss, (need_dh, need_dw, need_db),
+                                        blocks, interp, precision, (ignore_index, softcap, z_loss))
+            grads = [None if g is None else g.to(t.dtype) for g, t in ((dh, hidden), (dw, weight), (db, bias))]
+            return (*grads, None, None, None, None, None, None, None)
         # fp32 accumulators (atomics); for fp32 inputs they are the gradients themselves.
         dh = torch.zeros(n, h_dim, **f32) if need_dh else None
         dw = torch.zeros(vocab, h_dim, **f32) if need_dw else None
@@ -340,6 +398,57 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
             )
         grads = [None if g is None else g.to(t.dtype) for g, t in ((dh, hidden), (dw, weight), (db, bias))]
         return (*grads, None, None, None, None, None, None, None)
+
+
+def _backward_gemm(hidden, weight, bias, labels, lse, grad_loss, need, blocks, interp, precision, options):
+    """dH, dW (fp32 accumulation) and dbias from dlogits chunks: Triton for dlogits, cuBLAS for the GEMMs."""
+    ignore_index, softcap, z_loss = options
+    need_dh, need_dw, need_db = need
+    n, h_dim = hidden.shape
+    vocab, dev = weight.shape[0], hidden.device
+    # The interpreter mishandles bf16: fp32 dlogits (and fp32 GEMMs) there.
+    dz_dtype = torch.float32 if interp else hidden.dtype
+    itemsize = torch.finfo(dz_dtype).bits // 8
+    chunk = max(1, blocks.gemm_chunk_bytes // (vocab * itemsize)) // blocks.block_m * blocks.block_m
+    chunk = min(max(chunk, blocks.block_m), triton.cdiv(n, blocks.block_m) * blocks.block_m)
+    dz = torch.empty(chunk, vocab, dtype=dz_dtype, device=dev)
+    w_op = weight.to(dz_dtype)
+    dh = torch.empty(n, h_dim, dtype=dz_dtype, device=dev) if need_dh else None
+    dw = None
+    if need_dw and chunk < n:  # partial dW products of several chunks are summed in fp32
+        dw = torch.zeros(vocab, h_dim, dtype=torch.float32, device=dev)
+    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_db else None
+    g = grad_loss.to(torch.float32).contiguous()
+    has_bias = bias is not None
+    for start in range(0, n, chunk):
+        rows = min(chunk, n - start)
+        _dlogits_kernel[(triton.cdiv(rows, blocks.block_m), triton.cdiv(vocab, blocks.block_v))](
+            hidden, weight, bias if has_bias else weight, labels, lse, g, dz, db if need_db else lse,
+            start, start + rows, vocab, h_dim, ignore_index, 1.0 if softcap is None else float(softcap), z_loss,
+            BLOCK_M=blocks.block_m, BLOCK_V=blocks.block_v, BLOCK_K=blocks.block_k,
+            HAS_BIAS=has_bias, HAS_SOFTCAP=softcap is not None, UPCAST=interp, DOT_PRECISION=precision,
+            NEED_DB=need_db, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        )
+        d = dz[:rows]
+        if need_dh:
+            torch.mm(d, w_op, out=dh[start:start + rows])
+        if need_dw:
+            h_op = hidden[start:start + rows].to(dz_dtype)
+            if dw is None:  # one chunk: one GEMM, accumulated in fp32 inside cuBLAS, rounded once
+                dw = d.T @ h_op
+            elif dz_dtype == torch.float32:
+                dw.addmm_(d.T, h_op)
+            else:
+                _addmm_fp32_(dw, d.T, h_op)
+    return dh, dw, db
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc[fp32] += a @ b for 16-bit a, b: cuBLAS with an fp32 output where torch offers it (CUDA)."""
+    try:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):  # older torch: the product is rounded to 16 bits, then summed in fp32
+        acc += (a @ b).float()
 
 
 def linear_cross_entropy_triton(

@@ -6,17 +6,24 @@ import os
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from msft_fast.kernels import TaskStats, fused_linear_cross_entropy
 from msft_fast.kernels.fused_linear_cross_entropy import choose_backend
-from msft_fast.kernels.triton_flce import TritonBlocks, is_interpreting, linear_cross_entropy_triton
+from msft_fast.kernels.triton_flce import (
+    INTERPRETER_BLOCKS, TritonBlocks, _addmm_fp32_, is_interpreting, linear_cross_entropy_triton,
+)
 from test_loss_reference import IGN, plain
 
 T = 4  # the last task never gets a token
+INTERP_GEMM = replace(INTERPRETER_BLOCKS, backward="gemm")
 # Tiny tiles so that awkward shapes span several row blocks, V tiles, H steps and vocabulary slices.
 SMALL = TritonBlocks(block_m=16, block_v=32, block_k=16, v_splits=3, block_n=16, num_warps=4, num_stages=1)
+# The GEMM backward, in dlogits chunks of 16 tokens (3 chunks for N=37: the fp32 dW accumulation).
+SMALL_GEMM = replace(SMALL, backward="gemm", gemm_chunk_bytes=16 * 103 * 4)
 
 
 def test_runs_under_the_interpreter():
@@ -63,7 +70,7 @@ def check_stats(stats, ref, atol):
     torch.testing.assert_close(stats.loss_sum.double(), ref.loss_sum, rtol=1e-5, atol=atol)
 
 
-@pytest.mark.parametrize("blocks", [None, SMALL], ids=["interp-blocks", "small-blocks"])
+@pytest.mark.parametrize("blocks", [None, SMALL, SMALL_GEMM], ids=["interp-blocks", "small-blocks", "small-gemm"])
 @pytest.mark.parametrize("options", [{}, dict(bias=True, softcap=2.0, z_loss=1e-2)], ids=["plain", "bias-cap-z"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 def test_fp32_matches_float64(reduction, options, blocks):
@@ -171,6 +178,27 @@ def test_partial_grads_and_no_grad():
     assert loss.grad_fn is None and stats.tokens.sum() == (labels != IGN).sum()
 
 
+def test_gemm_backward_single_chunk_and_fp32_accumulation_of_16bit_products():
+    hidden, weight, bias, labels, task_ids = make_inputs(bias=True)
+    outs = []
+    for blocks in (None, INTERP_GEMM):
+        loss, _, _ = linear_cross_entropy_triton(hidden, weight, labels, task_ids, T, IGN, "mean", bias=bias,
+                                                 softcap=4.0, blocks=blocks)
+        loss.backward()
+        outs.append([t.grad.clone() for t in (hidden, weight, bias)])
+        for t in (hidden, weight, bias):
+            t.grad = None
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # On CPU torch has no fp32-output 16-bit GEMM: the fallback rounds the product, then sums in fp32.
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(40, 30, generator=g).bfloat16(), torch.randn(30, 20, generator=g).bfloat16()
+    acc = torch.ones(40, 20)
+    _addmm_fp32_(acc, a, b)
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc, 1 + a.double().mm(b.double()).float(), rtol=1e-2, atol=1e-2)
+
+
 def test_dispatch():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_backend("auto", cpu, torch.float32) == "torch"
@@ -210,7 +238,7 @@ from triton.compiler import ASTSource
 from msft_fast.kernels import triton_flce as K
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-INTS = {"N", "V", "H", "v_per_split", "S", "ignore_index"}
+INTS = {"N", "V", "H", "v_per_split", "S", "ignore_index", "row_start"}
 report = []
 for name in sys.argv[1:]:
     dtype = getattr(torch, name)
@@ -221,13 +249,14 @@ for name in sys.argv[1:]:
     jobs = [(K._fwd_kernel, common, dict(num_warps=b.num_warps, num_stages=b.num_stages)),
             (K._bwd_kernel, dict(common, NEED_DH=True, NEED_DW=True, NEED_DB=True),
              dict(num_warps=b.num_warps, num_stages=b.num_stages)),
+            (K._dlogits_kernel, dict(common, NEED_DB=True), dict(num_warps=b.num_warps, num_stages=b.num_stages)),
             (K._combine_kernel, dict(BLOCK_N=128, T_PAD=16), dict(num_warps=4))]
     for fn, consts, opts in jobs:
         sig = {}
         for arg in fn.arg_names:
             if arg in consts:
                 sig[arg] = "constexpr"
-            elif arg in ("h_ptr", "w_ptr", "b_ptr"):
+            elif arg in ("h_ptr", "w_ptr", "b_ptr", "dz_ptr"):
                 sig[arg] = "*" + tdt
             elif arg in ("y_ptr", "tid_ptr"):
                 sig[arg] = "*i64"
@@ -265,7 +294,7 @@ def test_kernels_compile_for_sm90_without_spills():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(report) == 9
+    assert len(report) == 12
     for r in report:
         assert r["spills"] == 0, r
         assert r["shared"] <= 227 * 1024, r  # the most shared memory a block may use on H100/H200
