@@ -55,6 +55,7 @@ interpreter mishandles bf16; on a GPU the dots take bf16/fp16 operands directly.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -317,7 +318,7 @@ def _num_splits(n: int, vocab: int, blocks: TritonBlocks, device: torch.device) 
         splits = blocks.v_splits
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-        splits = triton.cdiv(2 * sms, triton.cdiv(n, blocks.block_m))
+        splits = triton.cdiv(2 * sms, max(1, triton.cdiv(n, blocks.block_m)))
     tiles_per_split = triton.cdiv(v_tiles, max(1, min(splits, v_tiles)))
     return triton.cdiv(v_tiles, tiles_per_split), tiles_per_split * blocks.block_v
 
@@ -335,7 +336,7 @@ class TritonLinearCrossEntropyFunction(torch.autograd.Function):
         run_max, run_sum, target = (torch.empty(splits, n, **f32) for _ in range(3))
         arg = torch.empty(splits, n, dtype=torch.int32, device=dev)
         loss, lse = torch.empty(n, **f32), torch.empty(n, **f32)
-        t_pad = triton.next_power_of_2(num_tasks)
+        t_pad = max(16, triton.next_power_of_2(num_tasks))  # one-hot width; >= 16 keeps tiles GPU-friendly
         block_n = max(16, min(blocks.block_n, triton.next_power_of_2(max(1, 8192 // t_pad))))
         n_blocks = triton.cdiv(n, block_n)
         ce_part, z_part = torch.zeros(n_blocks, t_pad, **f32), torch.zeros(n_blocks, t_pad, **f32)
@@ -462,9 +463,13 @@ def linear_cross_entropy_triton(
     Returns the float32 loss (scalar, or [N] for reduction="none"), TaskStats and the per-task
     z-loss sum [T] float32.
     """
-    loss, *stats, z_sum = TritonLinearCrossEntropyFunction.apply(
-        hidden, weight, bias, labels, task_ids, num_tasks, ignore_index, softcap, z_loss, blocks
-    )
+    # Launch on the tensors' GPU whatever the current device is (autograd runs the backward on
+    # a thread already bound to that device).
+    on_device = torch.cuda.device(hidden.device) if hidden.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        loss, *stats, z_sum = TritonLinearCrossEntropyFunction.apply(
+            hidden, weight, bias, labels, task_ids, num_tasks, ignore_index, softcap, z_loss, blocks
+        )
     stats = TaskStats(*stats)
     if reduction != "none":
         loss = loss.sum()
