@@ -92,8 +92,8 @@ def plot(runs: list[dict], path: str, title: str) -> None:
             patient = "_p" in r["label"]
             ax.plot([x(r)], [r["pooled_metric"]], "s" if patient else "D", color=colors.get(c, "tab:red"),
                     fillstyle="none" if patient else "full", markersize=8, label=r["label"])
-        ax.set_xlabel("training FLOPs incl. discarded (GFLOP)" + (" + evaluation FLOPs" if with_eval else ""))
-        ax.set_ylabel(f"final pooled {metric}")
+        ax.set_xlabel("GFLOP: training incl. discarded" + (" + evaluation" if with_eval else ""))
+        ax.set_ylabel(f"final pooled {metric} ({'higher' if runs[0]['higher_is_better'] else 'lower'} is better)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
