@@ -29,7 +29,7 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     z_loss: float = 0.0,
     return_z_loss: bool = False,
-):
+) -> tuple[torch.Tensor, TaskStats] | tuple[torch.Tensor, TaskStats, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising the [N, V] logits.
 
     Args:
