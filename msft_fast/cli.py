@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from msft_fast.errors import UserError
+from msft_fast.errors import StopRequested, UserError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -64,6 +64,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("msft-fast: interrupted", file=sys.stderr)
         return 130
+    except StopRequested as e:  # a stop signal, handled after a checkpoint (see run._stop_on_signals)
+        if rank == 0:
+            print(f"msft-fast: {e}", file=sys.stderr)
+        return 143 if e.signal_name == "SIGTERM" else 130
 
 
 def _quiet_third_party() -> None:

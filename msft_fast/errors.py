@@ -19,3 +19,13 @@ class ModelError(UserError):
 
 class OutputError(UserError):
     """The output folder cannot be used (a file, not writable, or holds a finished run)."""
+
+
+class StopRequested(Exception):
+    """A stop signal (SIGTERM, SIGINT) arrived: the run wrote a checkpoint after its current step
+    and stopped; rerunning the same command resumes it. Not an error, but not a finished run."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint):
+        where = f"checkpoint in {checkpoint}" if checkpoint else "no checkpoint could be written"
+        super().__init__(f"stopped by {signal_name} after step {step}; {where}; rerun the same command to resume")
+        self.signal_name = signal_name

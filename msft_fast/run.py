@@ -5,15 +5,20 @@ before the model is moved to a device.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from typing import Optional
 
 import yaml
 
+from msft_fast.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from msft_fast.config import Config, resolve_path
 from msft_fast.data.packing import padding_fraction
 from msft_fast.data.tasks import load_tasks
@@ -21,7 +26,7 @@ from msft_fast.data.loader import MixtureLoader
 from msft_fast.distributed import (
     DistContext, all_gather_object, broadcast_object, init_distributed, shutdown_distributed,
 )
-from msft_fast.errors import ConfigError, ModelError, OutputError, UserError
+from msft_fast.errors import ConfigError, ModelError, OutputError, StopRequested, UserError
 from msft_fast.export import export_hf_folder
 from msft_fast.history import HISTORY_FILE, History
 from msft_fast.methods.metric import Metric
@@ -37,23 +42,49 @@ log = logging.getLogger("msft_fast")
 METHODS = {"sft": run_sft, "msft": run_msft, "sro": run_sro}
 FINAL_DIR = "final"
 RUN_ARTIFACTS = (HISTORY_FILE, METRICS_FILE, "config.yaml", "curves.png", "report.md", FINAL_DIR, FINAL_DIR + ".tmp",
-                 FINAL_DIR + ".old")
+                 FINAL_DIR + ".old", CHECKPOINT_DIR)
+# Keys that may change between a run and its resumption: they do not change what is trained.
+RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.max_bad_steps", "train.on_bad_steps", "data.num_proc", "data.cache_dir")
 
 
 def train(cfg: Config, overwrite: bool = False) -> dict:
     """Run `cfg` in this process (one rank of a torchrun group, or a one-rank group of its own)."""
     metric = Metric(cfg.msft.metric)  # a callback that does not import fails here, before any work
     ctx = init_distributed()
+    box: list[Optional[Trainer]] = [None]
     try:
-        return _train(cfg, ctx, overwrite, metric)
+        with _stop_on_signals(box):
+            return _train(cfg, ctx, overwrite, metric, box)
     finally:
         shutdown_distributed()
 
 
-def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric) -> dict:
+@contextlib.contextmanager
+def _stop_on_signals(box: list):
+    """SIGTERM/SIGINT ask the trainer to checkpoint after the current step and stop (all ranks agree
+    on it in the step's reduction). Before training starts, or on a second signal, stop at once."""
+    def handler(signum, frame):
+        trainer_ = box[0]
+        if trainer_ is None or trainer_.stop_signal is not None:
+            raise KeyboardInterrupt
+        trainer_.stop_signal = signal.Signals(signum).name
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: list) -> dict:
     start = time.time()
     out = resolve_path(cfg.output_dir)
-    _agreed(ctx, lambda: prepare_output_dir(out, overwrite), main_only=True)
+    resume = broadcast_object(_agreed(ctx, lambda: prepare_output_dir(out, overwrite, cfg), main_only=True))
     loaded = _agreed(ctx, lambda: load_model(cfg.model, cfg.train.precision, ctx.device, cfg.train.seed))
     limit = max_positions(loaded.model)
     if limit is not None and cfg.data.max_seq_len > limit:
@@ -76,7 +107,7 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric) -> di
 
     trainer_ = None
     try:
-        trainer_ = Trainer(cfg, ctx, loaded, tasks, loader, output_dir=out)
+        trainer_ = box[0] = Trainer(cfg, ctx, loaded, tasks, loader, output_dir=out)
         # The lr schedule spans train.epochs of the full mixture for every method, so methods see the
         # same learning rate at the same step; mSFT cannot know its length, so it may run past the
         # horizon (at the floor lr) or stop before it.
@@ -94,7 +125,18 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric) -> di
             "padding_fraction": pad,
             "data": {t.name: t.counts for t in tasks},
         })
-        final = METHODS[cfg.method](trainer_, history, metric)
+        if resume is not None:
+            history.data = trainer_.resume_from(resume)
+            if ctx.is_main:
+                log.info("resuming the unfinished run in %s from %s (step %d)", out, resume,
+                         trainer_.counters.steps_trained)
+        trainer_.history_data = lambda: history.data
+        try:
+            final = METHODS[cfg.method](trainer_, history, metric)
+        except StopRequested:
+            history.data["status"] = "stopped"
+            history.write(ctx.is_main)
+            raise
         final_dir = os.path.join(out, FINAL_DIR)
         export_hf_folder(trainer_.model, loaded.tokenizer, final_dir, ctx.is_main, loaded.export_dtype)
         c = trainer_.counters
@@ -110,6 +152,9 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric) -> di
             "eval_seconds": c.eval_seconds,
             "snapshot_seconds": sum(trainer_.pool.capture_seconds) if trainer_.pool else 0.0,
             "restore_seconds": sum(trainer_.pool.restore_seconds) if trainer_.pool else 0.0,
+            "checkpoint_seconds": c.checkpoint_seconds,
+            "bad_steps": c.bad_steps,
+            "bad_restores": c.bad_restores,
             "wall_seconds": time.time() - start,
         }
         history.finish(final, totals)
@@ -172,31 +217,66 @@ def check_token_ids(tasks: list, model) -> None:
                                  f"{rows} rows: the tokenizer does not match the model (resize the embeddings)")
 
 
-def prepare_output_dir(out: str, overwrite: bool) -> None:
+def prepare_output_dir(out: str, overwrite: bool, cfg: Optional[Config] = None) -> Optional[str]:
+    """Make `out` ready; returns the checkpoint to resume from, or None to start fresh.
+
+    A finished run is kept unless `overwrite`; an unfinished one resumes from its newest complete
+    checkpoint when it has one (and the same config), and otherwise starts over.
+    """
     if os.path.exists(out) and not os.path.isdir(out):
         raise OutputError(f"output_dir {out} is a file, not a folder")
     history_path = os.path.join(out, HISTORY_FILE)
-    if os.path.exists(history_path):
-        if not overwrite:
-            try:
-                with open(history_path, encoding="utf-8") as f:
-                    status = json.load(f).get("status")
-            except (OSError, ValueError):
-                status = "unreadable"
-            if status == "finished":
-                raise OutputError(f"output_dir {out} already holds a finished run; pass --overwrite to start over")
-            raise OutputError(f"output_dir {out} holds an unfinished run and resuming is not supported in this "
-                              "release yet; pass --overwrite to start over")
-    if overwrite:
-        for name in RUN_ARTIFACTS:  # only our own files: output_dir may hold anything else
-            path = os.path.join(out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.unlink(path)
+    if not overwrite and os.path.exists(history_path):
+        try:
+            with open(history_path, encoding="utf-8") as f:
+                status = json.load(f).get("status")
+        except (OSError, ValueError):
+            status = "unreadable"
+        if status == "finished":
+            raise OutputError(f"output_dir {out} already holds a finished run; pass --overwrite to start over")
+    checkpoint = None if overwrite else latest_checkpoint(out)
+    if checkpoint is not None:
+        if cfg is not None:
+            _check_same_config(out, cfg)
+        return checkpoint
+    if not overwrite and os.path.exists(os.path.join(out, "config.yaml")):
+        log.info("output_dir %s holds an unfinished run without a checkpoint: starting it over", out)
+    for name in RUN_ARTIFACTS:  # only our own files: output_dir may hold anything else
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
     try:
         os.makedirs(out, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as e:
         raise OutputError(f"output_dir {out} is not writable ({e.strerror})") from None
+    return None
+
+
+def _check_same_config(out: str, cfg: Config) -> None:
+    """Resuming with other settings would not continue the same run: name the first difference."""
+    try:
+        with open(os.path.join(out, "config.yaml"), encoding="utf-8") as f:
+            before = _flatten(yaml.safe_load(f) or {})
+    except (OSError, yaml.YAMLError):
+        raise OutputError(f"output_dir {out} holds an unfinished run whose config.yaml cannot be read; "
+                          "pass --overwrite to start over") from None
+    now = _flatten(cfg.to_dict())
+    for key in sorted(set(before) | set(now)):
+        if key not in RESUMABLE_CHANGES and before.get(key) != now.get(key):
+            raise OutputError(f"output_dir {out} holds an unfinished run with another value of '{key}' "
+                              f"({before.get(key)!r} there, {now.get(key)!r} now); rerun with the same config "
+                              "to resume it, or pass --overwrite to start over")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat

@@ -53,6 +53,7 @@ class Snapshot:
     optim: Optional[list[dict[str, torch.Tensor]]]  # None: weights only
     extra: dict[str, Any] = field(default_factory=dict)  # scheduler, data position, RNG (small)
     refs: int = 0
+    uid: int = -1  # the same on every rank (captures are collective in order): names it in checkpoints
 
     @property
     def nbytes(self) -> int:
@@ -75,6 +76,7 @@ class SnapshotPool:
         self._free: list[Snapshot] = []
         self.capture_seconds: list[float] = []
         self.restore_seconds: list[float] = []
+        self._next_uid = 0
 
     # Reference counting: a state lives while some task's best point or the best pooled point
     # refers to it; the last release returns its buffers to the free list.
@@ -100,6 +102,7 @@ class SnapshotPool:
         optim = optimizer_tensors(model, optimizer) if self.with_optimizer else None
         snap = self._buffers_for(params, optim)
         snap.extra = extra
+        snap.uid, self._next_uid = self._next_uid, self._next_uid + 1
         self._copy([(dst, src) for dst, src in zip(snap.params, params)] + self._optim_pairs(snap.optim, optim))
         self.alive.append(snap)
         self.capture_seconds.append(time.perf_counter() - t0)
@@ -129,6 +132,31 @@ class SnapshotPool:
         if self.pin:
             torch.cuda.current_stream().synchronize()
         self.restore_seconds.append(time.perf_counter() - t0)
+
+    # Checkpoints carry the alive states, so a resumed mSFT run can still roll back to them.
+    def state_dict(self) -> dict[str, Any]:
+        self.wait()
+        if self.stream is not None:
+            self.stream.synchronize()
+        return {"snapshots": [{"uid": s.uid, "refs": s.refs, "params": s.params, "optim": s.optim, "extra": s.extra}
+                              for s in self.alive],
+                "next_uid": self._next_uid, "capture_seconds": self.capture_seconds,
+                "restore_seconds": self.restore_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> dict[int, Snapshot]:
+        """Adopt the states of a checkpoint; returns them by uid."""
+        if self.alive:
+            raise RuntimeError("a pool adopts checkpointed states only while empty")
+        pin = (lambda t: t.pin_memory()) if self.pin else (lambda t: t)  # noqa: E731
+        for s in state["snapshots"]:
+            optim = None if s["optim"] is None else [{k: pin(v) for k, v in d.items()} for d in s["optim"]]
+            self.alive.append(Snapshot([pin(t) for t in s["params"]], optim, s["extra"], s["refs"], s["uid"]))
+        if len(self.alive) > self.capacity:
+            raise RuntimeError("the checkpoint holds more snapshot states than the pool's capacity")
+        self._next_uid = state["next_uid"]
+        self.capture_seconds = list(state["capture_seconds"])
+        self.restore_seconds = list(state["restore_seconds"])
+        return {s.uid: s for s in self.alive}
 
     def wait(self) -> None:
         """Block the compute stream until pending captures have read the live tensors."""

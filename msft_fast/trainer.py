@@ -6,7 +6,9 @@ decides what to keep; the loop itself knows nothing about stages or roll-backs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import logging
 import math
 import os
 import time
@@ -15,10 +17,12 @@ from typing import Optional
 
 import torch
 
+from msft_fast import checkpoint as ckpt
 from msft_fast.config import Config
 from msft_fast.data.loader import MixtureLoader
 from msft_fast.data.tasks import TaskData
 from msft_fast.distributed import DistContext, all_reduce_sum, parallelize
+from msft_fast.errors import StopRequested, UserError
 from msft_fast.flops import FlopCounter
 from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, decoder_blocks
 from msft_fast.optim import build_optimizer, build_scheduler
@@ -26,6 +30,11 @@ from msft_fast.snapshot import Snapshot, SnapshotPool
 
 
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger("msft_fast")
+
+
+class TrainingDiverged(UserError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
 @dataclass
@@ -58,6 +67,10 @@ class Counters:
     eval_tokens: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    bad_steps: int = 0  # steps whose update was skipped: non-finite loss or gradient norm
+    bad_in_row: int = 0
+    bad_restores: int = 0  # recoveries from the newest checkpoint after max_bad_steps in a row
+    checkpoint_seconds: float = 0.0
 
 
 class Trainer:
@@ -76,11 +89,18 @@ class Trainer:
         self.counters = Counters()
         self._eval_batches = None
         self._eval_flops_per_pass, self._eval_tokens_per_pass = self._eval_cost()
+        self.output_dir = output_dir
         self.metrics_path = os.path.join(output_dir, METRICS_FILE)
         self.total_steps = 0
         self.scheduler = None
         self.progress = None
         self.pool: Optional[SnapshotPool] = None
+        # Checkpoints: the method keeps its resumable state here; `history_data` gives the run's history.
+        self.method_state = None
+        self.history_data = lambda: {}
+        self.stop_signal: Optional[str] = None  # set by a signal handler; acted on after the step
+        self.last_checkpoint: Optional[str] = None
+        self._resumed: Optional[ckpt.LoadedCheckpoint] = None
 
     def set_total_steps(self, total_steps: int, known: bool = True) -> None:
         """The lr schedule's horizon in steps. `known=False` when the method cannot tell how many
@@ -131,7 +151,10 @@ class Trainer:
         loss_tokens = self.loader.step_loss_tokens(c.epoch, c.step_in_epoch)
         scale = ctx.world_size / max(1, loss_tokens)
         T = len(self.tasks)
-        stats = torch.zeros(3, T, dtype=torch.float64, device=ctx.device)  # loss_sum, tokens, correct
+        # loss_sum, tokens, correct per task; the last slot counts ranks asked to stop, so one
+        # reduction per step carries the statistics and the stop decision.
+        reduced = torch.zeros(3 * T + 1, dtype=torch.float64, device=ctx.device)
+        stats = reduced[: 3 * T].view(3, T)
         for batch in batches:
             loss_sum, s = self.model(batch.to(ctx.device))
             (loss_sum * scale).backward()
@@ -141,14 +164,21 @@ class Trainer:
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        reduced[-1] = 1.0 if self.stop_signal else 0.0
+        all_reduce_sum(reduced)
+        reduced = reduced.cpu()
+        stats = reduced[: 3 * T].view(3, T)
+        # The gradient norm is global and the loss is reduced, so every rank takes the same decision.
+        finite = math.isfinite(float(grad_norm)) and math.isfinite(float(stats[0].sum()))
         lr = self.scheduler.get_last_lr()[0]
         if self.pool is not None:
             self.pool.wait()  # a snapshot still copying must read the weights before they change
-        self.optimizer.step()
+        if finite:
+            self.optimizer.step()
+        # A skipped step still consumes its data and its place in the lr schedule, so the run's
+        # position stays that of an uninterrupted run.
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        all_reduce_sum(stats)
-        stats = stats.cpu()
         dt = time.perf_counter() - t0
 
         tokens = sum(p.num_tokens for p in plans)
@@ -171,6 +201,7 @@ class Trainer:
             "tokens_per_s": tokens / dt,
             "step_seconds": dt,
             "train_flops": c.train_flops,
+            **({} if finite else {"skipped": True}),
             "tasks": {
                 name: {"loss": _ratio(stats[0, i], stats[1, i]), "token_acc": _ratio(stats[2, i], stats[1, i]),
                        "tokens": int(stats[1, i])}
@@ -178,7 +209,43 @@ class Trainer:
             },
         }
         self._log_step(record)
+        self._after_step(finite, stop=bool(reduced[-1] > 0))
         return record
+
+    def _after_step(self, finite: bool, stop: bool) -> None:
+        c, t = self.counters, self.cfg.train
+        if not finite:
+            c.bad_steps += 1
+            c.bad_in_row += 1
+            if self.ctx.is_main:
+                log.warning("step %d: non-finite loss or gradient norm; update skipped (%d in a row)",
+                            c.steps_trained, c.bad_in_row)
+            if c.bad_in_row >= t.max_bad_steps:
+                self._recover_from_bad_steps()
+        else:
+            c.bad_in_row = 0
+        if stop:
+            path = self.save_checkpoint()
+            raise StopRequested(self.stop_signal or "a signal on another rank", c.steps_trained, path)
+        if t.checkpoint_every and c.steps_trained % t.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def _recover_from_bad_steps(self) -> None:
+        c, t = self.counters, self.cfg.train
+        path = ckpt.latest_checkpoint(self.output_dir)
+        if t.on_bad_steps == "stop" or path is None:
+            why = "" if t.on_bad_steps == "stop" else " and no checkpoint to restore exists yet"
+            raise TrainingDiverged(
+                f"{c.bad_in_row} optimizer steps in a row (up to step {c.steps_trained}) had a non-finite loss or "
+                f"gradient norm{why}; lower train.lr, raise train.warmup_steps or check the data (train.max_bad_steps="
+                f"{t.max_bad_steps}, train.on_bad_steps={t.on_bad_steps})")
+        # Back to the newest checkpoint's weights and optimizer state; the data position and the
+        # schedule go on, so the batches that diverged are not seen again.
+        ckpt.load_weights_and_optimizer(path, self.model, self.optimizer)
+        c.bad_restores += 1
+        c.bad_in_row = 0
+        if self.ctx.is_main:
+            log.warning("restored weights and optimizer state from %s after %d non-finite steps", path, t.max_bad_steps)
 
     def _log_step(self, record: dict) -> None:
         if not self.ctx.is_main:
@@ -240,6 +307,9 @@ class Trainer:
 
     def make_pool(self, capacity: int, with_optimizer: bool) -> SnapshotPool:
         self.pool = SnapshotPool(capacity, self.ctx.device, with_optimizer)
+        self._adopted = {}
+        if self._resumed is not None and self._resumed.rank_state["pool"] is not None:
+            self._adopted = self.pool.load_state_dict(self._resumed.rank_state["pool"])
         return self.pool
 
     def capture(self) -> Snapshot:
@@ -277,6 +347,68 @@ class Trainer:
         c = self.counters
         c.epoch = math.floor(position + 1e-9)
         c.step_in_epoch = self.loader.last_step_of(c.epoch, position)
+
+    # -------------------------------------------------------------------------------------------
+    # Checkpoints (on disk, for resume) of everything above plus the method's state
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Write a resumable checkpoint with every rank; its folder, or None when the write failed
+        (disk full, say): that is logged, the previous checkpoint stays the newest, training goes on."""
+        c, t0 = self.counters, time.perf_counter()
+        trainer_state = {
+            "counters": dataclasses.asdict(c),
+            "scheduler": self.scheduler.state_dict(),
+            "active": self.loader.active,
+            "tags": dict(self.tags),
+        }
+        rank_state = {
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.ctx.device) if self.ctx.device.type == "cuda" else None,
+            "pool": self.pool.state_dict() if self.pool is not None else None,
+        }
+        metrics_bytes = os.path.getsize(self.metrics_path) if os.path.exists(self.metrics_path) else 0
+        try:
+            path = ckpt.save_checkpoint(self.ctx, self.output_dir, c.steps_trained, self.model, self.optimizer,
+                                        trainer_state, self.method_state, rank_state, self.history_data(),
+                                        metrics_bytes, self.cfg.train.keep_checkpoints)
+        except ckpt.CheckpointError as e:
+            if self.ctx.is_main:
+                previous = self.last_checkpoint or "none"
+                log.error("%s; the previous checkpoint (%s) is intact; training goes on", e, previous)
+            return None
+        finally:
+            c.checkpoint_seconds += time.perf_counter() - t0
+        self.last_checkpoint = path
+        return path
+
+    def resume_from(self, path: str) -> dict:
+        """Load a checkpoint into this trainer (model, optimizer, schedule, position, RNG); returns
+        the history it holds. The method's state follows through `make_pool` + `resumed_method_state`."""
+        loaded = ckpt.load_checkpoint(self.ctx, path, self.model, self.optimizer)
+        st = loaded.trainer_state
+        self.counters = Counters(**st["counters"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.loader.set_active(st["active"])
+        self.tags = dict(st["tags"])
+        torch.set_rng_state(loaded.rank_state["rng"])
+        if loaded.rank_state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(loaded.rank_state["cuda_rng"], self.ctx.device)
+        if self.ctx.is_main:  # lines logged after the checkpoint are logged again by the resumed run
+            if os.path.exists(self.metrics_path):
+                os.truncate(self.metrics_path, min(loaded.meta["metrics_bytes"], os.path.getsize(self.metrics_path)))
+        if self.progress is not None:
+            self.progress.update(self.counters.steps_trained)
+        self._resumed = loaded
+        self.last_checkpoint = path
+        return loaded.history
+
+    def resumed_method_state(self):
+        """The method's state from the checkpoint this run resumed from (None for a fresh run).
+        Call after `make_pool`, which adopts the checkpoint's snapshot states."""
+        if self._resumed is None:
+            return None
+        snapshots = self._adopted if self.pool is not None else {}
+        return self._resumed.method_state(snapshots)
 
     def close(self) -> None:
         if self.progress is not None:

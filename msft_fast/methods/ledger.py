@@ -9,7 +9,7 @@ from msft_fast.trainer import Trainer
 class StageLedger:
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
-        self._start = self._now()
+        self.start = self._now()  # plain data: methods checkpoint it with their state
 
     def _now(self) -> dict:
         c, pool = self.trainer.counters, self.trainer.pool
@@ -23,7 +23,7 @@ class StageLedger:
     def close(self, start_eval: int, end_eval: int, rollback: Optional[dict] = None) -> dict:
         """Fields of this stage's history record; `rollback` is the eval record restored to (if any).
         Starts the next stage's ledger."""
-        now, start = self._now(), self._start
+        now, start = self._now(), self.start
         steps = now["steps"] - start["steps"]
         discarded_steps = discarded_flops = 0
         if rollback is not None:
@@ -32,7 +32,7 @@ class StageLedger:
             # roll-back returned to), so the stage start bounds what this stage can discard.
             discarded_flops = now["train_flops"] - max(rollback["train_flops"], start["train_flops"])
             discarded_steps = now["steps"] - max(rollback["steps_trained"], start["steps"])
-        self._start = self._now()
+        self.start = self._now()
         return {
             "start_eval": start_eval,
             "end_eval": end_eval,

@@ -7,7 +7,7 @@ functions of the roll-out's per-task costs, so they are tested without training.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from msft_fast.errors import ConfigError
@@ -59,6 +59,23 @@ def peak_confirmed(costs: list[dict[str, float]], active: list[str], patience: i
     return len(costs) - 1 - earliest >= patience
 
 
+@dataclass
+class MsftState:
+    """Everything the controller knows; checkpointed (snapshots by reference) so a run resumes mid-roll-out."""
+
+    active: list[str]
+    start: Evaluation  # the evaluation the current stage starts from
+    start_state: Optional[Snapshot]  # between stages; during a roll-out it is held[0]
+    best: Evaluation  # best pooled evaluation over all stages
+    best_state: Snapshot
+    ledger: dict
+    stage: int = 0
+    rollout: list[Evaluation] = field(default_factory=list)  # this stage's evaluations; [] before it begins
+    held: dict[int, Snapshot] = field(default_factory=dict)  # roll-out index -> state, while some task needs it
+    begin: float = 0.0  # epoch position at the stage start
+    next_target: int = 0  # index into the stage's evaluation points
+
+
 def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
     cfg = trainer.cfg.msft
     names = list(trainer.task_names)
@@ -66,65 +83,77 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
     # Worst case alive at once: one state per active task's best point plus the best pooled one.
     history.data["snapshot_pool"] = plan_pool(trainer.model, len(names) + 1, not weights_only, local_world_size())
     pool = trainer.make_pool(capacity=len(names) + 1, with_optimizer=not weights_only)
-    active = list(names)
     ledger = StageLedger(trainer)
+    st: MsftState = trainer.resumed_method_state()
+    if st is None:
+        start = evaluate(trainer, history, metric, stage=0, active=set(names))
+        start_state = trainer.capture()
+        st = MsftState(list(names), start, start_state, start, pool.retain(start_state), ledger.start)
+    ledger.start = st.ledger
+    trainer.method_state = st
 
-    start = evaluate(trainer, history, metric, stage=0, active=set(active))
-    start_state = trainer.capture()
-    best, best_state = start, pool.retain(start_state)  # best pooled evaluation over all stages
-    stage = 0
-    while active and stage < cfg.max_stages:
-        trainer.tags["stage"] = stage
-        rollout: list[Evaluation] = [start]
-        held: dict[int, Snapshot] = {0: start_state}  # roll-out index -> state, while some task needs it
-        begin = trainer.epoch_position
-        if trainer.steps_until(begin + cfg.budget_epochs) == 0:
-            raise ConfigError(f"config key 'msft.budget_epochs' ({cfg.budget_epochs}) is less than one optimizer step")
-        for target in eval_points(begin, cfg.budget_epochs, cfg.evals_per_epoch):
-            trainer.train_until(target)
-            if trainer.counters.step == rollout[-1].step:
+    while st.active and st.stage < cfg.max_stages:
+        trainer.tags["stage"] = st.stage
+        if not st.rollout:  # the stage begins
+            st.rollout, st.held, st.start_state = [st.start], {0: st.start_state}, None  # held owns it now
+            st.begin, st.next_target = trainer.epoch_position, 0
+            if trainer.steps_until(st.begin + cfg.budget_epochs) == 0:
+                raise ConfigError(f"config key 'msft.budget_epochs' ({cfg.budget_epochs}) is less than one optimizer step")
+        targets = eval_points(st.begin, cfg.budget_epochs, cfg.evals_per_epoch)
+        while st.next_target < len(targets):
+            trainer.train_until(targets[st.next_target])  # a checkpoint inside resumes right here
+            st.next_target += 1
+            if trainer.counters.step == st.rollout[-1].step:
                 continue  # fewer steps than evaluations: this state is already evaluated
-            ev = evaluate(trainer, history, metric, stage=stage, active=set(active))
-            rollout.append(ev)
-            costs = [e.costs for e in rollout]
-            needed = set(task_peaks(costs, active).values())
-            for i in [i for i in held if i not in needed]:
-                pool.release(held.pop(i))
-            if len(rollout) - 1 in needed:
-                held[len(rollout) - 1] = trainer.capture()
-            if ev.pooled_cost < best.pooled_cost:
-                pool.release(best_state)
-                best = ev
-                best_state = pool.retain(held[len(rollout) - 1]) if len(rollout) - 1 in held else trainer.capture()
-            if cfg.patience is not None and peak_confirmed(costs, active, cfg.patience):
+            ev = evaluate(trainer, history, metric, stage=st.stage, active=set(st.active))
+            st.rollout.append(ev)
+            costs = [e.costs for e in st.rollout]
+            needed = set(task_peaks(costs, st.active).values())
+            for i in [i for i in st.held if i not in needed]:
+                pool.release(st.held.pop(i))
+            last = len(st.rollout) - 1
+            if last in needed:
+                st.held[last] = trainer.capture()
+            if ev.pooled_cost < st.best.pooled_cost:
+                pool.release(st.best_state)
+                st.best = ev
+                st.best_state = pool.retain(st.held[last]) if last in st.held else trainer.capture()
+            if cfg.patience is not None and peak_confirmed(costs, st.active, cfg.patience):
                 break
+        _end_stage(trainer, history, st, ledger, weights_only)
+        st.ledger = ledger.start
 
-        decision = choose_exclusion([e.costs for e in rollout], active, cfg.tie_break)
-        peak_ids = {k: rollout[i].eval_id for k, i in decision.peaks.items()}
-        if decision.excluded is None:
-            keep = len(rollout) - 1
-            history.add_stage(stage, excluded=None, rollback_to_eval=None, peak_evals=peak_ids,
-                              **ledger.close(start_eval=rollout[0].eval_id, end_eval=rollout[-1].eval_id))
-        else:
-            keep = decision.peak_index
-            target = rollout[keep]
-            history.add_stage(stage, excluded=decision.excluded, rollback_to_eval=target.eval_id,
-                              peak_evals=peak_ids,
-                              **ledger.close(start_eval=rollout[0].eval_id, end_eval=rollout[-1].eval_id,
-                                             rollback=target.record))
-            trainer.restore(held[keep], weights_only=weights_only)
-            active.remove(decision.excluded)
-            if active:
-                trainer.set_active([names.index(k) for k in active])
-        history.write(trainer.ctx.is_main)
-        if trainer.ctx.is_main:
-            write_report(os.path.dirname(history.path), history.data)  # curves with this stage's decision
-        # The kept state starts the next stage; every other state of this roll-out is released.
-        start, start_state = rollout[keep], held.pop(keep)
-        for snap in held.values():
-            pool.release(snap)
-        stage += 1
+    pool.release(st.start_state)
+    trainer.restore(st.best_state, weights_only=True)
+    return final_record(st.best)
 
-    pool.release(start_state)
-    trainer.restore(best_state, weights_only=True)
-    return final_record(best)
+
+def _end_stage(trainer: Trainer, history: History, st: MsftState, ledger: StageLedger, weights_only: bool) -> None:
+    """Record the roll-out's decision, roll back if a task is excluded, and set up the next stage."""
+    cfg, names, rollout, pool = trainer.cfg.msft, trainer.task_names, st.rollout, trainer.pool
+    decision = choose_exclusion([e.costs for e in rollout], st.active, cfg.tie_break)
+    peak_ids = {k: rollout[i].eval_id for k, i in decision.peaks.items()}
+    if decision.excluded is None:
+        keep = len(rollout) - 1
+        history.add_stage(st.stage, excluded=None, rollback_to_eval=None, peak_evals=peak_ids,
+                          **ledger.close(start_eval=rollout[0].eval_id, end_eval=rollout[-1].eval_id))
+    else:
+        keep = decision.peak_index
+        target = rollout[keep]
+        history.add_stage(st.stage, excluded=decision.excluded, rollback_to_eval=target.eval_id,
+                          peak_evals=peak_ids,
+                          **ledger.close(start_eval=rollout[0].eval_id, end_eval=rollout[-1].eval_id,
+                                         rollback=target.record))
+        trainer.restore(st.held[keep], weights_only=weights_only)
+        st.active.remove(decision.excluded)
+        if st.active:
+            trainer.set_active([names.index(k) for k in st.active])
+    history.write(trainer.ctx.is_main)
+    if trainer.ctx.is_main:
+        write_report(os.path.dirname(history.path), history.data)  # curves with this stage's decision
+    # The kept state starts the next stage; every other state of this roll-out is released.
+    st.start, st.start_state = rollout[keep], st.held.pop(keep)
+    for snap in st.held.values():
+        pool.release(snap)
+    st.rollout, st.held = [], {}
+    st.stage += 1

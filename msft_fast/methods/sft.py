@@ -2,11 +2,26 @@
 epoch; the final model is the evaluation with the best pooled metric."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 from msft_fast.history import History
 from msft_fast.methods.ledger import StageLedger
 from msft_fast.methods.metric import Metric
-from msft_fast.methods.records import eval_points, evaluate
+from msft_fast.methods.records import Evaluation, eval_points, evaluate
+from msft_fast.snapshot import Snapshot
 from msft_fast.trainer import Trainer
+
+
+@dataclass
+class SftState:
+    """Checkpointed with the trainer, so a run resumes between two evaluations."""
+
+    ledger: dict
+    next_target: int = 0  # index into the evaluation points; 0 is the start
+    best: Optional[Evaluation] = None
+    best_state: Optional[Snapshot] = None
+    last: Optional[Evaluation] = None
 
 
 def run_sft(trainer: Trainer, history: History, metric: Metric) -> dict:
@@ -14,18 +29,22 @@ def run_sft(trainer: Trainer, history: History, metric: Metric) -> dict:
     pool = trainer.make_pool(capacity=1, with_optimizer=False)
     everyone = set(trainer.task_names)
     ledger = StageLedger(trainer)
-    best, best_state, last = None, None, None
-    for target in [0.0] + eval_points(0.0, trainer.cfg.train.epochs, trainer.cfg.msft.evals_per_epoch):
-        trainer.train_until(target)
-        if last is not None and last.step == trainer.counters.step:
+    st: SftState = trainer.resumed_method_state() or SftState(ledger.start)
+    ledger.start = st.ledger
+    trainer.method_state = st
+    targets = [0.0] + eval_points(0.0, trainer.cfg.train.epochs, trainer.cfg.msft.evals_per_epoch)
+    while st.next_target < len(targets):
+        trainer.train_until(targets[st.next_target])
+        st.next_target += 1
+        if st.last is not None and st.last.step == trainer.counters.step:
             continue  # fewer steps per epoch than evaluations: this state is already evaluated
-        last = evaluate(trainer, history, metric, stage=0, active=everyone)
-        if best is None or last.pooled_cost < best.pooled_cost:
-            pool.release(best_state)  # first, so its buffers serve the new capture
-            best, best_state = last, trainer.capture()
-    history.add_stage(0, excluded=None, rollback_to_eval=None, **ledger.close(start_eval=0, end_eval=last.eval_id))
-    trainer.restore(best_state, weights_only=True)
-    return final_record(best)
+        st.last = evaluate(trainer, history, metric, stage=0, active=everyone)
+        if st.best is None or st.last.pooled_cost < st.best.pooled_cost:
+            pool.release(st.best_state)  # first, so its buffers serve the new capture
+            st.best, st.best_state = st.last, trainer.capture()
+    history.add_stage(0, excluded=None, rollback_to_eval=None, **ledger.close(start_eval=0, end_eval=st.last.eval_id))
+    trainer.restore(st.best_state, weights_only=True)
+    return final_record(st.best)
 
 
 def final_record(best) -> dict:

@@ -1,0 +1,227 @@
+"""Resumable checkpoints: everything a run needs to continue exactly as if it had not stopped.
+
+A checkpoint is a folder `checkpoints/step-NNNNNNNN` (optimizer steps ever taken) holding
+- the model and optimizer state, sharded, through `torch.distributed.checkpoint` (no gather);
+- `rank-R.pt` per rank: its RNG state and the snapshot pool's states (its own shards), so a resumed
+  mSFT run can still roll back to a state captured before the interruption;
+- `state.pkl`: counters, lr schedule, active tasks, the method's state (snapshots by uid);
+- `history.json`: the run's history at that step, and the length of metrics.jsonl;
+- `meta.json`, written last: a folder without it is incomplete and never loaded.
+Every rank writes into `step-N.tmp`; once all have finished, rank 0 renames it, so a crash while
+writing leaves the previous checkpoint the newest complete one. Older checkpoints beyond
+`train.keep_checkpoints` are deleted, their `meta.json` first.
+
+Resuming needs the same world size: snapshot states are per-rank shards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from msft_fast.atomic_io import write_json_atomic
+from msft_fast.distributed import DistContext, all_gather_object
+from msft_fast.errors import OutputError
+from msft_fast.snapshot import Snapshot
+
+log = logging.getLogger("msft_fast")
+
+CHECKPOINT_DIR = "checkpoints"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+class CheckpointError(OSError):
+    """Writing a checkpoint failed on some rank (disk full, say); the previous one is intact."""
+
+
+def checkpoint_root(output_dir: str) -> str:
+    return os.path.join(output_dir, CHECKPOINT_DIR)
+
+
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoint folders, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _NAME.match(name)
+        if m and os.path.exists(os.path.join(root, name, META_FILE)):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method state: any picklable object; snapshots in it are stored by uid, their tensors per rank.
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, Snapshot):
+            if obj.refs <= 0:
+                raise RuntimeError("the method state refers to a released snapshot")
+            return ("snapshot", obj.uid)
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, f, snapshots: dict[int, Snapshot]):
+        super().__init__(f)
+        self.snapshots = snapshots
+
+    def persistent_load(self, pid):
+        kind, uid = pid
+        if kind != "snapshot" or uid not in self.snapshots:
+            raise RuntimeError(f"checkpoint refers to snapshot {uid}, which it does not hold")
+        return self.snapshots[uid]
+
+
+def dump_method_state(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def load_method_state(data: bytes, snapshots: dict[int, Snapshot]) -> Any:
+    return _Unpickler(io.BytesIO(data), snapshots).load()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_checkpoint(ctx: DistContext, output_dir: str, steps_trained: int, model, optimizer,
+                    trainer_state: dict[str, Any], method_state: Any, rank_state: dict[str, Any], history: dict,
+                    metrics_bytes: int, keep: int) -> str:
+    """Write one checkpoint with every rank; return its folder. Raises CheckpointError (on every
+    rank) if any rank failed to write, after removing the incomplete folder."""
+    root = checkpoint_root(output_dir)
+    final = os.path.join(root, f"step-{steps_trained:08d}")
+    tmp = final + ".tmp"
+    t0 = time.perf_counter()
+    error = None
+    try:
+        if ctx.is_main:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        torch.save(rank_state, os.path.join(tmp, f"rank-{ctx.rank}.pt"))
+        if ctx.is_main:
+            with open(os.path.join(tmp, "state.pkl"), "wb") as f:
+                pickle.dump({"trainer": trainer_state, "method": dump_method_state(method_state)}, f)
+            write_json_atomic(os.path.join(tmp, "history.json"), history)
+    except OSError as e:
+        error = f"rank {ctx.rank}: {e.strerror or e}"
+    errors = [e for e in all_gather_object(error) if e is not None]
+    if errors:
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        raise CheckpointError(f"checkpoint at step {steps_trained} was not written ({'; '.join(errors)})")
+    if ctx.is_main:
+        write_json_atomic(os.path.join(tmp, META_FILE), {
+            "format_version": FORMAT_VERSION, "steps_trained": steps_trained, "world_size": ctx.world_size,
+            "metrics_bytes": metrics_bytes, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "seconds": time.perf_counter() - t0,
+        })
+        if os.path.exists(final):  # a checkpoint of the same step from a run that was cut short
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _prune(output_dir, keep)
+    _barrier()
+    return final
+
+
+def _prune(output_dir: str, keep: int) -> None:
+    for path in complete_checkpoints(output_dir)[:-keep]:
+        os.unlink(os.path.join(path, META_FILE))  # first: a half-deleted folder is never taken for complete
+        shutil.rmtree(path, ignore_errors=True)
+    root = checkpoint_root(output_dir)
+    for name in os.listdir(root):
+        if name.endswith(".tmp"):  # left by a crash mid-write
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class LoadedCheckpoint:
+    """What `load_checkpoint` read besides the model and optimizer (which it loads in place)."""
+
+    def __init__(self, path: str, meta: dict, state: dict, rank_state: dict, history: dict):
+        self.path, self.meta, self.rank_state, self.history = path, meta, rank_state, history
+        self.trainer_state: dict[str, Any] = state["trainer"]
+        self._method_bytes: bytes = state["method"]
+
+    def method_state(self, snapshots: dict[int, Snapshot]) -> Any:
+        """The method's state, its snapshot references bound to the pool's adopted states."""
+        return load_method_state(self._method_bytes, snapshots)
+
+
+def load_checkpoint(ctx: DistContext, path: str, model, optimizer) -> LoadedCheckpoint:
+    meta = read_meta(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise OutputError(f"checkpoint {path} has format {meta.get('format_version')}, this release reads "
+                          f"{FORMAT_VERSION}; pass --overwrite to start over")
+    if meta["world_size"] != ctx.world_size:
+        raise OutputError(f"checkpoint {path} was written by {meta['world_size']} ranks; resume it with "
+                          f"{meta['world_size']} ranks, or pass --overwrite to start over with {ctx.world_size}")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank_state = torch.load(os.path.join(path, f"rank-{ctx.rank}.pt"), weights_only=False)
+    with open(os.path.join(path, "state.pkl"), "rb") as f:
+        state = pickle.load(f)
+    with open(os.path.join(path, "history.json"), encoding="utf-8") as f:
+        history = json.load(f)
+    return LoadedCheckpoint(path, meta, state, rank_state, history)
+
+
+def load_weights_and_optimizer(path: str, model, optimizer) -> None:
+    """Only the model and optimizer of a checkpoint (the non-finite-step recovery)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -1,0 +1,310 @@
+"""Checkpoints, resume and faults: an interrupted run continues exactly as if it had not stopped
+(CPU, fp32: bitwise), a stop signal writes a checkpoint first, a failed checkpoint write leaves the
+previous one usable, and non-finite steps are skipped, counted and acted on."""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msft_fast.checkpoint import complete_checkpoints, latest_checkpoint, read_meta
+from msft_fast.config import load_config
+from msft_fast.trainer import Trainer
+
+TIMING_KEYS = {"train_seconds", "eval_seconds", "snapshot_seconds", "restore_seconds", "checkpoint_seconds",
+               "wall_seconds", "seconds", "host_available", "tokens_per_s", "step_seconds"}
+
+
+def _overrides(tmp_path, demo_dir, out, *extra):
+    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
+                      for n in ("upper", "noisy_codes", "sort"))
+    return [f"output_dir={out}", f"data.tasks=[{tasks}]", "data.max_seq_len=64", "data.tokens_per_batch=512",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false", "train.lr=3e-3", "train.epochs=1",
+            "train.schedule=constant", "msft.evals_per_epoch=4", "msft.budget_epochs=0.5", "msft.max_stages=3",
+            "train.checkpoint_every=3", "train.keep_checkpoints=2", *extra]
+
+
+def _train(tmp_path, demo_dir, out, *extra):
+    from msft_fast.run import train
+
+    return train(load_config(None, _overrides(tmp_path, demo_dir, out, *extra)))
+
+
+def _strip(obj):
+    """history / metrics without what differs between runs by nature (timings, free memory)."""
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _outputs(out):
+    with open(os.path.join(out, "history.json")) as f:
+        history = json.load(f)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    weights = load_file(os.path.join(out, "final", "model.safetensors"))
+    return _strip(history), _strip(metrics), weights
+
+
+def _assert_same_run(a, b):
+    (ha, ma, wa), (hb, mb, wb) = _outputs(a), _outputs(b)
+    for h in (ha, hb):  # the only settings that differ: where each run wrote
+        h["config"].pop("output_dir"), h["config"]["data"].pop("cache_dir")
+    assert json.dumps(ha, sort_keys=True) == json.dumps(hb, sort_keys=True)  # NaN-safe, bitwise floats
+    assert json.dumps(ma) == json.dumps(mb)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class _Crash(BaseException):
+    """Stands in for a kill: nothing in the trainer catches it, only `finally` blocks run."""
+
+
+def _crash_after(monkeypatch, steps_trained: int):
+    original = Trainer._after_step
+
+    def after_step(self, finite, stop):
+        original(self, finite, stop)
+        if self.counters.steps_trained == steps_trained:
+            raise _Crash()
+
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, demo_dir):
+    """One uninterrupted run per method, shared by the resume tests."""
+    base = tmp_path_factory.mktemp("whole")
+    runs = {}
+
+    def get(method):
+        if method not in runs:
+            runs[method] = str(base / method)
+            _train(base, demo_dir, runs[method], f"method={method}")
+        return runs[method]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,crash_at", [("msft", 7), ("msft", 20), ("sft", 8), ("sro", 25)])
+def test_a_crashed_run_resumes_to_the_same_history_and_weights(tmp_path, demo_dir, uninterrupted, monkeypatch,
+                                                               method, crash_at):
+    whole = uninterrupted(method)
+    out = str(tmp_path / "run")
+    _crash_after(monkeypatch, crash_at)
+    with pytest.raises(_Crash):
+        _train(tmp_path, demo_dir, out, f"method={method}")
+    monkeypatch.undo()
+    with open(os.path.join(out, "history.json")) as f:
+        assert json.load(f)["status"] == "running"
+    newest = latest_checkpoint(out)
+    assert read_meta(newest)["steps_trained"] == crash_at - crash_at % 3
+    history = _train(tmp_path, demo_dir, out, f"method={method}")
+    assert history["status"] == "finished"
+    _assert_same_run(whole, out)
+    assert len(complete_checkpoints(out)) == 2  # train.keep_checkpoints
+    assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.endswith(".tmp")]
+
+
+def test_resuming_with_another_config_is_refused_and_names_the_key(tmp_path, demo_dir, monkeypatch, capsys):
+    from msft_fast.cli import main
+
+    out = str(tmp_path / "run")
+    _crash_after(monkeypatch, 3)
+    with pytest.raises(_Crash):
+        _train(tmp_path, demo_dir, out, "method=sft")
+    monkeypatch.undo()
+    assert main(["train", *_overrides(tmp_path, demo_dir, out, "method=sft", "train.lr=1e-3")]) == 2
+    err = capsys.readouterr().err
+    assert "unfinished run" in err and "'train.lr'" in err and "Traceback" not in err
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_and_training_goes_on(tmp_path, demo_dir, monkeypatch,
+                                                                               caplog):
+    import msft_fast.checkpoint as ckpt
+
+    real_save, calls = ckpt.dcp.save, []
+
+    def save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt.dcp, "save", save)
+    out = str(tmp_path / "run")
+    _crash_after(monkeypatch, 7)
+    with caplog.at_level(logging.ERROR, logger="msft_fast"), pytest.raises(_Crash):
+        _train(tmp_path, demo_dir, out, "method=sft")
+    assert "No space left on device" in caplog.text and "step-00000003" in caplog.text
+    # Step 6's checkpoint failed: step 3's is the newest, complete and loadable; no partial folder.
+    assert [read_meta(p)["steps_trained"] for p in complete_checkpoints(out)] == [3]
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["step-00000003"]
+    monkeypatch.undo()
+    assert _train(tmp_path, demo_dir, out, "method=sft")["status"] == "finished"
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite steps
+
+
+def _poison_steps(monkeypatch, steps: set[int]):
+    """Make the loss (and so the gradients) NaN in the given optimizer steps (1 micro-batch each)."""
+    from msft_fast.model import CausalLMWithTaskLoss
+
+    original, calls = CausalLMWithTaskLoss.forward, [0]
+
+    def forward(self, batch):
+        loss, stats = original(self, batch)
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] in steps:
+                return loss * math.nan, stats._replace(loss_sum=stats.loss_sum * math.nan)
+        return loss, stats
+
+    monkeypatch.setattr(CausalLMWithTaskLoss, "forward", forward)
+
+
+def _count_optimizer_steps(monkeypatch):
+    calls = [0]
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return calls
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path, demo_dir, monkeypatch):
+    _poison_steps(monkeypatch, {4, 5})
+    updates = _count_optimizer_steps(monkeypatch)
+    history = _train(tmp_path, demo_dir, str(tmp_path / "run"), "method=sft", "train.max_bad_steps=3")
+    totals = history["totals"]
+    assert totals["bad_steps"] == 2 and totals["bad_restores"] == 0
+    assert updates[0] == totals["steps"] - 2
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        skipped = [r["step"] for r in map(json.loads, f) if r.get("skipped")]
+    assert skipped == [4, 5]
+    assert all(math.isfinite(e["pooled_val_loss"]) for e in history["evals"])
+
+
+def test_too_many_non_finite_steps_stop_the_run_with_a_clear_message(tmp_path, demo_dir, monkeypatch, capsys):
+    from msft_fast.cli import main
+
+    _poison_steps(monkeypatch, {4, 5, 6})
+    out = tmp_path / "run"
+    assert main(["train", *_overrides(tmp_path, demo_dir, out, "method=sft", "train.max_bad_steps=3")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 optimizer steps in a row" in err[0] and "train.lr" in err[0]
+    assert json.loads((out / "history.json").read_text())["status"] != "finished"
+    assert not (out / "final").exists()
+
+
+def test_non_finite_steps_can_restore_the_newest_checkpoint_and_go_on(tmp_path, demo_dir, monkeypatch):
+    _poison_steps(monkeypatch, {7, 8})
+    history = _train(tmp_path, demo_dir, str(tmp_path / "run"), "method=sft", "train.max_bad_steps=2",
+                     "train.on_bad_steps=restore")
+    assert history["status"] == "finished"
+    assert history["totals"]["bad_steps"] == 2 and history["totals"]["bad_restores"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Real signals in subprocesses
+
+
+def _cli(config_overrides, tmp_path, launcher=()):
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [*launcher, "-m", "msft_fast.train"] if launcher else [sys.executable, "-m", "msft_fast", "train"]
+    return subprocess.Popen([*cmd, *config_overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+
+
+def _wait_for_steps(proc, out, steps: int, timeout: float = 240):
+    path, t0 = os.path.join(out, "metrics.jsonl"), time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.communicate()[1][-2000:]}")
+        if os.path.exists(path):
+            with open(path) as f:
+                if sum(1 for _ in f) >= steps:
+                    return
+        time.sleep(0.05)
+    raise AssertionError("the run did not reach the step in time")
+
+
+def _finish(proc, timeout: float = 300):
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_stops_then_the_rerun_finishes_the_same(tmp_path, demo_dir, uninterrupted):
+    whole = uninterrupted("msft")
+    out = str(tmp_path / "run")
+    args = _overrides(tmp_path, demo_dir, out, "method=msft")
+    proc = _cli(args, tmp_path)
+    _wait_for_steps(proc, out, 5)
+    proc.send_signal(signal.SIGTERM)
+    code, err = _finish(proc)
+    assert code == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "rerun the same command to resume" in err and "Traceback" not in err
+    stopped_at = read_meta(latest_checkpoint(out))["steps_trained"]
+    assert stopped_at >= 5  # written at the step the signal arrived in, not only every 3 steps
+    with open(os.path.join(out, "history.json")) as f:
+        assert json.load(f)["status"] == "stopped"
+    code, err = _finish(_cli(args, tmp_path))
+    assert code == 0, err[-2000:]
+    assert "resuming the unfinished run" in err
+    _assert_same_run(whole, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [4, 11])
+def test_sigkill_anywhere_then_rerun_ends_like_an_uninterrupted_run(tmp_path, demo_dir, uninterrupted, kill_after):
+    whole = uninterrupted("msft")
+    out = str(tmp_path / "run")
+    args = _overrides(tmp_path, demo_dir, out, "method=msft", "train.checkpoint_every=2")
+    proc = _cli(args, tmp_path)
+    _wait_for_steps(proc, out, kill_after)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    code, err = _finish(_cli(args, tmp_path))
+    assert code == 0, err[-2000:]
+    _assert_same_run(whole, out)
+
+
+@pytest.mark.slow
+def test_two_ranks_killed_and_rerun_end_like_two_ranks_uninterrupted(tmp_path, demo_dir):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    whole, out = str(tmp_path / "whole"), str(tmp_path / "run")
+    common = ("method=msft", "train.grad_accum=1", "msft.max_stages=2")
+    code, err = _finish(_cli(_overrides(tmp_path, demo_dir, whole, *common), tmp_path, launcher))
+    assert code == 0, err[-2000:]
+    args = _overrides(tmp_path, demo_dir, out, *common)
+    proc = _cli(args, tmp_path, launcher)
+    _wait_for_steps(proc, out, 8)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert latest_checkpoint(out) is not None
+    code, err = _finish(_cli(args, tmp_path, launcher))
+    assert code == 0, err[-2000:]
+    _assert_same_run(whole, out)
