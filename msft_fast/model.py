@@ -42,9 +42,27 @@ def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int) -> LoadedModel:
-    """Load tokenizer and model from `cfg.path` (or build the built-in tiny model), on the CPU."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class ModelSpec:
+    """What a run needs to know about its model before any weight is read: tokenizer, HF config,
+    attention backend and dtypes. Data and memory are checked against it first."""
+
+    tokenizer: Any
+    config: Any  # the HF PretrainedConfig
+    source: str  # the folder, or builtin:NAME
+    path: str | None  # None for a built-in model
+    attn_implementation: str
+    export_dtype: torch.dtype
+    compute_dtype: torch.dtype
+
+    @property
+    def text_config(self) -> Any:
+        return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+
+
+def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device) -> ModelSpec:
+    """Tokenizer and config of `cfg.path` (or of the built-in tiny model); no weights yet."""
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     dtype = compute_dtype_for(precision, device)
@@ -56,32 +74,52 @@ def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int
         tokenizer = char_tokenizer()
         config = tiny_llama_config(len(tokenizer))
         config._attn_implementation = attn
-        torch.manual_seed(seed)  # the built-in model's random init is part of the run's seed
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
-        return LoadedModel(model, tokenizer, cfg.path, attn, torch.float32, dtype)
+        return ModelSpec(tokenizer, config, cfg.path, None, attn, torch.float32, dtype)
 
     path = resolve_path(cfg.path)
     _check_model_folder(path)
-    # Whatever HF raises here (OSError, ValueError, SafetensorError, an ImportError for a missing
-    # tokenizer backend) is a problem of the folder: one sentence. The load report HF logs on the
-    # way is held back, and passed on only when loading succeeds.
+    # Whatever HF raises here (OSError, ValueError, an ImportError for a missing tokenizer backend)
+    # is a problem of the folder: one sentence. What HF logs on the way is held back, and passed on
+    # only when loading succeeds.
     hf_logging.get_verbosity()  # HF adds its log handler on first use: let that happen before holding
     with _held_logs("transformers") as held:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             config = AutoConfig.from_pretrained(path)
-            export_dtype = _config_dtype(config)
+        except Exception as e:
+            raise ModelError(f"cannot load the model folder {path}: {_short(e)}") from None
+        held.pass_on()
+    return ModelSpec(tokenizer, config, path, path, attn, _config_dtype(config), dtype)
+
+
+def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int,
+               spec: ModelSpec | None = None) -> LoadedModel:
+    """Load the model of `spec` (read from `cfg` if not given) on the CPU, in fp32."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    spec = spec or load_model_spec(cfg, precision, device)
+    attn, dtype = spec.attn_implementation, spec.compute_dtype
+    if spec.path is None:
+        torch.manual_seed(seed)  # the built-in model's random init is part of the run's seed
+        model = AutoModelForCausalLM.from_config(spec.config, attn_implementation=attn, dtype=torch.float32)
+        return LoadedModel(model, spec.tokenizer, spec.source, attn, torch.float32, dtype)
+
+    path = spec.path
+    hf_logging.get_verbosity()
+    with _held_logs("transformers") as held:
+        try:
             model, info = AutoModelForCausalLM.from_pretrained(
-                path, config=config, dtype=torch.float32, attn_implementation=attn, output_loading_info=True,
+                path, config=spec.config, dtype=torch.float32, attn_implementation=attn, output_loading_info=True,
                 ignore_mismatched_sizes=True,  # reported below, in one sentence
             )
         except Exception as e:
             raise ModelError(f"cannot load the model folder {path}: {_short(e)}") from None
         _check_loading_info(info, path)
         held.pass_on()
-    model.config.dtype = export_dtype  # we train fp32 master weights; the saved config keeps its dtype
+    model.config.dtype = spec.export_dtype  # we train fp32 master weights; the saved config keeps its dtype
     _check_head(model, path)
-    return LoadedModel(model, tokenizer, path, attn, export_dtype, dtype)
+    return LoadedModel(model, spec.tokenizer, path, attn, spec.export_dtype, dtype)
 
 
 # Config fields that change the logits beyond `hidden @ head.weight.T`; the fused loss does not
@@ -196,8 +234,9 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -
     return "flash_attention_2" if flash_ok else "sdpa"
 
 
-def max_positions(model: nn.Module) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def max_positions(config: Any) -> int | None:
+    """The position limit of an HF config (None when it has none)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(config, "max_position_embeddings", None)
 
 

@@ -33,7 +33,8 @@ from msft_fast.methods.metric import Metric
 from msft_fast.methods.msft import run_msft
 from msft_fast.methods.sft import run_sft
 from msft_fast.methods.sro import run_sro
-from msft_fast.model import load_model, max_positions
+from msft_fast.model import load_model, load_model_spec, max_positions
+from msft_fast.preflight import preflight_memory
 from msft_fast.report import write_report
 from msft_fast.trainer import METRICS_FILE, Trainer
 
@@ -85,13 +86,20 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
     start = time.time()
     out = resolve_path(cfg.output_dir)
     resume = broadcast_object(_agreed(ctx, lambda: prepare_output_dir(out, overwrite, cfg), main_only=True))
-    loaded = _agreed(ctx, lambda: load_model(cfg.model, cfg.train.precision, ctx.device, cfg.train.seed))
-    limit = max_positions(loaded.model)
+    # Everything user input can fail is checked before any weight is read or memory taken: the
+    # tokenizer and model config first, then the data against them, then the memory estimate.
+    spec = _agreed(ctx, lambda: load_model_spec(cfg.model, cfg.train.precision, ctx.device))
+    limit = max_positions(spec.config)
     if limit is not None and cfg.data.max_seq_len > limit:
         raise ConfigError(f"config key 'data.max_seq_len' ({cfg.data.max_seq_len}) exceeds the model's position limit ({limit})")
     # Rank 0 tokenizes and fills the cache; the others then read the same cache.
-    tasks = _agreed(ctx, lambda: load_tasks(cfg.data, loaded.tokenizer), main_first=True)
-    check_token_ids(tasks, loaded.model)
+    tasks = _agreed(ctx, lambda: load_tasks(cfg.data, spec.tokenizer), main_first=True)
+    check_token_ids(tasks, spec.text_config.vocab_size)
+    _agreed(ctx, lambda: preflight_memory(cfg, spec.config, ctx.world_size, ctx.device, spec.compute_dtype,
+                                          attention=spec.attn_implementation))
+    if resume is None:
+        _agreed(ctx, lambda: clear_run(out), main_only=True)
+    loaded = _agreed(ctx, lambda: load_model(cfg.model, cfg.train.precision, ctx.device, cfg.train.seed, spec))
     loader = MixtureLoader(tasks, cfg.data.tokens_per_batch, cfg.train.seed, ctx.rank, ctx.world_size,
                            cfg.train.grad_accum)
     steps = loader.steps_between(0, 0, cfg.train.epochs)
@@ -206,9 +214,8 @@ def _agreed(ctx: DistContext, fn, main_first: bool = False, main_only: bool = Fa
     return result
 
 
-def check_token_ids(tasks: list, model) -> None:
-    """Token ids past the embedding table fail deep inside torch (or as a CUDA assert): say it here."""
-    rows = model.get_input_embeddings().num_embeddings
+def check_token_ids(tasks: list, rows: int) -> None:
+    """Token ids past the embedding table (`rows`) fail deep inside torch, or as a CUDA assert: say it here."""
     for t in tasks:
         for split, docs in (("train", t.train), ("val", t.val)):
             top = max(int(docs.input_ids.max(initial=0)), int(docs.labels.max(initial=0)))
@@ -218,7 +225,8 @@ def check_token_ids(tasks: list, model) -> None:
 
 
 def prepare_output_dir(out: str, overwrite: bool, cfg: Optional[Config] = None) -> Optional[str]:
-    """Make `out` ready; returns the checkpoint to resume from, or None to start fresh.
+    """Check `out` without changing what it holds; returns the checkpoint to resume from, or None
+    to start fresh (then `clear_run` removes the old run's files once the inputs are validated).
 
     A finished run is kept unless `overwrite`; an unfinished one resumes from its newest complete
     checkpoint when it has one (and the same config), and otherwise starts over.
@@ -234,26 +242,28 @@ def prepare_output_dir(out: str, overwrite: bool, cfg: Optional[Config] = None) 
             status = "unreadable"
         if status == "finished":
             raise OutputError(f"output_dir {out} already holds a finished run; pass --overwrite to start over")
-    checkpoint = None if overwrite else latest_checkpoint(out)
-    if checkpoint is not None:
-        if cfg is not None:
-            _check_same_config(out, cfg)
-        return checkpoint
-    if not overwrite and os.path.exists(os.path.join(out, "config.yaml")):
-        log.info("output_dir %s holds an unfinished run without a checkpoint: starting it over", out)
-    for name in RUN_ARTIFACTS:  # only our own files: output_dir may hold anything else
-        path = os.path.join(out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.unlink(path)
     try:
         os.makedirs(out, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as e:
         raise OutputError(f"output_dir {out} is not writable ({e.strerror})") from None
-    return None
+    checkpoint = None if overwrite else latest_checkpoint(out)
+    if checkpoint is not None and cfg is not None:
+        _check_same_config(out, cfg)
+    return checkpoint
+
+
+def clear_run(out: str) -> None:
+    """Remove a previous run's files (only our own: output_dir may hold anything else)."""
+    if os.path.exists(os.path.join(out, "config.yaml")):
+        log.info("output_dir %s: removing the previous run's files to start over", out)
+    for name in RUN_ARTIFACTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.unlink(path)
 
 
 def _check_same_config(out: str, cfg: Config) -> None:

@@ -347,8 +347,6 @@ def test_config_errors_come_before_the_model_is_built(tmp_path, monkeypatch, cap
     assert "train.lr" in _error_line(code, capsys.readouterr().err) and built == []
 
 
-@pytest.mark.xfail(strict=True, reason="run.py loads the model weights before it reads the data: remove this "
-                   "mark once the order is config, tokenizer and model config, data, memory preflight, weights")
 def test_data_errors_come_before_the_model_is_built(tmp_path, monkeypatch, capsys):
     built = _count_model_builds(monkeypatch)
     ctx = Ctx(tmp_path, {})
