@@ -30,7 +30,8 @@ def run_one(config: str, workdir: str, label: str, overrides: list[str]) -> dict
         "final_eval_id": final["eval_id"], "final_epoch": final["epoch"], "final_stage": final["stage"],
         "pooled_val_loss": final["pooled_val_loss"], "pooled_val_token_acc": final["pooled_val_token_acc"],
         "pooled_metric": final["pooled_metric"],
-        "tasks": {n: {"val_loss": t["val_loss"], "val_token_acc": t["val_token_acc"]} for n, t in final["tasks"].items()},
+        "tasks": {n: {"val_loss": t["val_loss"], "val_token_acc": t["val_token_acc"]}
+                  for n, t in final["tasks"].items()},
         "train_flops": tot["train_flops"], "discarded_flops": tot["discarded_flops"], "eval_flops": tot["eval_flops"],
         "trained_tokens": tot["trained_tokens"], "steps": tot["steps"], "wall_seconds": time.time() - t0,
         "excluded": [st["excluded"] for st in h["stages"] if st.get("excluded")],
@@ -60,7 +61,8 @@ def compare(runs: list[dict]) -> dict:
             "pooled_metric_minus_best_sft": r["pooled_metric"] - best_sft["pooled_metric"],
             "flops_over_best_sft": r["train_flops"] / best_sft["train_flops"],
             "cheapest_sft_as_good": cheapest_as_good["label"] if cheapest_as_good else None,
-            "tasks_better_than_best_sft": [n for n in r["tasks"] if sign * _task_metric(r, n) < sign * _task_metric(best_sft, n)],
+            "tasks_better_than_best_sft": [n for n in r["tasks"]
+                                           if sign * _task_metric(r, n) < sign * _task_metric(best_sft, n)],
         }
     return {"best_sft": best_sft["label"], "msft": out}
 
@@ -168,7 +170,8 @@ def markdown(r: dict) -> list[str]:
              f"`{r['setup']['config']}` {' '.join(r['setup']['overrides'])}; seed from the config; "
              f"final = the evaluation with the best pooled {metric} (selected on the validation split it is "
              "reported on, for every method alike)", "",
-             f"| run | pooled {metric} | " + " | ".join(tasks) + " | train GFLOP (discarded) | eval GFLOP | excluded | wall s |",
+             f"| run | pooled {metric} | " + " | ".join(tasks)
+             + " | train GFLOP (discarded) | eval GFLOP | excluded | wall s |",
              "|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
     best = cmp_["best_sft"]
     for x in runs:

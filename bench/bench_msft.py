@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,10 +207,9 @@ def instrumented():
     """Time the parts of a method run without touching msft_fast: wrap its functions in this process."""
     import msft_fast.data.loader as loader_mod
     import msft_fast.methods.msft as msft_mod
-    import msft_fast.methods.records as records_mod
-    import msft_fast.methods.sft as sft_mod
     import msft_fast.run as run_mod
     from msft_fast.history import History
+    from msft_fast.methods.metric import Metric
     from msft_fast.snapshot import SnapshotPool
     from msft_fast.trainer import Trainer
 
@@ -235,7 +233,7 @@ def instrumented():
     wrap(History, "write", "history_write")
     wrap(msft_mod, "write_report", "report_write")
     wrap(msft_mod, "plan_pool", "plan_pool")
-    wrap(records_mod.Metric, "scores", "metric_scores")
+    wrap(Metric, "scores", "metric_scores")
     original_capture = SnapshotPool.capture
 
     def capture(self, *args, **kwargs):
@@ -246,7 +244,6 @@ def instrumented():
 
     SnapshotPool.capture = capture
     patched.append((SnapshotPool, "capture", original_capture))
-    del sft_mod
     try:
         yield timers
     finally:
@@ -552,20 +549,22 @@ def markdown(r: dict) -> list[str]:
              f"{first['snapshot_bytes'] / 1e6:.1f} MB", "",
              "| part of the mSFT run | seconds | % of training-step time |", "|---|---|---|",
              f"| training steps | {sec['train_step_seconds']:.2f} | 100 |",
-             f"| evaluation passes | {sec['eval_pass_seconds']:.2f} | {100 * e['evaluation']['seconds_share_of_training']:.1f} |",
+             f"| evaluation passes | {sec['eval_pass_seconds']:.2f} | {o['evaluation_seconds']:.1f} |",
              f"| snapshot captures | {sec['snapshot_seconds']:.3f} | {o['snapshot']:.2f} |",
              f"| restores | {sec['restore_seconds']:.3f} | {o['restore']:.2f} |",
              f"| bookkeeping, all | {sec['bookkeeping_seconds']:.3f} | {o['bookkeeping']:.2f} |"]
     for k, v in sec["bookkeeping_parts"].items():
         lines.append(f"| - {k.replace('_', ' ')} | {v:.3f} | {o['bookkeeping_parts'][k]:.2f} |")
-    lines += [f"| **all but evaluation** | {sec['method_wall_seconds'] - sec['eval_pass_seconds'] - sec['train_step_seconds']:.3f} "
-              f"| **{o['all_but_evaluation']:.2f}** |",
-              f"| all but evaluation and the per-stage report write | | {o['all_but_evaluation_and_report_write']:.2f} |",
+    all_but_eval = sec["method_wall_seconds"] - sec["eval_pass_seconds"] - sec["train_step_seconds"]
+    lines += [f"| **all but evaluation** | {all_but_eval:.3f} | **{o['all_but_evaluation']:.2f}** |",
+              "| all but evaluation and the per-stage report write | | "
+              f"{o['all_but_evaluation_and_report_write']:.2f} |",
               "", "Percentages are medians of per-run shares (each part over the same run's training-step time); "
               "seconds are medians over runs.", "",
-              f"Against a plain training run of the same tokens (no evaluation, no snapshot; each mSFT run paired with "
-              f"the plain run right after it): mSFT minus its evaluation passes took {vs['msft_wall_minus_eval_seconds']:.2f} s, "
-              f"plain training {vs['plain_seconds_same_tokens']:.2f} s: **{vs['overhead_pct']:+.1f}%** (medians; per pair: "
+              "Against a plain training run of the same tokens (no evaluation, no snapshot; each mSFT run paired "
+              "with the plain run right after it): mSFT minus its evaluation passes took "
+              f"{vs['msft_wall_minus_eval_seconds']:.2f} s, plain training {vs['plain_seconds_same_tokens']:.2f} s: "
+              f"**{vs['overhead_pct']:+.1f}%** (medians; per pair: "
               + ", ".join(f"{x['overhead_pct']:+.1f}%" for x in vs["pairs"]) + "; training-step time per token, "
               f"mSFT/plain: {vs['step_time_ratio_msft_over_plain']:.3f}). Separate runs on this shared machine differ "
               "by more than the overhead measured inside one run, so the in-run split above is the figure to read.", "",
@@ -577,7 +576,8 @@ def markdown(r: dict) -> list[str]:
               f"world size {s['world_size']}, params + AdamW state = {s['gb_per_snapshot']:.2f} GB per snapshot, "
               f"pinned buffers: {s['pinned_host_buffers']}):", "",
               "| operation | s per GB per rank | GB/s |", "|---|---|---|",
-              f"| capture, buffers reused (to copy done) | {s['capture_seconds_per_gb']:.3f} | {s['capture_gb_per_s']:.2f} |",
+              f"| capture, buffers reused (to copy done) | {s['capture_seconds_per_gb']:.3f} | "
+              f"{s['capture_gb_per_s']:.2f} |",
               f"| capture, first (allocates buffers) | {s['first_capture_seconds_per_gb']:.3f} | "
               f"{1 / s['first_capture_seconds_per_gb']:.2f} |",
               f"| restore | {s['restore_seconds_per_gb']:.3f} | {s['restore_gb_per_s']:.2f} |", "",

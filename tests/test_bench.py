@@ -31,7 +31,8 @@ def test_bench_msft_quick(tmp_path):
     assert {"cores", "cpu", "torch", "device"} <= r["machine"].keys()
     e = r["end_to_end"]
     o = e["overhead_pct_of_training"]
-    assert {"snapshot", "restore", "bookkeeping", "all_but_evaluation", "all_but_evaluation_and_report_write"} <= o.keys()
+    assert {"snapshot", "restore", "bookkeeping", "all_but_evaluation",
+            "all_but_evaluation_and_report_write"} <= o.keys()
     assert o["snapshot"] >= 0 and o["restore"] >= 0
     run = e["msft_runs"][0]
     assert run["snapshots"] > 0 and run["snapshot_bytes"] > 0
