@@ -63,7 +63,6 @@ def write_tasks(root: str, a) -> list[dict]:
     rng = np.random.default_rng(0)
     alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz ,.0123456789"))
     per_task = a.steps * a.seq // 2 * 11 // 10 + a.seq  # a little more than `steps` rows
-    tasks = []
     for name in ("alpha", "beta"):
         os.makedirs(os.path.join(root, name), exist_ok=True)
         for split, tokens in (("train", per_task), ("val", a.seq)):
@@ -73,7 +72,6 @@ def write_tasks(root: str, a) -> list[dict]:
                     n = int(np.exp(rng.uniform(np.log(256), np.log(a.seq - 2))))
                     f.write(json.dumps({"text": "".join(rng.choice(alphabet, n))}) + "\n")
                     tokens -= n
-            tasks.append(path)
     return [{"name": n, "train": os.path.join(root, n, "train.jsonl"), "val": os.path.join(root, n, "val.jsonl")}
             for n in ("alpha", "beta")]
 

@@ -6,8 +6,8 @@
 #      torch.compile off/on (bench/bench_train_gpu.py, through `msft-fast train`);
 #   3. mSFT overhead and SnapshotPool GB/s with pinned buffers (bench/bench_msft.py, 1B synthetic).
 # Each part has its own time limit and cannot stop the others; a part that needs something not built
-# or not installed prints "not available". JSON goes under $OUT (default bench/results/gpu); a short
-# table is printed last.
+# or not installed prints "not available". JSON goes under $OUT (default bench/results/gpu, and
+# /tmp/bench_work/gpu_check_cpu for --cpu); a short table is printed last. Scratch: $BENCH_WORK.
 #
 #   bench/gpu_check.sh            # on a GPU machine (python: $PYTHON, else .venv/bin/python, else python3)
 #   bench/gpu_check.sh --cpu      # dry run on a CPU with tiny shapes, a couple of minutes
@@ -18,8 +18,7 @@ MODE=gpu
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-OUT="${OUT:-bench/results/gpu}"
-[ "$MODE" = cpu ] && OUT="${OUT_CPU:-/tmp/bench_work/gpu_check_cpu}"
+if [ "$MODE" = gpu ]; then OUT="${OUT:-bench/results/gpu}"; else OUT="${OUT:-/tmp/bench_work/gpu_check_cpu}"; fi
 WORK="${BENCH_WORK:-/tmp/bench_work/gpu_check_$MODE}"
 BUDGET="${BUDGET_S:-480}"   # the whole script; parts are skipped when too little time is left
 mkdir -p "$OUT" "$WORK"
