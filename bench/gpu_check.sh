@@ -19,7 +19,7 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 if [ "$MODE" = gpu ]; then OUT="${OUT:-bench/results/gpu}"; else OUT="${OUT:-/tmp/bench_work/gpu_check_cpu}"; fi
-WORK="${BENCH_WORK:-/tmp/bench_work/gpu_check_$MODE}"
+WORK="${BENCH_WORK:-/tmp/bench_work/gpu_check_work_$MODE}"  # never under $OUT: it holds a 2.5 GB model
 BUDGET="${BUDGET_S:-480}"   # the whole script; parts are skipped when too little time is left
 mkdir -p "$OUT" "$WORK"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" TMPDIR="$WORK"
