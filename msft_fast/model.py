@@ -122,22 +122,33 @@ def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int
     return LoadedModel(model, spec.tokenizer, path, attn, spec.export_dtype, dtype)
 
 
-# Config fields that change the logits beyond `hidden @ head.weight.T`; the fused loss does not
-# apply them yet, so training would optimise a different function from the one exported.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+@dataclass(frozen=True)
+class HeadTransform:
+    """What the model does to `hidden @ head.weight.T` before the softmax, applied by the loss:
+    Gemma-2 soft-capping, Cohere's logit_scale (multiply), Granite's logits_scaling (divide),
+    and an LM-head bias (Phi-2)."""
+
+    softcap: float | None = None
+    scale: float = 1.0  # folded into the hidden states: (s*h) @ W.T == s * (h @ W.T)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "HeadTransform":
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        softcap = getattr(config, "final_logit_softcapping", None)
+        scale = float(getattr(config, "logit_scale", None) or 1.0)
+        scaling = getattr(config, "logits_scaling", None)
+        if scaling not in (None, 0):
+            scale /= float(scaling)
+        return cls(float(softcap) if softcap else None, scale)
 
 
 def _check_head(model: nn.Module, path: str) -> None:
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ModelError(f"the model in {path} has no linear LM head")
-    if getattr(head, "bias", None) is not None:
-        raise ModelError(f"the model in {path} has an LM-head bias, which the loss does not support yet")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise ModelError(f"the model in {path} sets {name}={value}, which the loss does not support yet")
+    if getattr(head, "bias", None) is not None and HeadTransform.of(model).scale != 1.0:
+        # Scaling the hidden states would leave the bias unscaled; no known model has both.
+        raise ModelError(f"the model in {path} has both an LM-head bias and a logit scale, which the loss does not support")
 
 
 def _config_dtype(config: Any) -> torch.dtype:
@@ -256,12 +267,16 @@ class CausalLMWithTaskLoss(nn.Module):
         super().__init__()
         self.lm = lm
         self.num_tasks = num_tasks
+        self.head_transform = HeadTransform.of(lm)
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, TaskStats]:
         hidden = self.hidden_states(batch)
-        head = self.lm.get_output_embeddings()
+        head, t = self.lm.get_output_embeddings(), self.head_transform
+        if t.scale != 1.0:
+            hidden = hidden * t.scale
         return fused_linear_cross_entropy(
-            hidden, head.weight, batch.labels, batch.task_ids, self.num_tasks, reduction="sum"
+            hidden, head.weight, batch.labels, batch.task_ids, self.num_tasks, reduction="sum",
+            bias=getattr(head, "bias", None), softcap=t.softcap,
         )
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
