@@ -77,6 +77,7 @@ class MsftConfig:
     tie_break: Literal["most_overfit", "first"] = "most_overfit"  # among tasks peaking at the same evaluation
     restore: Literal["full", "weights"] = "full"  # full: weights+optimizer+schedule+data+RNG; weights: fresh optimizer
     patience: Optional[int] = None  # end a roll-out once the earliest peak has held for this many evaluations
+    snapshot_spill_dir: Optional[str] = None  # where older snapshot states go when host memory cannot hold them all
 
 
 @dataclass

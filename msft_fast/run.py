@@ -160,6 +160,8 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             "eval_seconds": c.eval_seconds,
             "snapshot_seconds": sum(trainer_.pool.capture_seconds) if trainer_.pool else 0.0,
             "restore_seconds": sum(trainer_.pool.restore_seconds) if trainer_.pool else 0.0,
+            "spill_seconds": sum(trainer_.pool.spill_seconds) if trainer_.pool else 0.0,
+            "snapshot_spills": len(trainer_.pool.spill_seconds) if trainer_.pool else 0,
             "checkpoint_seconds": c.checkpoint_seconds,
             "bad_steps": c.bad_steps,
             "bad_restores": c.bad_restores,

@@ -7,6 +7,10 @@ the number of states alive at once, which the method plans before training (`pla
 On CUDA the copies run on a side stream into pinned buffers and overlap the next training steps;
 `wait()` must be called before anything writes the parameters (the optimizer step).
 Restoring copies the bytes back, so a restored model is bitwise the one that was captured.
+
+When the host cannot hold every state the method may need (`plan_pool`), the pool keeps the newest
+`in_memory` states in host memory and spills older ones to files in `spill_dir` (each rank its own
+shards); restoring a spilled state reads it back, bitwise the same.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ class Snapshot:
     extra: dict[str, Any] = field(default_factory=dict)  # scheduler, data position, RNG (small)
     refs: int = 0
     uid: int = -1  # the same on every rank (captures are collective in order): names it in checkpoints
+    spilled: Optional[str] = None  # the file holding params/optim while they are out of host memory
 
     @property
     def nbytes(self) -> int:
@@ -66,8 +71,13 @@ class Snapshot:
 class SnapshotPool:
     """Captures and restores training states; at most `capacity` alive at once."""
 
-    def __init__(self, capacity: int, device: torch.device, with_optimizer: bool = True):
+    def __init__(self, capacity: int, device: torch.device, with_optimizer: bool = True,
+                 in_memory: Optional[int] = None, spill_dir: Optional[str] = None):
+        if in_memory is not None and in_memory < capacity and spill_dir is None:
+            raise ValueError("a pool that holds fewer states in memory than its capacity needs a spill_dir")
         self.capacity = capacity
+        self.in_memory = capacity if in_memory is None else max(1, in_memory)
+        self.spill_dir = spill_dir
         self.with_optimizer = with_optimizer
         self.pin = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -76,6 +86,7 @@ class SnapshotPool:
         self._free: list[Snapshot] = []
         self.capture_seconds: list[float] = []
         self.restore_seconds: list[float] = []
+        self.spill_seconds: list[float] = []
         self._next_uid = 0
 
     # Reference counting: a state lives while some task's best point or the best pooled point
@@ -92,7 +103,12 @@ class SnapshotPool:
             raise RuntimeError("snapshot released more often than retained")
         if snap.refs == 0:
             self.alive.remove(snap)
-            self._free.append(snap)
+            if snap.spilled is not None:
+                os.unlink(snap.spilled)
+                snap.spilled = None
+            else:
+                self._free.append(Snapshot(snap.params, snap.optim))  # its buffers, not its identity
+            snap.params, snap.optim = [], None
 
     def capture(self, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> Snapshot:
         t0 = time.perf_counter()
@@ -100,6 +116,8 @@ class SnapshotPool:
             raise RuntimeError(f"snapshot pool is full ({self.capacity} states alive); a reference was not released")
         params = sharded_params(model)
         optim = optimizer_tensors(model, optimizer) if self.with_optimizer else None
+        while sum(s.spilled is None for s in self.alive) >= self.in_memory:
+            self._spill(min((s for s in self.alive if s.spilled is None), key=lambda s: s.uid))  # the oldest
         snap = self._buffers_for(params, optim)
         snap.extra = extra
         snap.uid, self._next_uid = self._next_uid, self._next_uid + 1
@@ -112,12 +130,13 @@ class SnapshotPool:
         """Copy `snap` back into the model (and, if given and captured, the optimizer state)."""
         t0 = time.perf_counter()
         self.wait()
+        saved_params, saved_optim = self._tensors(snap)
         params = sharded_params(model)
-        if len(params) != len(snap.params) or any(a.shape != b.shape for a, b in zip(params, snap.params)):
+        if len(params) != len(saved_params) or any(a.shape != b.shape for a, b in zip(params, saved_params)):
             raise RuntimeError("snapshot does not match the model it is restored into")
-        pairs = list(zip(params, snap.params))
-        if optimizer is not None and snap.optim is not None:
-            for p, saved in zip(model.parameters(), snap.optim):
+        pairs = list(zip(params, saved_params))
+        if optimizer is not None and saved_optim is not None:
+            for p, saved in zip(model.parameters(), saved_optim):
                 if not saved:
                     optimizer.state.pop(p, None)  # captured before this parameter's first step
                     continue
@@ -133,13 +152,41 @@ class SnapshotPool:
             torch.cuda.current_stream().synchronize()
         self.restore_seconds.append(time.perf_counter() - t0)
 
+    # Spilling: the oldest in-memory state goes to a file, and its buffers serve the next capture.
+    def _spill(self, snap: Snapshot) -> None:
+        t0 = time.perf_counter()
+        self.wait()
+        if self.stream is not None:
+            self.stream.synchronize()
+        os.makedirs(self.spill_dir, exist_ok=True)
+        path = os.path.join(self.spill_dir, f"snapshot-{snap.uid}.pt")
+        tmp = path + ".tmp"
+        try:
+            torch.save({"params": snap.params, "optim": snap.optim}, tmp)
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise RuntimeError(f"cannot spill a snapshot to {self.spill_dir} ({e.strerror or e})") from None
+        self._free.append(Snapshot(snap.params, snap.optim))
+        snap.params, snap.optim, snap.spilled = [], None, path
+        self.spill_seconds.append(time.perf_counter() - t0)
+
+    @staticmethod
+    def _tensors(snap: Snapshot):
+        """(params, optim) of a state, read back from its file if it was spilled."""
+        if snap.spilled is None:
+            return snap.params, snap.optim
+        data = torch.load(snap.spilled, map_location="cpu", mmap=True, weights_only=True)
+        return data["params"], data["optim"]
+
     # Checkpoints carry the alive states, so a resumed mSFT run can still roll back to them.
     def state_dict(self) -> dict[str, Any]:
         self.wait()
         if self.stream is not None:
             self.stream.synchronize()
-        return {"snapshots": [{"uid": s.uid, "refs": s.refs, "params": s.params, "optim": s.optim, "extra": s.extra}
-                              for s in self.alive],
+        return {"snapshots": [{"uid": s.uid, "refs": s.refs, "params": self._tensors(s)[0],
+                               "optim": self._tensors(s)[1], "extra": s.extra} for s in self.alive],
                 "next_uid": self._next_uid, "capture_seconds": self.capture_seconds,
                 "restore_seconds": self.restore_seconds}
 
@@ -148,9 +195,13 @@ class SnapshotPool:
         if self.alive:
             raise RuntimeError("a pool adopts checkpointed states only while empty")
         pin = (lambda t: t.pin_memory()) if self.pin else (lambda t: t)  # noqa: E731
-        for s in state["snapshots"]:
+        for s in sorted(state["snapshots"], key=lambda s: s["uid"]):
             optim = None if s["optim"] is None else [{k: pin(v) for k, v in d.items()} for d in s["optim"]]
-            self.alive.append(Snapshot([pin(t) for t in s["params"]], optim, s["extra"], s["refs"], s["uid"]))
+            snap = Snapshot([pin(t) for t in s["params"]], optim, s["extra"], s["refs"], s["uid"])
+            if sum(a.spilled is None for a in self.alive) >= self.in_memory:
+                self._spill(min((a for a in self.alive if a.spilled is None), key=lambda a: a.uid))
+            self.alive.append(snap)
+        self._free.clear()  # buffers of spilled adopted states: freshly loaded, not worth keeping
         if len(self.alive) > self.capacity:
             raise RuntimeError("the checkpoint holds more snapshot states than the pool's capacity")
         self._next_uid = state["next_uid"]
@@ -223,8 +274,9 @@ def host_memory_available() -> Optional[int]:
 
 
 def plan_pool(model: nn.Module, states: int, with_optimizer: bool, ranks_per_host: int,
-              optimizer_tensors_per_param: int = 2) -> dict[str, int]:
-    """Worst-case host bytes of the pool on this rank and on its host; stop if they do not fit.
+              optimizer_tensors_per_param: int = 2, spill_dir: Optional[str] = None) -> dict[str, Any]:
+    """Worst-case host bytes of the pool on this rank and on its host, and how many states stay in
+    host memory (the rest spill to `spill_dir`); stop if they do not fit and there is no spill_dir.
 
     Adam keeps two fp32 tensors per parameter (exp_avg, exp_avg_sq), hence the default factor.
     """
@@ -234,13 +286,20 @@ def plan_pool(model: nn.Module, states: int, with_optimizer: bool, ranks_per_hos
     per_host = per_rank * ranks_per_host
     available = host_memory_available()
     plan = {"states": states, "bytes_per_state": per_state, "bytes_per_rank": per_rank, "bytes_per_host": per_host,
-            "host_available": available if available is not None else -1}
-    if available is not None and per_host > 0.8 * available:
+            "host_available": available if available is not None else -1, "in_memory_states": states,
+            "spill_dir": None}
+    if available is None or per_host <= 0.8 * available:
+        return plan
+    fit = int(0.8 * available // max(1, per_state * ranks_per_host))
+    if spill_dir is None or fit < 1:
+        hint = ("set msft.snapshot_spill_dir to spill older states to disk, " if spill_dir is None else
+                "not even one state fits in host memory; ")
         raise ConfigError(
             f"the mSFT snapshot pool needs {per_host / 2**30:.1f} GiB of host memory on this host "
             f"({states} states x {per_state / 2**30:.2f} GiB x {ranks_per_host} ranks) but "
-            f"{available / 2**30:.1f} GiB is available; use more nodes, fewer tasks, or msft.restore=weights"
+            f"{available / 2**30:.1f} GiB is available; {hint}use more nodes, fewer tasks, or msft.restore=weights"
         )
+    plan.update(in_memory_states=min(fit, states), spill_dir=spill_dir)
     return plan
 
 

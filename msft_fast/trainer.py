@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -305,8 +307,12 @@ class Trainer:
     # -------------------------------------------------------------------------------------------
     # State a method may keep and restore (host copies of this rank's shards, no collective)
 
-    def make_pool(self, capacity: int, with_optimizer: bool) -> SnapshotPool:
-        self.pool = SnapshotPool(capacity, self.ctx.device, with_optimizer)
+    def make_pool(self, capacity: int, with_optimizer: bool, in_memory: Optional[int] = None,
+                  spill_dir: Optional[str] = None) -> SnapshotPool:
+        if spill_dir is not None:  # each rank spills its own shards; the folder is this run's alone
+            spill_dir = os.path.join(spill_dir, f"{os.path.basename(self.output_dir)}-{_short_hash(self.output_dir)}",
+                                     f"rank-{self.ctx.rank}")
+        self.pool = SnapshotPool(capacity, self.ctx.device, with_optimizer, in_memory, spill_dir)
         self._adopted = {}
         if self._resumed is not None and self._resumed.rank_state["pool"] is not None:
             self._adopted = self.pool.load_state_dict(self._resumed.rank_state["pool"])
@@ -413,6 +419,12 @@ class Trainer:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.close()
+        if self.pool is not None and self.pool.spill_dir is not None:
+            shutil.rmtree(self.pool.spill_dir, ignore_errors=True)
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:

@@ -3,12 +3,14 @@ of msft and sro whose history.json must be self-consistent."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 from conftest import tiny_llama
 
 from msft_fast.config import load_config
+from msft_fast.errors import ConfigError
 from msft_fast.methods.msft import choose_exclusion, peak_confirmed, task_peaks
 
 A, B, C = "a", "b", "c"
@@ -130,6 +132,72 @@ def test_pool_restores_weights_and_adam_state_bitwise_and_reuses_released_buffer
             pool.release(other)
     finally:
         shutdown_distributed()
+
+
+def test_pool_spills_older_states_to_disk_and_restores_them_bitwise(tokenizer, tmp_path):
+    from msft_fast.data.packing import collate, plan_epoch
+    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
+    from msft_fast.snapshot import SnapshotPool
+    from test_packing import _tasks
+
+    ctx = init_distributed()
+    try:
+        lm = tiny_llama(tokenizer)
+        model = CausalLMWithTaskLoss(lm, num_tasks=2)
+        parallelize(model, decoder_blocks(lm), torch.float32, ctx.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        docsets = [t.train for t in _tasks(6, 4, seed=1)]
+        batch = collate(plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0], docsets, [0, 1])
+
+        def step():
+            model(batch)[0].backward()
+            opt.step()
+            opt.zero_grad()
+
+        def state():
+            model.reshard()
+            params = [p.detach().to_local().clone() for p in model.parameters()]
+            moments = [{k: v.to_local().clone() if hasattr(v, "to_local") else v.clone() for k, v in opt.state[p].items()}
+                       for p in model.parameters()]
+            return params, moments
+
+        spill = tmp_path / "spill"
+        pool = SnapshotPool(capacity=3, device=ctx.device, with_optimizer=True, in_memory=1, spill_dir=str(spill))
+        wants, snaps = [], []
+        for _ in range(3):
+            step()
+            wants.append(state())
+            snaps.append(pool.retain(pool.capture(model, opt, {})))
+        # One state in memory (the newest), the two older ones in files.
+        assert [s.spilled is not None for s in snaps] == [True, True, False]
+        assert sorted(os.listdir(spill)) == ["snapshot-0.pt", "snapshot-1.pt"]
+        for snap, want in zip(snaps, wants):
+            step()
+            pool.restore(snap, model, opt)
+            got = state()
+            assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
+            for a, b in zip(got[1], want[1]):
+                assert all(torch.equal(a[k], b[k]) for k in a)
+        pool.release(snaps[0])
+        assert sorted(os.listdir(spill)) == ["snapshot-1.pt"]  # a released spilled state leaves no file
+        with pytest.raises(ValueError, match="spill_dir"):
+            SnapshotPool(capacity=3, device=ctx.device, in_memory=1)
+    finally:
+        shutdown_distributed()
+
+
+def test_the_pool_plan_spills_or_names_the_setting_when_host_memory_is_short(tokenizer, monkeypatch):
+    import msft_fast.snapshot as snapshot
+
+    lm = tiny_llama(tokenizer)
+    per_state = 3 * sum(p.numel() * 4 for p in lm.parameters())
+    monkeypatch.setattr(snapshot, "host_memory_available", lambda: int(2.5 * per_state / 0.8))
+    plan = snapshot.plan_pool(lm, states=6, with_optimizer=True, ranks_per_host=1, spill_dir="/tmp/x")
+    assert plan["in_memory_states"] == 2 and plan["spill_dir"] == "/tmp/x"
+    with pytest.raises(ConfigError, match="msft.snapshot_spill_dir"):
+        snapshot.plan_pool(lm, states=6, with_optimizer=True, ranks_per_host=1)
+    assert snapshot.plan_pool(lm, states=2, with_optimizer=True, ranks_per_host=1)["in_memory_states"] == 2
 
 
 def _run(tmp_path, demo_dir, *overrides):

@@ -22,7 +22,7 @@ from msft_fast.config import load_config
 from msft_fast.trainer import Trainer
 
 TIMING_KEYS = {"train_seconds", "eval_seconds", "snapshot_seconds", "restore_seconds", "checkpoint_seconds",
-               "wall_seconds", "seconds", "host_available", "tokens_per_s", "step_seconds"}
+               "spill_seconds", "wall_seconds", "seconds", "host_available", "tokens_per_s", "step_seconds"}
 
 
 def _overrides(tmp_path, demo_dir, out, *extra):
@@ -58,10 +58,16 @@ def _outputs(out):
     return _strip(history), _strip(metrics), weights
 
 
-def _assert_same_run(a, b):
+def _assert_same_run(a, b, ignore=()):
     (ha, ma, wa), (hb, mb, wb) = _outputs(a), _outputs(b)
-    for h in (ha, hb):  # the only settings that differ: where each run wrote
-        h["config"].pop("output_dir"), h["config"]["data"].pop("cache_dir")
+    # Settings that may differ: where each run wrote, how often it checkpointed; and `ignore`.
+    for h in (ha, hb):
+        for key in ("config.output_dir", "config.data.cache_dir", "config.train.checkpoint_every", *ignore):
+            *path, name = key.split(".")
+            node = h
+            for part in path:
+                node = node[part]
+            node.pop(name)
     assert json.dumps(ha, sort_keys=True) == json.dumps(hb, sort_keys=True)  # NaN-safe, bitwise floats
     assert json.dumps(ma) == json.dumps(mb)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -156,6 +162,22 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_training_goes_on(
     assert _train(tmp_path, demo_dir, out, "method=sft")["status"] == "finished"
 
 
+@pytest.mark.slow
+def test_snapshots_spilled_to_disk_give_the_same_run(tmp_path, demo_dir, uninterrupted, monkeypatch):
+    """Host memory for two of the pool's four states: the others go to disk, the run is the same."""
+    import msft_fast.snapshot as snapshot
+
+    whole = uninterrupted("msft")
+    with open(os.path.join(whole, "history.json")) as f:
+        per_state = json.load(f)["snapshot_pool"]["bytes_per_state"]
+    monkeypatch.setattr(snapshot, "host_memory_available", lambda: int(2.5 * per_state / 0.8))
+    out, spill = str(tmp_path / "run"), tmp_path / "spill"
+    history = _train(tmp_path, demo_dir, out, "method=msft", f"msft.snapshot_spill_dir={spill}")
+    assert history["snapshot_pool"]["in_memory_states"] == 2 and history["totals"]["snapshot_spills"] > 0
+    assert not any(files for _, _, files in os.walk(spill))  # spilled files are removed with their states
+    _assert_same_run(whole, out, ignore=("snapshot_pool", "totals.snapshot_spills", "config.msft.snapshot_spill_dir"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Non-finite steps
 
@@ -246,11 +268,35 @@ def _wait_for_steps(proc, out, steps: int, timeout: float = 240):
     raise AssertionError("the run did not reach the step in time")
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torchrun starts its workers in sessions of their own,
+    so killing the launcher's process group would leave them running)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _finish(proc, timeout: float = 300):
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         proc.communicate()
         raise
     return proc.returncode, err
@@ -285,7 +331,7 @@ def test_sigkill_anywhere_then_rerun_ends_like_an_uninterrupted_run(tmp_path, de
     args = _overrides(tmp_path, demo_dir, out, "method=msft", "train.checkpoint_every=2")
     proc = _cli(args, tmp_path)
     _wait_for_steps(proc, out, kill_after)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_tree(proc.pid)
     proc.communicate()
     code, err = _finish(_cli(args, tmp_path))
     assert code == 0, err[-2000:]
@@ -299,12 +345,14 @@ def test_two_ranks_killed_and_rerun_end_like_two_ranks_uninterrupted(tmp_path, d
     common = ("method=msft", "train.grad_accum=1", "msft.max_stages=2")
     code, err = _finish(_cli(_overrides(tmp_path, demo_dir, whole, *common), tmp_path, launcher))
     assert code == 0, err[-2000:]
-    args = _overrides(tmp_path, demo_dir, out, *common)
+    args = _overrides(tmp_path, demo_dir, out, *common, "train.checkpoint_every=2")
     proc = _cli(args, tmp_path, launcher)
-    _wait_for_steps(proc, out, 8)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _wait_for_steps(proc, out, 5)
+    _kill_tree(proc.pid)
     proc.communicate()
     assert latest_checkpoint(out) is not None
+    with open(os.path.join(out, "history.json")) as f:
+        assert json.load(f)["status"] == "running"  # really killed mid-run
     code, err = _finish(_cli(args, tmp_path, launcher))
     assert code == 0, err[-2000:]
     _assert_same_run(whole, out)

@@ -16,7 +16,7 @@ from msft_fast.methods.ledger import StageLedger
 from msft_fast.methods.metric import Metric
 from msft_fast.methods.records import Evaluation, eval_points, evaluate
 from msft_fast.methods.sft import final_record
-from msft_fast.report import write_report
+from msft_fast.report import PeriodicReport
 from msft_fast.snapshot import Snapshot, local_world_size, plan_pool
 from msft_fast.trainer import Trainer
 
@@ -81,8 +81,11 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
     names = list(trainer.task_names)
     weights_only = cfg.restore == "weights"
     # Worst case alive at once: one state per active task's best point plus the best pooled one.
-    history.data["snapshot_pool"] = plan_pool(trainer.model, len(names) + 1, not weights_only, local_world_size())
-    pool = trainer.make_pool(capacity=len(names) + 1, with_optimizer=not weights_only)
+    plan = plan_pool(trainer.model, len(names) + 1, not weights_only, local_world_size(),
+                     spill_dir=cfg.snapshot_spill_dir)
+    history.data["snapshot_pool"] = plan
+    pool = trainer.make_pool(capacity=len(names) + 1, with_optimizer=not weights_only,
+                             in_memory=plan["in_memory_states"], spill_dir=plan["spill_dir"])
     ledger = StageLedger(trainer)
     st: MsftState = trainer.resumed_method_state()
     if st is None:
@@ -91,6 +94,7 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
         st = MsftState(list(names), start, start_state, start, pool.retain(start_state), ledger.start)
     ledger.start = st.ledger
     trainer.method_state = st
+    report = PeriodicReport(os.path.dirname(history.path))
 
     while st.active and st.stage < cfg.max_stages:
         trainer.tags["stage"] = st.stage
@@ -120,7 +124,7 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
                 st.best_state = pool.retain(st.held[last]) if last in st.held else trainer.capture()
             if cfg.patience is not None and peak_confirmed(costs, st.active, cfg.patience):
                 break
-        _end_stage(trainer, history, st, ledger, weights_only)
+        _end_stage(trainer, history, st, ledger, weights_only, report)
         st.ledger = ledger.start
 
     pool.release(st.start_state)
@@ -128,7 +132,8 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
     return final_record(st.best)
 
 
-def _end_stage(trainer: Trainer, history: History, st: MsftState, ledger: StageLedger, weights_only: bool) -> None:
+def _end_stage(trainer: Trainer, history: History, st: MsftState, ledger: StageLedger, weights_only: bool,
+               report: PeriodicReport) -> None:
     """Record the roll-out's decision, roll back if a task is excluded, and set up the next stage."""
     cfg, names, rollout, pool = trainer.cfg.msft, trainer.task_names, st.rollout, trainer.pool
     decision = choose_exclusion([e.costs for e in rollout], st.active, cfg.tie_break)
@@ -150,7 +155,7 @@ def _end_stage(trainer: Trainer, history: History, st: MsftState, ledger: StageL
             trainer.set_active([names.index(k) for k in st.active])
     history.write(trainer.ctx.is_main)
     if trainer.ctx.is_main:
-        write_report(os.path.dirname(history.path), history.data)  # curves with this stage's decision
+        report(history.data)  # curves with this stage's decision
     # The kept state starts the next stage; every other state of this roll-out is released.
     st.start, st.start_state = rollout[keep], st.held.pop(keep)
     for snap in st.held.values():
