@@ -105,7 +105,7 @@ def run_variant(a, model_dir: str, tasks: list[dict], attn: str, compile_: bool,
     if compile_:
         config["train"]["compile"] = True
     if a.activation_checkpointing and trainer_supports("train.activation_checkpointing"):
-        config["train"]["activation_checkpointing"] = True
+        config["train"]["activation_checkpointing"] = "full"
     path = os.path.join(workdir, f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)

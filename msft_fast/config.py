@@ -32,7 +32,7 @@ class TaskConfig:
 @dataclass
 class ModelConfig:
     path: str = "builtin:tiny-llama"  # a local HF model folder, or builtin:tiny-llama
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
 
 
 @dataclass
@@ -62,6 +62,11 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     log_every: int = 1
     progress: bool = True
+    activation_checkpointing: Literal["off", "full", "selective"] = "off"  # selective: every n-th block
+    activation_checkpointing_every: int = 2  # n for selective
+    compile: bool = False  # torch.compile each decoder block
+    hsdp_replicas: int = 1  # >1: HSDP, replicate over this many groups (nodes), shard within each
+    peak_tflops: Optional[float] = None  # one device's peak for MFU; None: the table for known GPUs
     checkpoint_every: int = 500  # optimizer steps between resumable checkpoints; 0 = none
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     max_bad_steps: int = 3  # non-finite steps in a row (each skipped) before `on_bad_steps` acts
@@ -244,6 +249,9 @@ def validate(cfg: Config) -> None:
     need(0.0 <= t.beta2 < 1.0, "train.beta2", "in [0, 1)", t.beta2)
     need(t.grad_clip >= 0, "train.grad_clip", "0 (off) or a positive norm", t.grad_clip)
     need(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)
+    need(t.activation_checkpointing_every >= 1, "train.activation_checkpointing_every", "at least 1",
+         t.activation_checkpointing_every)
+    need(t.hsdp_replicas >= 1, "train.hsdp_replicas", "at least 1", t.hsdp_replicas)
     need(t.checkpoint_every >= 0, "train.checkpoint_every", "0 (off) or a number of steps", t.checkpoint_every)
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1", t.keep_checkpoints)
     need(t.max_bad_steps >= 1, "train.max_bad_steps", "at least 1", t.max_bad_steps)

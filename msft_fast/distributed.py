@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -52,19 +53,64 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model: nn.Module, blocks: list[nn.Module], param_dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """`fully_shard` each decoder block, then the root (`model`, which owns embeddings and head).
+def parallelize(model: nn.Module, blocks: list[nn.Module], param_dtype: torch.dtype, device: torch.device, *,
+                activation_checkpointing: str = "off", checkpoint_every: int = 2, compile: bool = False,
+                replicas: int = 1) -> nn.Module:
+    """Apply, in this order, activation checkpointing and `torch.compile` to each decoder block, then
+    `fully_shard` each block, then the root (`model`, which owns embeddings and head).
 
     The model may sit on the CPU: each rank moves only its own shards to `device`, so no device
     ever holds the whole model. Parameters stay fp32 (the optimizer's master copy); compute runs
-    in `param_dtype` and gradients are reduced in fp32.
+    in `param_dtype` and gradients are reduced in fp32. Both wrappers patch `forward` in place, so
+    parameter names (and the exported HF folder) stay those of the plain model.
+
+    activation_checkpointing: "off"; "full" (every block recomputes its forward in backward);
+        "selective" (every `checkpoint_every`-th block: memory and recompute in between).
+    replicas > 1: HSDP, parameters replicated over `replicas` groups (across nodes) and sharded
+        within each (a node); gradients are reduce-scattered in the group, then all-reduced across.
     """
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for i, block in enumerate(blocks):
+        if activation_checkpointing == "full" or (activation_checkpointing == "selective" and i % checkpoint_every == 0):
+            _checkpoint_forward(block)
+        if compile:
+            block.compile()  # in place: the module and its parameter names stay the same
+    mesh = device_mesh(device, replicas)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for i, block in enumerate(blocks):
+        # The last block's parameters would be gathered again at once for its backward: keep them
+        # (torchtitan does the same); every other block frees its gathered copy after forward.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def device_mesh(device: torch.device, replicas: int = 1):
+    """1-D mesh over all ranks (FSDP), or 2-D (replicate, shard) for HSDP."""
+    world = dist.get_world_size()
+    if replicas <= 1:
+        return init_device_mesh(device.type, (world,))
+    if world % replicas:
+        raise ValueError(f"world size {world} is not a multiple of train.hsdp_replicas={replicas}")
+    return init_device_mesh(device.type, (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Free every gathered parameter copy: a forward without backward (an evaluation) leaves the
+    root, and blocks that keep their parameters after forward, unsharded."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _checkpoint_forward(block: nn.Module) -> None:
+    forward = block.forward
+
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation: nothing to save, nothing to recompute
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

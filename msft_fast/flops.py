@@ -8,9 +8,25 @@ other, so attention is counted per document, not per packed row.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
+import torch
 from torch import nn
+
+# Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's data sheets, matched
+# against torch.cuda.get_device_name(); the first matching entry wins, so the specific come first.
+PEAK_FLOPS = (
+    ("H200 NVL", 835e12),
+    ("H200", 989.4e12),  # SXM
+    ("GH200", 989.4e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989.4e12),  # SXM (HBM3)
+    ("H800", 989.4e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+)
 
 
 @dataclass(frozen=True)
@@ -40,3 +56,15 @@ class FlopCounter:
 
     def eval(self, num_tokens: int, doc_lengths: Iterable[int]) -> int:
         return 2 * self.matmul_params * num_tokens + self.attention_forward(doc_lengths)
+
+
+def device_peak_flops(device: torch.device, compute_dtype: torch.dtype, override_tflops: Optional[float] = None
+                      ) -> Optional[float]:
+    """Peak FLOP/s of one device for MFU: `override_tflops` (train.peak_tflops) if given, else the
+    table for a CUDA device computing in bf16/fp16; None (no MFU) for a CPU, fp32 or an unknown GPU."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda" or compute_dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)

@@ -288,14 +288,16 @@ def _largest(ok, lo: int, hi: int) -> int:
 
 def preflight_memory(cfg: Any, model_config: Any, world_size: int, device: torch.device,
                      compute_dtype: torch.dtype, *, attention: str = "sdpa", num_params: Optional[int] = None,
-                     free_bytes: Optional[int] = None, host_free_bytes: Optional[int] = None) -> MemoryEstimate:
+                     free_bytes: Optional[int] = None, host_free_bytes: Optional[int] = None,
+                     activation_checkpointing: bool = False) -> MemoryEstimate:
     """Estimate the run `cfg` (a Config) and raise a ConfigError when it cannot fit; return the estimate.
 
     Call it after the config and data are validated and before the weights are loaded or moved to
     the device, on every rank (each checks its own GPU). Ranks on this host: $LOCAL_WORLD_SIZE.
     """
     estimate = estimate_memory(model_config, cfg.data.tokens_per_batch, world_size, compute_dtype,
-                               attention=attention, num_params=num_params, device_type=device.type)
+                               attention=attention, num_params=num_params, device_type=device.type,
+                               activation_checkpointing=activation_checkpointing)
     check_memory(estimate, device, free_bytes=free_bytes, host_free_bytes=host_free_bytes,
                  ranks_on_host=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
                  min_tokens_per_batch=cfg.data.max_seq_len)

@@ -36,7 +36,7 @@ from msft_fast.methods.sro import run_sro
 from msft_fast.model import load_model, load_model_spec, max_positions
 from msft_fast.preflight import preflight_memory
 from msft_fast.report import write_report
-from msft_fast.trainer import METRICS_FILE, Trainer
+from msft_fast.trainer import METRICS_FILE, Trainer, peak_memory_gib
 
 log = logging.getLogger("msft_fast")
 
@@ -95,8 +95,13 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
     # Rank 0 tokenizes and fills the cache; the others then read the same cache.
     tasks = _agreed(ctx, lambda: load_tasks(cfg.data, spec.tokenizer), main_first=True)
     check_token_ids(tasks, spec.text_config.vocab_size)
-    _agreed(ctx, lambda: preflight_memory(cfg, spec.config, ctx.world_size, ctx.device, spec.compute_dtype,
-                                          attention=spec.attn_implementation))
+    if ctx.world_size % cfg.train.hsdp_replicas:
+        raise ConfigError(f"config key 'train.hsdp_replicas' ({cfg.train.hsdp_replicas}) must divide the number of "
+                          f"ranks ({ctx.world_size})")
+    # Selective checkpointing is costed as none: the estimate errs on the safe side.
+    _agreed(ctx, lambda: preflight_memory(cfg, spec.config, ctx.world_size // cfg.train.hsdp_replicas, ctx.device,
+                                          spec.compute_dtype, attention=spec.attn_implementation,
+                                          activation_checkpointing=cfg.train.activation_checkpointing == "full"))
     if resume is None:
         _agreed(ctx, lambda: clear_run(out), main_only=True)
     loaded = _agreed(ctx, lambda: load_model(cfg.model, cfg.train.precision, ctx.device, cfg.train.seed, spec))
@@ -166,6 +171,11 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             "bad_steps": c.bad_steps,
             "bad_restores": c.bad_restores,
             "wall_seconds": time.time() - start,
+            "tokens_per_s": c.trained_tokens / max(1e-9, c.train_seconds),
+            "tokens_per_s_per_device": c.trained_tokens / max(1e-9, c.train_seconds) / ctx.world_size,
+            "mfu": (c.train_flops / (c.train_seconds * trainer_.peak_flops * ctx.world_size)
+                    if trainer_.peak_flops and c.train_seconds > 0 else None),
+            "peak_mem_gib": peak_memory_gib(ctx.device),
         }
         history.finish(final, totals)
         history.write(ctx.is_main)
@@ -175,9 +185,10 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
         if trainer_ is not None:
             trainer_.close()
     if ctx.is_main:
-        log.info("trained %d tokens in %.1f s (%.0f tokens/s), evaluation took %.1f s", totals["trained_tokens"],
-                 totals["train_seconds"], totals["trained_tokens"] / max(1e-9, totals["train_seconds"]),
-                 totals["eval_seconds"])
+        mfu = f", MFU {100 * totals['mfu']:.1f}%" if totals["mfu"] is not None else ""
+        log.info("trained %d tokens in %.1f s (%.0f tokens/s, %.0f per device%s), evaluation took %.1f s, peak "
+                 "memory %.2f GiB", totals["trained_tokens"], totals["train_seconds"], totals["tokens_per_s"],
+                 totals["tokens_per_s_per_device"], mfu, totals["eval_seconds"], totals["peak_mem_gib"])
         log.info("done: final model (eval %d, pooled %s %.4f) in %s; history in %s; report in %s", final["eval_id"],
                  metric.name, final["pooled_metric"], final_dir, history.path, os.path.join(out, "report.md"))
     return history.data

@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from msft_fast.distributed import reshard_all
 from msft_fast.errors import ConfigError
 
 
@@ -32,7 +33,7 @@ def sharded_params(model: nn.Module) -> list[torch.Tensor]:
     parameters unsharded, as temporary full copies: reshard first so we read and write the real
     shards, never those copies."""
     if isinstance(model, FSDPModule):
-        model.reshard()
+        reshard_all(model)
     params = list(model.parameters())
     if isinstance(model, FSDPModule) and not all(isinstance(p, DTensor) for p in params):
         raise RuntimeError("a snapshot needs every parameter sharded; some are still unsharded")

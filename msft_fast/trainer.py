@@ -23,9 +23,9 @@ from msft_fast import checkpoint as ckpt
 from msft_fast.config import Config
 from msft_fast.data.loader import MixtureLoader
 from msft_fast.data.tasks import TaskData
-from msft_fast.distributed import DistContext, all_reduce_sum, parallelize
+from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all
 from msft_fast.errors import StopRequested, UserError
-from msft_fast.flops import FlopCounter
+from msft_fast.flops import FlopCounter, device_peak_flops
 from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, decoder_blocks
 from msft_fast.optim import build_optimizer, build_scheduler
 from msft_fast.snapshot import Snapshot, SnapshotPool
@@ -83,9 +83,13 @@ class Trainer:
         self.tokenizer = loaded.tokenizer
         self.tags: dict = {}  # added to every metrics.jsonl record (a method's stage, say)
         self.flop_counter = FlopCounter.for_model(loaded.model)
+        self.peak_flops = device_peak_flops(ctx.device, loaded.compute_dtype, cfg.train.peak_tflops)
         self.model = CausalLMWithTaskLoss(loaded.model, len(tasks))
         self.param_dtype = loaded.compute_dtype
-        parallelize(self.model, decoder_blocks(loaded.model), self.param_dtype, ctx.device)
+        t = cfg.train
+        parallelize(self.model, decoder_blocks(loaded.model), self.param_dtype, ctx.device,
+                    activation_checkpointing=t.activation_checkpointing,
+                    checkpoint_every=t.activation_checkpointing_every, compile=t.compile, replicas=t.hsdp_replicas)
         self.optimizer = build_optimizer(self.model, cfg.train, ctx.device)
         self.loader = loader
         self.counters = Counters()
@@ -146,7 +150,8 @@ class Trainer:
         c, ctx = self.counters, self.ctx
         t0 = time.perf_counter()
         plans = self.loader.step_plans(c.epoch, c.step_in_epoch)
-        batches = self.loader.step_batches(c.epoch, c.step_in_epoch)
+        batches = [b.to(ctx.device) for b in self.loader.step_batches(c.epoch, c.step_in_epoch)]
+        t_data = time.perf_counter()
         # Sum of token losses over the whole step, divided by its global count of trained tokens,
         # so the update does not depend on how tokens fall into micro-batches or ranks. FSDP
         # averages gradients over ranks, hence the factor world_size.
@@ -158,7 +163,7 @@ class Trainer:
         reduced = torch.zeros(3 * T + 1, dtype=torch.float64, device=ctx.device)
         stats = reduced[: 3 * T].view(3, T)
         for batch in batches:
-            loss_sum, s = self.model(batch.to(ctx.device))
+            loss_sum, s = self.model(batch)
             (loss_sum * scale).backward()
             stats[0] += s.loss_sum.double()
             stats[1] += s.tokens.double()
@@ -168,7 +173,8 @@ class Trainer:
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         reduced[-1] = 1.0 if self.stop_signal else 0.0
         all_reduce_sum(reduced)
-        reduced = reduced.cpu()
+        reduced = reduced.cpu()  # waits for the device: forward, backward and clipping are done
+        t_fwd_bwd = time.perf_counter()
         stats = reduced[: 3 * T].view(3, T)
         # The gradient norm is global and the loss is reduced, so every rank takes the same decision.
         finite = math.isfinite(float(grad_norm)) and math.isfinite(float(stats[0].sum()))
@@ -181,7 +187,10 @@ class Trainer:
         # position stays that of an uninterrupted run.
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)  # so the optimizer's time is its own, not the next step's
+        t_end = time.perf_counter()
+        dt = t_end - t0
 
         tokens = sum(p.num_tokens for p in plans)
         c.step += 1
@@ -189,7 +198,8 @@ class Trainer:
         c.step_in_epoch += 1
         c.trained_tokens += tokens
         c.loss_tokens += loss_tokens
-        c.train_flops += self.flop_counter.train(tokens, self.loader.doc_lengths(plans))
+        step_flops = self.flop_counter.train(tokens, self.loader.doc_lengths(plans))
+        c.train_flops += step_flops
         c.train_seconds += dt
         record = {
             **self.tags,
@@ -201,7 +211,11 @@ class Trainer:
             "tokens": tokens,
             "loss_tokens": loss_tokens,
             "tokens_per_s": tokens / dt,
+            "tokens_per_s_per_device": tokens / dt / ctx.world_size,
+            **({"mfu": step_flops / (dt * self.peak_flops * ctx.world_size)} if self.peak_flops else {}),
             "step_seconds": dt,
+            "time": {"data": t_data - t0, "fwd_bwd": t_fwd_bwd - t_data, "optimizer": t_end - t_fwd_bwd},
+            "peak_mem_gib": peak_memory_gib(ctx.device),
             "train_flops": c.train_flops,
             **({} if finite else {"skipped": True}),
             "tasks": {
@@ -276,7 +290,7 @@ class Trainer:
             stats[1] += s.tokens.double()
             stats[2] += s.correct.double()
         self.model.train()
-        self.model.reshard()  # a forward without backward leaves the root unsharded
+        reshard_all(self.model)  # a forward without backward leaves the root (and the last block) unsharded
         all_reduce_sum(stats)
         stats = stats.cpu()
         c = self.counters
@@ -298,7 +312,7 @@ class Trainer:
             with torch.no_grad():
                 return fn(self.model.lm)
         finally:
-            self.model.reshard()
+            reshard_all(self.model)
 
     def _eval_cost(self) -> tuple[int, int]:
         lengths = [int(n) for t in self.tasks for n in t.val.lengths]
@@ -421,6 +435,15 @@ class Trainer:
             self.progress.close()
         if self.pool is not None and self.pool.spill_dir is not None:
             shutil.rmtree(self.pool.spill_dir, ignore_errors=True)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory so far: allocated on the GPU, or the process's resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _short_hash(text: str) -> str:

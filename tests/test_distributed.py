@@ -46,8 +46,13 @@ def _run(cmd, env) -> None:
     assert proc.returncode == 0, stderr[-3000:]
 
 
-@pytest.mark.parametrize("method", ["sft", "msft"])
-def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_dir, method):
+@pytest.mark.parametrize("method,two_rank_options", [
+    ("sft", ()),
+    ("msft", ()),
+    # HSDP (2 replicas of 1 shard) with every other block recomputed in backward: the same maths.
+    ("sft", ("train.hsdp_replicas=2", "train.activation_checkpointing=selective")),
+], ids=["sft", "msft", "sft-hsdp-checkpointing"])
+def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_dir, method, two_rank_options):
     """For msft this also covers the snapshot pool and roll-backs with sharded state on 2 ranks."""
     config = _write_config(tmp_path, demo_dir, user_model_dir)
     tests_dir = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +66,8 @@ def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_d
     _run([sys.executable, "-m", "msft_fast", "train", "--config", config, f"output_dir={one}", "train.grad_accum=2",
           *extra], env)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "msft_fast.train", "--config", config, f"output_dir={two}", "train.grad_accum=1", *extra], env)
+          "-m", "msft_fast.train", "--config", config, f"output_dir={two}", "train.grad_accum=1", *extra,
+          *two_rank_options], env)
 
     def metrics(folder):
         return [json.loads(line) for line in open(folder / "metrics.jsonl")]

@@ -74,7 +74,7 @@ def test_patience_confirms_the_earliest_peak_after_enough_evaluations():
 
 def test_pool_restores_weights_and_adam_state_bitwise_and_reuses_released_buffers(tokenizer):
     from msft_fast.data.packing import collate, plan_epoch
-    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.distributed import init_distributed, parallelize, reshard_all, shutdown_distributed
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
     from msft_fast.snapshot import SnapshotPool
     from test_packing import _tasks
@@ -94,7 +94,7 @@ def test_pool_restores_weights_and_adam_state_bitwise_and_reuses_released_buffer
             opt.zero_grad()
 
         def state():
-            model.reshard()
+            reshard_all(model)
             params = [p.detach().to_local().clone() for p in model.parameters()]
             moments = [{k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in opt.state[p].items()}
                        for p in model.parameters()]
@@ -136,7 +136,7 @@ def test_pool_restores_weights_and_adam_state_bitwise_and_reuses_released_buffer
 
 def test_pool_spills_older_states_to_disk_and_restores_them_bitwise(tokenizer, tmp_path):
     from msft_fast.data.packing import collate, plan_epoch
-    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.distributed import init_distributed, parallelize, reshard_all, shutdown_distributed
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
     from msft_fast.snapshot import SnapshotPool
     from test_packing import _tasks
@@ -156,7 +156,7 @@ def test_pool_spills_older_states_to_disk_and_restores_them_bitwise(tokenizer, t
             opt.zero_grad()
 
         def state():
-            model.reshard()
+            reshard_all(model)
             params = [p.detach().to_local().clone() for p in model.parameters()]
             moments = [{k: v.to_local().clone() if hasattr(v, "to_local") else v.clone() for k, v in opt.state[p].items()}
                        for p in model.parameters()]

@@ -22,7 +22,8 @@ from msft_fast.config import load_config
 from msft_fast.trainer import Trainer
 
 TIMING_KEYS = {"train_seconds", "eval_seconds", "snapshot_seconds", "restore_seconds", "checkpoint_seconds",
-               "spill_seconds", "wall_seconds", "seconds", "host_available", "tokens_per_s", "step_seconds"}
+               "spill_seconds", "wall_seconds", "seconds", "host_available", "tokens_per_s", "step_seconds",
+               "tokens_per_s_per_device", "time", "peak_mem_gib", "mfu"}
 
 
 def _overrides(tmp_path, demo_dir, out, *extra):

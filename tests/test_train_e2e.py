@@ -80,6 +80,28 @@ def test_history_has_every_contract_field(finished_run):
     metrics = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == list(range(1, totals["steps"] + 1))
     assert sum(m["tokens"] for m in metrics) == totals["trained_tokens"]
+    # Throughput and its breakdown; no MFU on a CPU (no peak to compare with).
+    for m in metrics:
+        assert sum(m["time"].values()) == pytest.approx(m["step_seconds"], rel=1e-6)
+        assert m["tokens_per_s_per_device"] == pytest.approx(m["tokens_per_s"]) and "mfu" not in m
+        assert m["peak_mem_gib"] > 0
+    assert totals["tokens_per_s"] == pytest.approx(totals["trained_tokens"] / totals["train_seconds"])
+    assert totals["mfu"] is None and totals["bad_steps"] == 0
+
+
+def test_mfu_uses_the_dense_peak_of_the_device(monkeypatch):
+    import torch
+
+    from msft_fast.flops import device_peak_flops
+
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989.4e12),
+                       ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA RTX 9000", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, _n=name: _n)
+        assert device_peak_flops(cuda, bf16) == peak, name
+    assert device_peak_flops(cuda, torch.float32) is None  # fp32 has no tensor-core peak to compare with
+    assert device_peak_flops(torch.device("cpu"), bf16) is None
+    assert device_peak_flops(torch.device("cpu"), torch.float32, override_tflops=2.5) == 2.5e12
 
 
 def test_validation_loss_falls_and_final_is_the_best_pooled_eval(finished_run):
