@@ -152,6 +152,12 @@ def test_ranks_get_the_single_rank_micro_batches_in_equal_numbers(world_size, gr
         assert len({len(b) for b in per_rank}) == 1  # equal counts: no rank waits at an epoch's end
         got = [b.input_ids.tolist() for bs in per_rank for b in bs if b.num_loss_tokens > 0 or b.num_tokens > 1]
         assert sorted(got) == want
+        # Tokens are balanced: ranks differ by at most the spread of one step's micro-batch sizes
+        # (ranks that run short at an epoch's end are the exception: they get an empty one).
+        loads = [sum(b.num_tokens for b in bs if b.num_loss_tokens > 0 or b.num_tokens > 1) for bs in per_rank]
+        sizes = [p.num_tokens for p in single.step_plans(0, step)]
+        if len(sizes) % world_size == 0:
+            assert max(loads) - min(loads) <= max(sizes) - min(sizes)
         assert all(r.step_loss_tokens(0, step) == single.step_loss_tokens(0, step) for r in ranks)
         assert single.step_loss_tokens(0, step) == sum(b.num_loss_tokens for b in single.step_batches(0, step))
 
@@ -160,3 +166,17 @@ def test_empty_batch_carries_no_loss():
     batch = empty_batch()
     assert batch.num_tokens == 1 and batch.num_loss_tokens == 0
     assert batch.labels.tolist() == [IGNORE_INDEX]
+
+
+def test_ranks_get_balanced_token_counts():
+    from types import SimpleNamespace
+
+    from msft_fast.data.loader import rank_share
+
+    plans = [SimpleNamespace(num_tokens=n) for n in (5, 8, 6, 7, 1, 9, 3, 9)]
+    for world in (1, 2, 3, 4):
+        shares = [rank_share(plans, r, world) for r in range(world)]
+        assert sorted(id(p) for s in shares for p in s) == sorted(id(p) for p in plans)  # each once
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    loads = [sum(p.num_tokens for p in rank_share(plans, r, 2)) for r in range(2)]
+    assert loads == [23, 25]  # 9+7+6+1 and 9+8+5+3; dealt in plan order they would be 15 and 33

@@ -1,8 +1,8 @@
 """Deals the packed micro-batches of the active mixture out to optimizer steps and ranks.
 
 Step s of an epoch uses global micro-batches [s*W*A, (s+1)*W*A) of that epoch's plan (W ranks,
-A accumulation steps); rank r takes every W-th of them. So 1 rank with grad_accum=2k and 2 ranks
-with grad_accum=k train on the same micro-batches in every step. At an epoch's end the last step
+A accumulation steps), dealt to ranks in equal numbers with balanced token counts. So 1 rank with
+grad_accum=2k and 2 ranks with grad_accum=k train on the same micro-batches in every step. At an epoch's end the last step
 may hold fewer micro-batches; ranks that run short get empty ones so all ranks step in lockstep.
 """
 from __future__ import annotations
@@ -85,8 +85,23 @@ class MixtureLoader:
         return self._deal(plans, docsets)
 
     def _deal(self, plans: list[MicroBatchPlan], docsets) -> list[PackedBatch]:
+        """This rank's share of `plans`: equal counts (short ranks get empty micro-batches), tokens
+        balanced by dealing the largest first in a snake order (0..W-1, W-1..0, ...), so no rank's
+        total exceeds another's by more than one micro-batch."""
         slots = math.ceil(len(plans) / self.world_size)
-        mine = plans[self.rank :: self.world_size]
+        mine = rank_share(plans, self.rank, self.world_size)
         task_ids = [t.task_id for t in self.tasks]
         return [collate(p, docsets, task_ids) for p in mine] + [empty_batch() for _ in range(slots - len(mine))]
+
+
+def rank_share(plans: Sequence[MicroBatchPlan], rank: int, world_size: int) -> list[MicroBatchPlan]:
+    """Rank `rank`'s micro-batches: the largest first, dealt in rounds of W, every other round in
+    reverse (0..W-1, W-1..0, ...)."""
+    order = sorted(range(len(plans)), key=lambda i: (-plans[i].num_tokens, i))
+    share = []
+    for k, i in enumerate(order):
+        pos = k % world_size
+        if (pos if (k // world_size) % 2 == 0 else world_size - 1 - pos) == rank:
+            share.append(plans[i])
+    return share
 
