@@ -23,6 +23,7 @@ import pickle
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -113,16 +114,34 @@ def load_method_state(data: bytes, snapshots: dict[int, Snapshot]) -> Any:
 # Writing
 
 
+@dataclass
+class PendingCheckpoint:
+    """An asynchronous checkpoint whose model and optimizer shards are still being written."""
+
+    future: Any
+    tmp: str
+    final: str
+    meta: dict
+    output_dir: str
+    keep: int
+
+
 def save_checkpoint(ctx: DistContext, output_dir: str, steps_trained: int, model, optimizer,
                     trainer_state: dict[str, Any], method_state: Any, rank_state: dict[str, Any], history: dict,
-                    metrics_bytes: int, keep: int) -> str:
+                    metrics_bytes: int, keep: int, asynchronous: bool = False) -> "str | PendingCheckpoint":
     """Write one checkpoint with every rank; return its folder. Raises CheckpointError (on every
-    rank) if any rank failed to write, after removing the incomplete folder."""
+    rank) if any rank failed to write, after removing the incomplete folder.
+
+    asynchronous: the shards are copied to host memory here and written by a background thread;
+    the checkpoint becomes complete (renamed into place) in `finish_checkpoint`, which every rank
+    calls before the next checkpoint and at the end of training.
+    """
     root = checkpoint_root(output_dir)
     final = os.path.join(root, f"step-{steps_trained:08d}")
     tmp = final + ".tmp"
-    t0 = time.perf_counter()
-    error = None
+    meta = {"format_version": FORMAT_VERSION, "steps_trained": steps_trained, "world_size": ctx.world_size,
+            "metrics_bytes": metrics_bytes, "asynchronous": asynchronous}
+    error, future = None, None
     try:
         if ctx.is_main:
             if os.path.exists(tmp):
@@ -130,7 +149,10 @@ def save_checkpoint(ctx: DistContext, output_dir: str, steps_trained: int, model
             os.makedirs(tmp)
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        if asynchronous:
+            future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        else:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         torch.save(rank_state, os.path.join(tmp, f"rank-{ctx.rank}.pt"))
         if ctx.is_main:
             with open(os.path.join(tmp, "state.pkl"), "wb") as f:
@@ -138,25 +160,42 @@ def save_checkpoint(ctx: DistContext, output_dir: str, steps_trained: int, model
             write_json_atomic(os.path.join(tmp, "history.json"), history)
     except OSError as e:
         error = f"rank {ctx.rank}: {e.strerror or e}"
+    pending = PendingCheckpoint(future, tmp, final, meta, output_dir, keep)
+    if future is not None and error is None:
+        return pending
+    return _complete(ctx, pending, error)
+
+
+def finish_checkpoint(ctx: DistContext, pending: PendingCheckpoint) -> str:
+    """Wait for an asynchronous checkpoint's shards and make it complete (every rank calls this)."""
+    error = None
+    try:
+        pending.future.result()
+    except Exception as e:  # the writer thread's OSError arrives wrapped or as is
+        cause = e if isinstance(e, OSError) else (e.__cause__ or e)
+        error = f"rank {ctx.rank}: {getattr(cause, 'strerror', None) or cause}"
+    return _complete(ctx, pending, error)
+
+
+def _complete(ctx: DistContext, pending: PendingCheckpoint, error: Optional[str]) -> str:
+    """All ranks agree the shards are written; then rank 0 adds meta.json and renames the folder."""
     errors = [e for e in all_gather_object(error) if e is not None]
     if errors:
         if ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(pending.tmp, ignore_errors=True)
         _barrier()
-        raise CheckpointError(f"checkpoint at step {steps_trained} was not written ({'; '.join(errors)})")
+        raise CheckpointError(f"checkpoint at step {pending.meta['steps_trained']} was not written "
+                              f"({'; '.join(errors)})")
     if ctx.is_main:
-        write_json_atomic(os.path.join(tmp, META_FILE), {
-            "format_version": FORMAT_VERSION, "steps_trained": steps_trained, "world_size": ctx.world_size,
-            "metrics_bytes": metrics_bytes, "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "seconds": time.perf_counter() - t0,
-        })
-        if os.path.exists(final):  # a checkpoint of the same step from a run that was cut short
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _prune(output_dir, keep)
+        write_json_atomic(os.path.join(pending.tmp, META_FILE),
+                          {**pending.meta, "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        if os.path.exists(pending.final):  # a checkpoint of the same step from a run that was cut short
+            shutil.rmtree(pending.final)
+        os.replace(pending.tmp, pending.final)
+        _fsync_dir(os.path.dirname(pending.final))
+        _prune(pending.output_dir, pending.keep)
     _barrier()
-    return final
+    return pending.final
 
 
 def _prune(output_dir: str, keep: int) -> None:

@@ -69,6 +69,7 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # one device's peak for MFU; None: the table for known GPUs
     checkpoint_every: int = 500  # optimizer steps between resumable checkpoints; 0 = none
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    checkpoint_async: bool = False  # write checkpoint shards in a background thread while training goes on
     max_bad_steps: int = 3  # non-finite steps in a row (each skipped) before `on_bad_steps` acts
     on_bad_steps: Literal["stop", "restore"] = "stop"  # restore: newest checkpoint's weights and optimizer
 

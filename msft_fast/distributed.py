@@ -29,14 +29,15 @@ class DistContext:
         return self.rank == 0
 
 
-def init_distributed() -> DistContext:
-    """Join the torchrun group, or create a one-rank group when launched without torchrun."""
+def init_distributed(cpu_backend_too: bool = False) -> DistContext:
+    """Join the torchrun group, or create a one-rank group when launched without torchrun.
+    cpu_backend_too: on GPUs, also give the group gloo for CPU tensors (asynchronous checkpoints)."""
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if launched else 0
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cuda:nccl,cpu:gloo" if cpu_backend_too else "nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"

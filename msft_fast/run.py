@@ -46,13 +46,15 @@ RUN_ARTIFACTS = (HISTORY_FILE, METRICS_FILE, "config.yaml", "curves.png", "repor
                  FINAL_DIR + ".old", CHECKPOINT_DIR)
 # Keys that may change between a run and its resumption: they do not change what is trained.
 RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.checkpoint_async", "train.peak_tflops",
                      "train.max_bad_steps", "train.on_bad_steps", "data.num_proc", "data.cache_dir")
 
 
 def train(cfg: Config, overwrite: bool = False) -> dict:
     """Run `cfg` in this process (one rank of a torchrun group, or a one-rank group of its own)."""
     metric = Metric(cfg.msft.metric)  # a callback that does not import fails here, before any work
-    ctx = init_distributed()
+    # An asynchronous checkpoint writer coordinates its ranks over a CPU (gloo) group.
+    ctx = init_distributed(cpu_backend_too=cfg.train.checkpoint_async)
     box: list[Optional[Trainer]] = [None]
     try:
         with _stop_on_signals(box):
@@ -146,6 +148,7 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
         trainer_.history_data = lambda: history.data
         try:
             final = METHODS[cfg.method](trainer_, history, metric)
+            trainer_.finish_checkpoint()
         except StopRequested:
             history.data["status"] = "stopped"
             history.write(ctx.is_main)

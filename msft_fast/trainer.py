@@ -107,6 +107,7 @@ class Trainer:
         self.stop_signal: Optional[str] = None  # set by a signal handler; acted on after the step
         self.last_checkpoint: Optional[str] = None
         self._resumed: Optional[ckpt.LoadedCheckpoint] = None
+        self._pending: Optional[ckpt.PendingCheckpoint] = None
 
     def set_total_steps(self, total_steps: int, known: bool = True) -> None:
         """The lr schedule's horizon in steps. `known=False` when the method cannot tell how many
@@ -241,13 +242,14 @@ class Trainer:
         else:
             c.bad_in_row = 0
         if stop:
-            path = self.save_checkpoint()
+            path = self.save_checkpoint(asynchronous=False)
             raise StopRequested(self.stop_signal or "a signal on another rank", c.steps_trained, path)
         if t.checkpoint_every and c.steps_trained % t.checkpoint_every == 0:
             self.save_checkpoint()
 
     def _recover_from_bad_steps(self) -> None:
         c, t = self.counters, self.cfg.train
+        self.finish_checkpoint()
         path = ckpt.latest_checkpoint(self.output_dir)
         if t.on_bad_steps == "stop" or path is None:
             why = "" if t.on_bad_steps == "stop" else " and no checkpoint to restore exists yet"
@@ -371,9 +373,13 @@ class Trainer:
     # -------------------------------------------------------------------------------------------
     # Checkpoints (on disk, for resume) of everything above plus the method's state
 
-    def save_checkpoint(self) -> Optional[str]:
-        """Write a resumable checkpoint with every rank; its folder, or None when the write failed
-        (disk full, say): that is logged, the previous checkpoint stays the newest, training goes on."""
+    def save_checkpoint(self, asynchronous: Optional[bool] = None) -> Optional[str]:
+        """Write a resumable checkpoint with every rank; its folder (None while an asynchronous one is
+        still being written, or when the write failed: that is logged, the previous checkpoint stays
+        the newest, training goes on)."""
+        if asynchronous is None:
+            asynchronous = self.cfg.train.checkpoint_async
+        self.finish_checkpoint()  # one in flight at a time: the previous one completes first
         c, t0 = self.counters, time.perf_counter()
         trainer_state = {
             "counters": dataclasses.asdict(c),
@@ -390,16 +396,37 @@ class Trainer:
         try:
             path = ckpt.save_checkpoint(self.ctx, self.output_dir, c.steps_trained, self.model, self.optimizer,
                                         trainer_state, self.method_state, rank_state, self.history_data(),
-                                        metrics_bytes, self.cfg.train.keep_checkpoints)
+                                        metrics_bytes, self.cfg.train.keep_checkpoints, asynchronous)
         except ckpt.CheckpointError as e:
-            if self.ctx.is_main:
-                previous = self.last_checkpoint or "none"
-                log.error("%s; the previous checkpoint (%s) is intact; training goes on", e, previous)
+            self._checkpoint_failed(e)
             return None
         finally:
             c.checkpoint_seconds += time.perf_counter() - t0
+        if isinstance(path, ckpt.PendingCheckpoint):
+            self._pending = path
+            return None
         self.last_checkpoint = path
         return path
+
+    def finish_checkpoint(self) -> Optional[str]:
+        """Complete an asynchronous checkpoint still being written (a no-op when there is none)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            self.last_checkpoint = ckpt.finish_checkpoint(self.ctx, pending)
+            return self.last_checkpoint
+        except ckpt.CheckpointError as e:
+            self._checkpoint_failed(e)
+            return None
+        finally:
+            self.counters.checkpoint_seconds += time.perf_counter() - t0
+
+    def _checkpoint_failed(self, error: Exception) -> None:
+        if self.ctx.is_main:
+            log.error("%s; the previous checkpoint (%s) is intact; training goes on", error,
+                      self.last_checkpoint or "none")
 
     def resume_from(self, path: str) -> dict:
         """Load a checkpoint into this trainer (model, optimizer, schedule, position, RNG); returns
