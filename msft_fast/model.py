@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from msft_fast.attention import FLEX_ATTENTION, packed_attention_inputs
 from msft_fast.builtin import BUILTIN_MODELS, char_tokenizer, tiny_llama_config
 from msft_fast.config import BUILTIN_MODEL_PREFIX, ModelConfig, resolve_path
 from msft_fast.data.packing import PackedBatch
@@ -103,7 +104,7 @@ def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int
     if spec.path is None:
         torch.manual_seed(seed)  # the built-in model's random init is part of the run's seed
         model = AutoModelForCausalLM.from_config(spec.config, attn_implementation=attn, dtype=torch.float32)
-        return LoadedModel(model, spec.tokenizer, spec.source, attn, torch.float32, dtype)
+        return LoadedModel(model, spec.tokenizer, spec.source, _used_attention(model), torch.float32, dtype)
 
     path = spec.path
     hf_logging.get_verbosity()
@@ -119,7 +120,7 @@ def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int
         held.pass_on()
     model.config.dtype = spec.export_dtype  # we train fp32 master weights; the saved config keeps its dtype
     _check_head(model, path)
-    return LoadedModel(model, spec.tokenizer, path, attn, spec.export_dtype, dtype)
+    return LoadedModel(model, spec.tokenizer, path, _used_attention(model), spec.export_dtype, dtype)
 
 
 @dataclass(frozen=True)
@@ -234,15 +235,34 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 
 def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """flash-attn varlen on CUDA in bf16/fp16 when installed, else SDPA; both isolate packed
-    documents through per-document position_ids with attention_mask=None."""
-    flash_ok = device.type == "cuda" and dtype != torch.float32 and importlib.util.find_spec("flash_attn") is not None
+    """The HF attn_implementation for `model.attn_implementation` (see msft_fast/attention.py).
+
+    auto: flash-attn varlen on CUDA in bf16/fp16 when installed; FlexAttention on CUDA when
+    flash-attn is not installed (it needs Triton); SDPA otherwise. All keep packed documents apart.
+    """
+    flash_installed = importlib.util.find_spec("flash_attn") is not None
+    flash_ok = device.type == "cuda" and dtype != torch.float32 and flash_installed
+    flex_ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
     if requested == "flash_attention_2" and not flash_ok:
         raise ConfigError("config key 'model.attn_implementation': flash_attention_2 needs CUDA, bf16 compute "
                           "(train.precision) and the flash-attn package (pip install 'msft-fast[gpu]')")
+    if requested == "flex_attention":
+        if not flex_ok:
+            raise ConfigError("config key 'model.attn_implementation': flex_attention needs CUDA and Triton "
+                              "(PyTorch has no FlexAttention backward on CPU, and training needs one); "
+                              "use sdpa or eager here")
+        return FLEX_ATTENTION
     if requested != "auto":
         return requested
-    return "flash_attention_2" if flash_ok else "sdpa"
+    if flash_ok:
+        return "flash_attention_2"
+    return FLEX_ATTENTION if flex_ok and not flash_installed else "sdpa"
+
+
+def _used_attention(model: nn.Module) -> str:
+    """The backend HF actually set up, which is what gets logged (HF may swap flash_attention_2 for
+    a kernels-hub build of it)."""
+    return str(model.config._attn_implementation)
 
 
 def max_positions(config: Any) -> int | None:
@@ -268,6 +288,8 @@ class CausalLMWithTaskLoss(nn.Module):
         self.lm = lm
         self.num_tasks = num_tasks
         self.head_transform = HeadTransform.of(lm)
+        config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        self.sliding_window = getattr(config, "sliding_window", None)  # FlexAttention needs a mask for it
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, TaskStats]:
         hidden = self.hidden_states(batch)
@@ -280,11 +302,16 @@ class CausalLMWithTaskLoss(nn.Module):
         )
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
-        """[N, H] final hidden states of a packed row; documents never attend to each other."""
+        """[N, H] final hidden states of a packed row; documents never attend to each other.
+
+        What keeps them apart (cu_seqlens for flash-attn, a BlockMask for FlexAttention, the
+        per-document position_ids for SDPA/eager) is built here once and used by every layer.
+        """
+        attention = packed_attention_inputs(self.lm.config._attn_implementation, batch, self.sliding_window)
         out = self.lm.get_decoder()(
             input_ids=batch.input_ids[None],
             position_ids=batch.position_ids[None],
-            attention_mask=None,  # with use_cache=False, HF isolates documents by position_ids
-            use_cache=False,
+            use_cache=False,  # a cache would make HF ignore the document boundaries in position_ids
+            **attention,
         )
         return out.last_hidden_state[0]
