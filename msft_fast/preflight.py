@@ -45,6 +45,11 @@ FRAGMENTATION = 1.10  # the caching allocator rarely packs tensors tighter than 
 LOSS_CHUNK_BYTES = 64 * 2**20  # one chunk of fp32 logits in the fused loss (kernels/reference.py)
 
 
+# Backends that keep no [N, N] mask and handle GQA themselves (flash varlen, our packed FlexAttention
+# with its block mask).
+NO_MASK_ATTENTION = ("flash_attention_2", "flash_attention_3", "packed_flex_attention", "flex_attention")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The sizes of a decoder-only transformer that its memory depends on."""
@@ -105,7 +110,7 @@ class ModelShape:
         """Saved for backward by one block, per token of a packed micro-batch of `tokens` tokens."""
         H = self.hidden
         saved = 2 * (4 + c) * H + c * (4 * H + 4 * self.intermediate + 2 * self.kv_dim) + 4 * self.heads
-        if attention != "flash_attention_2":
+        if attention not in NO_MASK_ATTENTION:
             # SDPA over packed documents: HF passes an [N, N] mask, which rules out SDPA's own GQA,
             # so k and v are repeated to all heads first.
             saved += c * tokens + 2 * c * (self.heads * self.head_dim - self.kv_dim) + 8
