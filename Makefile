@@ -25,7 +25,8 @@ test-fast: $(STAMP)
 
 # The demo: a warm-up of the built-in tiny model (a stand-in for pretraining; redone only when its
 # config or the data change), then SFT and mSFT on the same mixture, compared side by side.
-WARMUP := runs/demo_warmup/history.json
+# final/ is written only when the warm-up finishes (an interrupted one leaves history.json behind)
+WARMUP := runs/demo_warmup/final/config.json
 
 $(DEMO_DATA)/manifest.json: $(STAMP) msft_fast/demo_data.py
 	$(VENV)/bin/msft-fast demo-data $(DEMO_DATA)

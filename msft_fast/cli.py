@@ -20,6 +20,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo = sub.add_parser("demo-data", help="write the built-in synthetic multi-task mixture")
     demo.add_argument("out_dir", nargs="?", default="data/demo")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--variant", choices=("calibrated", "compact"), default="calibrated",
+                      help="calibrated: the `make demo` mixture; compact: the small one the tests use")
     rep = sub.add_parser("report", help="rewrite curves.png and report.md of an output folder from its history.json")
     rep.add_argument("output_dir")
     cmp_ = sub.add_parser("compare", help="print a markdown table comparing runs (their output folders)")
@@ -34,8 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "demo-data":
             from msft_fast.demo_data import write_demo_mixture
 
-            entries = write_demo_mixture(args.out_dir, seed=args.seed)
-            print(f"demo mixture ({len(entries)} tasks) in {args.out_dir}")
+            entries = write_demo_mixture(args.out_dir, seed=args.seed, variant=args.variant)
+            print(f"demo mixture ({args.variant}, {len(entries)} tasks) in {args.out_dir}")
             return 0
         if args.command == "report":
             from msft_fast.report import write_report

@@ -1,6 +1,13 @@
-"""Deterministic built-in synthetic multi-task mixture for ``make demo`` and the tests.
+"""Deterministic built-in synthetic multi-task mixtures for ``make demo`` and the tests.
 
-Writes small JSONL tasks of different size and difficulty (no downloads) for a tiny char-level model.
+Writes small JSONL tasks of different size and difficulty (no downloads) for a tiny char-level model,
+plus a warm-up pool from the same task families (a stand-in for pretraining). Two variants:
+
+- ``compact`` (the default of `write_demo_mixture`, what the test suite trains on): small and quick;
+  the tiny model learns little of it, so its validation curves are mostly noise.
+- ``calibrated`` (what ``msft-fast demo-data`` and ``make demo`` write): fixed-length inputs the tiny
+  model can learn, a large warm-up pool that teaches every family, and 160 validation rows per task,
+  so that in plain SFT the tasks' validation losses bottom out at clearly different epochs.
 """
 
 from __future__ import annotations
@@ -11,9 +18,12 @@ import random
 import string
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
-DEMO_VERSION = 1  # bump when the generated content changes
+DEMO_VERSION = 1  # bump when the generated content of the compact variant changes
+CALIBRATED_VERSION = 1  # bump when the generated content of the calibrated variant changes
+VARIANTS = ("compact", "calibrated")
+DEFAULT_VARIANT = "compact"  # the tests' data; the CLI writes "calibrated"
 
 MANIFEST = "manifest.json"
 WARMUP = "warmup"
@@ -153,8 +163,7 @@ def _unique(rng: random.Random, gen: Callable[[random.Random], Sample], n: int, 
     return out
 
 
-def build_demo_mixture(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
-    """All rows, in memory: {task name (and "warmup"): {"train": rows, "val": rows}}."""
+def _build_compact(seed: int) -> dict[str, dict[str, list[dict]]]:
     out: dict[str, dict[str, list[dict]]] = {}
     warm_train: list[dict] = []
     warm_val: list[dict] = []
@@ -175,6 +184,157 @@ def build_demo_mixture(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     rng.shuffle(warm_train)
     rng.shuffle(warm_val)
     out[WARMUP] = {"train": warm_train, "val": warm_val}
+    return out
+
+
+# --------------------------------------------------------------------------- the calibrated variant
+# Words have a fixed length of five letters: the tiny model then finds each answer character at a
+# fixed distance from its source, which it learns within the warm-up; variable lengths need
+# induction heads that it does not form in that budget. Every family is asked in a few ways
+# ("templates"), shared by the SFT rows and the warm-up pool (noisy_codes' SFT rows excepted). A draw
+# is (input, answer); inputs never repeat across train, val, warm-up, nor across tasks.
+
+Draw = tuple[str, str]
+
+
+def _fixed_word(rng: random.Random, n: int, alphabet: str = _LOWER) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(n))
+
+
+def draw_upper(rng: random.Random) -> Draw:
+    """Uppercase a word: a per-character map the warm-up already teaches. The SFT rows are chat rows,
+    a format the warm-up never shows: SFT relearns it in about three epochs, then it levels off."""
+    w = _fixed_word(rng, 5)
+    return w, w.upper()
+
+
+def draw_noisy_codes(rng: random.Random) -> Draw:
+    """A random code for a random key. Nothing generalises: the warm-up teaches the shape of a code,
+    SFT can only memorise its few facts, so the validation loss bottoms out within the first epoch
+    and climbs for the rest of the run (the early-stopping task of the mixture). Part of that climb
+    is forgetting, not memorisation: it climbs about as fast once the task is left out of training."""
+    return _fixed_word(rng, 4), _fixed_word(rng, 4, _CODE_CHARS)
+
+
+def draw_reverse(rng: random.Random) -> Draw:
+    """Reverse a word: a mirror copy the tiny model learns slowly and only in part; its small train
+    set gets memorised while the rule barely moves, so it levels off after four to five epochs."""
+    w = _fixed_word(rng, 5)
+    return w, w[::-1]
+
+
+def draw_sort(rng: random.Random) -> Draw:
+    """Sort the letters of a word: learnt gradually from a mid-sized set; levels off after about four epochs."""
+    w = _fixed_word(rng, 5)
+    return w, "".join(sorted(w))
+
+
+def draw_add(rng: random.Random) -> Draw:
+    """Add two three-digit numbers: the largest and hardest task (carries), still improving at the
+    end of the run: the task that gains most from more epochs."""
+    a, b = rng.randint(100, 999), rng.randint(100, 999)
+    return f"{a}+{b}", str(a + b)
+
+
+class _Task(NamedTuple):
+    name: str
+    draw: Callable[[random.Random], Draw]
+    fmt: str  # row format in the SFT mixture: "chat" or "prompt" (the warm-up pool is "text")
+    templates: tuple[str, ...]  # ways of asking
+    n_train: int  # distinct train inputs
+    phrasings: int  # train rows per train input (each a different template)
+    n_val: int
+    n_warmup: int  # warm-up rows of this family
+    sft_templates: tuple[str, ...] = ()  # ways of asking in the SFT rows only, if not `templates`
+
+
+_CALIBRATED: tuple[_Task, ...] = (
+    _Task("upper", draw_upper, "chat", ("upper {} = ", "uppercase {} = ", "in capitals {} = ", "shout {} = "),
+          100, 1, 160, 2000),
+    # 40 facts, each asked three ways (memorised three times as fast as one way), in phrasings the
+    # warm-up never shows: SFT first learns that they too ask for a code (the validation loss falls
+    # within a few dozen steps), then memorises the facts and forgets that lesson (it rises).
+    _Task("noisy_codes", draw_noisy_codes, "prompt",
+          ("code {} = ", "code of {} = ", "the code for {} = ", "look up code {} = "), 40, 3, 160, 300,
+          ("key {} = ", "id of {} = ", "tag for {} = ")),
+    _Task("reverse", draw_reverse, "prompt", ("reverse {} = ", "reversed {} = ", "mirror {} = ", "backwards {} = "),
+          150, 1, 160, 2000),
+    _Task("sort", draw_sort, "prompt", ("sort {} = ", "sorted {} = ", "sort letters {} = ", "alphabetize {} = "),
+          240, 1, 160, 2000),
+    _Task("add", draw_add, "prompt", ("{}=", "add {}=", "sum {}=", "compute {}="), 1000, 1, 160, 2000),
+)
+_CALIBRATED_WARMUP_VAL_PER_TASK = 20
+
+
+def _calibrated_row(fmt: str, prompt: str, completion: str) -> dict:
+    if fmt == "chat":
+        return {"messages": [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": completion}]}
+    if fmt == "prompt":
+        return {"prompt": prompt, "completion": completion}
+    return {"text": prompt + completion}  # every template ends in "= " or "="
+
+
+def row_input(row: dict) -> str:
+    """The input a calibrated demo row asks about ("abcde", "123+456"), whatever its format and phrasing."""
+    texts = row_texts(row)
+    question = texts[0] if "text" in row else texts[-2]
+    return question.rsplit("=", 1)[0].split()[-1]
+
+
+def _build_calibrated(seed: int) -> dict[str, dict[str, list[dict]]]:
+    tag = f"msft-demo/calibrated/v{CALIBRATED_VERSION}/{seed}"
+    out: dict[str, dict[str, list[dict]]] = {}
+    warm_train: list[dict] = []
+    warm_val: list[dict] = []
+    seen: set[str] = set()  # one input set for everything
+    # The warm-up pool is drawn first, from its own streams, so that resizing the SFT tasks leaves it be.
+    for task in _CALIBRATED:
+        rng = random.Random(f"{tag}/{WARMUP}/{task.name}")  # str seeds are stable
+        wt = _unique(rng, task.draw, task.n_warmup, seen)
+        wv = _unique(rng, task.draw, _CALIBRATED_WARMUP_VAL_PER_TASK, seen)
+        warm_train += [_calibrated_row("text", rng.choice(task.templates).format(x), y) for x, y in wt]
+        warm_val += [_calibrated_row("text", rng.choice(task.templates).format(x), y) for x, y in wv]
+    for task in _CALIBRATED:
+        rng = random.Random(f"{tag}/{task.name}")
+        templates = task.sft_templates or task.templates
+        tr = _unique(rng, task.draw, task.n_train, seen)
+        train = [_calibrated_row(task.fmt, t.format(x), y)
+                 for x, y in tr for t in rng.sample(templates, task.phrasings)]
+        rng.shuffle(train)  # train rows are settled before val is drawn: resizing val leaves them be
+        va = _unique(rng, task.draw, task.n_val, seen)
+        out[task.name] = {
+            "train": train,
+            "val": [_calibrated_row(task.fmt, rng.choice(templates).format(x), y) for x, y in va],
+        }
+    rng = random.Random(f"{tag}/{WARMUP}")
+    rng.shuffle(warm_train)
+    rng.shuffle(warm_val)
+    out[WARMUP] = {"train": warm_train, "val": warm_val}
+    return out
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown demo variant {variant!r}; one of {', '.join(VARIANTS)}")
+
+
+def _task_formats(variant: str) -> list[tuple[str, str]]:
+    if variant == "calibrated":
+        return [(t.name, t.fmt) for t in _CALIBRATED]
+    return [(name, fmt) for name, _, fmt, *_ in _TASKS]
+
+
+def _version(variant: str) -> int:
+    return CALIBRATED_VERSION if variant == "calibrated" else DEMO_VERSION
+
+
+def build_demo_mixture(seed: int = 0, variant: str = DEFAULT_VARIANT) -> dict[str, dict[str, list[dict]]]:
+    """All rows, in memory: {task name (and "warmup"): {"train": rows, "val": rows}}."""
+    _check_variant(variant)
+    out = _build_calibrated(seed) if variant == "calibrated" else _build_compact(seed)
     for splits in out.values():
         for rows in splits.values():
             for r in rows:
@@ -182,18 +342,16 @@ def build_demo_mixture(seed: int = 0) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
-# --------------------------------------------------------------------------- public API
-
-
-def _manifest_ok(out_dir: Path, seed: int) -> bool:
+def _manifest_ok(out_dir: Path, seed: int, variant: str) -> bool:
     try:
         m = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if not isinstance(m, dict) or m.get("demo_version") != DEMO_VERSION or m.get("seed") != seed:
+    if (not isinstance(m, dict) or m.get("variant", DEFAULT_VARIANT) != variant
+            or m.get("demo_version") != _version(variant) or m.get("seed") != seed):
         return False
     files = m.get("files")
-    if not isinstance(files, dict) or len(files) != 2 * (len(_TASKS) + 1):
+    if not isinstance(files, dict) or len(files) != 2 * (len(_task_formats(variant)) + 1):
         return False
     for rel, info in files.items():
         try:
@@ -204,12 +362,14 @@ def _manifest_ok(out_dir: Path, seed: int) -> bool:
     return True
 
 
-def write_demo_mixture(out_dir: str | os.PathLike, seed: int = 0) -> list[dict]:
-    """Write the demo tasks under out_dir and return the task entries for a config:
-    [{"name": ..., "train": ".../train.jsonl", "val": ".../val.jsonl"}, ...] (paths as str)."""
+def write_demo_mixture(out_dir: str | os.PathLike, seed: int = 0, variant: str = DEFAULT_VARIANT) -> list[dict]:
+    """Write the demo tasks of `variant` (see the module doc) under out_dir and return the task entries
+    for a config: [{"name": ..., "train": ".../train.jsonl", "val": ".../val.jsonl"}, ...] (paths as str)."""
+    _check_variant(variant)
     out = Path(out_dir)
-    entries = [_entry(out, name) for name, *_ in _TASKS]
-    if _manifest_ok(out, seed):
+    formats = _task_formats(variant)
+    entries = [_entry(out, name) for name, _ in formats]
+    if _manifest_ok(out, seed, variant):
         return entries
     out.mkdir(parents=True, exist_ok=True)
     try:  # never leave a manifest that vouches for half-rewritten files
@@ -217,20 +377,21 @@ def write_demo_mixture(out_dir: str | os.PathLike, seed: int = 0) -> list[dict]:
     except FileNotFoundError:
         pass
     files: dict[str, dict] = {}
-    for name, splits in build_demo_mixture(seed).items():
+    for name, splits in build_demo_mixture(seed, variant).items():
         for split, rows in splits.items():
             rel = f"{name}/{split}.jsonl"
             data = _jsonl(rows)
             _atomic_write(out / rel, data)
             files[rel] = {"rows": len(rows), "bytes": len(data.encode("ascii"))}
     manifest = {
-        "demo_version": DEMO_VERSION,
+        "demo_version": _version(variant),
         "seed": seed,
-        "tasks": [{"name": n, "format": f, "train": f"{n}/train.jsonl", "val": f"{n}/val.jsonl"}
-                  for n, _, f, *_ in _TASKS],
+        "tasks": [{"name": n, "format": f, "train": f"{n}/train.jsonl", "val": f"{n}/val.jsonl"} for n, f in formats],
         "warmup": {"name": WARMUP, "format": "text", "train": f"{WARMUP}/train.jsonl", "val": f"{WARMUP}/val.jsonl"},
         "files": files,
     }
+    if variant != DEFAULT_VARIANT:  # the compact variant's manifest stays as it always was
+        manifest["variant"] = variant
     _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")  # last
     return entries
 

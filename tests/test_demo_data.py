@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from msft_fast import demo_data
-from msft_fast.demo_data import DEMO_VERSION, row_texts, warmup_entry, write_demo_mixture
+from msft_fast.demo_data import DEMO_VERSION, row_input, row_texts, warmup_entry, write_demo_mixture
 
 ALLOWED = {chr(c) for c in range(32, 127)} | {"\n"}
 
@@ -132,3 +132,103 @@ def test_warmup_entry_requires_mixture(tmp_path):
     write_demo_mixture(tmp_path)
     w = warmup_entry(tmp_path)
     assert set(w) == {"name", "train", "val"} and Path(w["train"]).is_file()
+
+
+# --------------------------------------------------------------------------- the calibrated variant
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_calibrated")
+    return out, write_demo_mixture(out, seed=0, variant="calibrated")
+
+
+def test_default_variant_is_the_compact_one_the_tests_use(tmp_path):
+    assert demo_data.DEFAULT_VARIANT == "compact"
+    write_demo_mixture(tmp_path / "a", seed=0)
+    write_demo_mixture(tmp_path / "b", seed=0, variant="compact")
+    a = _all_files(tmp_path / "a")
+    assert a == _all_files(tmp_path / "b")
+    assert "variant" not in json.loads(a["manifest.json"])  # the compact manifest is as it always was
+    with pytest.raises(ValueError):
+        write_demo_mixture(tmp_path / "c", variant="large")
+
+
+def test_calibrated_rows_valid_and_sizes(calibrated):
+    out, entries = calibrated
+    assert [e["name"] for e in entries] == ["upper", "noisy_codes", "reverse", "sort", "add"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["variant"] == "calibrated" and m["demo_version"] == demo_data.CALIBRATED_VERSION
+    sizes = {}
+    for e in entries + [warmup_entry(out)]:
+        for split in ("train", "val"):
+            rows = _rows(e[split])
+            assert len(rows) == m["files"][f"{e['name']}/{split}.jsonl"]["rows"]
+            for row in rows:
+                texts = row_texts(row)
+                assert all(isinstance(t, str) and t for t in texts)
+                assert set("".join(texts)) <= ALLOWED
+                assert sum(map(len, texts)) <= demo_data.MAX_ROW_CHARS
+            sizes[e["name"], split] = len(rows)
+    assert all(sizes[e["name"], "val"] == 160 for e in entries)  # smooth validation curves
+    train = [sizes[e["name"], "train"] for e in entries]
+    assert len(set(train)) == len(train) and min(train) <= 120 and max(train) >= 800
+    assert 5000 <= sizes["warmup", "train"] <= 10_000
+
+
+def test_calibrated_inputs_never_repeat_across_splits_tasks_and_warmup(calibrated):
+    out, entries = calibrated
+    groups = {f"{e['name']}/{s}": [row_input(r) for r in _rows(e[s])] for e in entries for s in ("train", "val")}
+    warm = warmup_entry(out)
+    groups.update({f"warmup/{s}": [row_input(r) for r in _rows(warm[s])] for s in ("train", "val")})
+    sets = {k: set(v) for k, v in groups.items()}
+    assert all(len(s) >= 40 for s in sets.values())
+    names = sorted(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert sets[a].isdisjoint(sets[b]), (a, b)
+
+
+def test_calibrated_noisy_codes_asks_each_fact_three_ways_unseen_in_warmup(calibrated):
+    out, entries = calibrated
+    rows = _rows(next(e for e in entries if e["name"] == "noisy_codes")["train"])
+    facts: dict[str, set] = {}
+    for r in rows:
+        facts.setdefault(row_input(r), set()).add((r["prompt"], r["completion"]))
+    assert len(facts) * 3 == len(rows)
+    assert all(len(v) == 3 and len({c for _, c in v}) == 1 for v in facts.values())
+    warm_prompts = {r["text"].rsplit("=", 1)[0].replace(row_input(r), "{}", 1) for r in _rows(warmup_entry(out)["train"])}
+    sft_prompts = {r["prompt"].rsplit("=", 1)[0].replace(row_input(r), "{}", 1) for r in rows}
+    assert sft_prompts.isdisjoint(warm_prompts)
+
+
+def test_calibrated_deterministic_and_idempotent(tmp_path, calibrated):
+    out, _ = calibrated
+    write_demo_mixture(tmp_path / "a", seed=0, variant="calibrated")
+    assert _all_files(tmp_path / "a") == _all_files(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    write_demo_mixture(tmp_path / "a", seed=0, variant="calibrated")
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*") if p.is_file()} == mtimes
+    # switching variants in one folder rewrites it
+    write_demo_mixture(tmp_path / "a", seed=0)
+    assert "variant" not in json.loads((tmp_path / "a" / "manifest.json").read_text())
+    write_demo_mixture(tmp_path / "a", seed=0, variant="calibrated")
+    assert _all_files(tmp_path / "a") == _all_files(out)
+
+
+def test_row_input_of_every_format():
+    assert row_input({"prompt": "sorted abcde = ", "completion": "abcde"}) == "abcde"
+    assert row_input({"prompt": "sum 123+456=", "completion": "579"}) == "123+456"
+    assert row_input({"text": "look up code abcd = x7q2"}) == "abcd"
+    assert row_input({"text": "123+456=579"}) == "123+456"
+    chat = {"messages": [{"role": "user", "content": "shout abcde ="}, {"role": "assistant", "content": "ABCDE"}]}
+    assert row_input(chat) == "abcde"
+
+
+def test_cli_writes_the_calibrated_variant(tmp_path):
+    from msft_fast.cli import main
+
+    assert main(["demo-data", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["variant"] == "calibrated"
+    assert main(["demo-data", str(tmp_path / "c"), "--variant", "compact"]) == 0
+    assert "variant" not in json.loads((tmp_path / "c" / "manifest.json").read_text())
