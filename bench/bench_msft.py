@@ -210,6 +210,7 @@ def instrumented():
     import msft_fast.run as run_mod
     from msft_fast.history import History
     from msft_fast.methods.metric import Metric
+    from msft_fast.report import PeriodicReport
     from msft_fast.snapshot import SnapshotPool
     from msft_fast.trainer import Trainer
 
@@ -231,7 +232,7 @@ def instrumented():
     wrap(Trainer, "set_active", "set_active")
     wrap(loader_mod, "plan_epoch", "packing")
     wrap(History, "write", "history_write")
-    wrap(msft_mod, "write_report", "report_write")
+    wrap(PeriodicReport, "__call__", "report_write")  # the per-stage report (drawn at most once a minute)
     wrap(msft_mod, "plan_pool", "plan_pool")
     wrap(Metric, "scores", "metric_scores")
     original_capture = SnapshotPool.capture
