@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 DEMO_VERSION = 1  # bump when the generated content of the compact variant changes
-CALIBRATED_VERSION = 1  # bump when the generated content of the calibrated variant changes
+CALIBRATED_VERSION = 2  # bump when the generated content of the calibrated variant changes
 VARIANTS = ("compact", "calibrated")
 DEFAULT_VARIANT = "compact"  # the tests' data; the CLI writes "calibrated"
 
@@ -212,7 +212,7 @@ def draw_noisy_codes(rng: random.Random) -> Draw:
     """A random code for a random key. Nothing generalises: the warm-up teaches the shape of a code,
     SFT can only memorise its few facts, so the validation loss bottoms out within the first epoch
     and climbs for the rest of the run (the early-stopping task of the mixture). Part of that climb
-    is forgetting, not memorisation: it climbs about as fast once the task is left out of training."""
+    is forgetting, not memorisation: it climbs, more slowly, once the task is left out of training."""
     return _fixed_word(rng, 4), _fixed_word(rng, 4, _CODE_CHARS)
 
 
@@ -251,12 +251,13 @@ class _Task(NamedTuple):
 _CALIBRATED: tuple[_Task, ...] = (
     _Task("upper", draw_upper, "chat", ("upper {} = ", "uppercase {} = ", "in capitals {} = ", "shout {} = "),
           100, 1, 160, 2000),
-    # 40 facts, each asked three ways (memorised three times as fast as one way), in phrasings the
+    # 24 facts, each asked five ways (memorised five times as fast as one way), in phrasings the
     # warm-up never shows: SFT first learns that they too ask for a code (the validation loss falls
-    # within a few dozen steps), then memorises the facts and forgets that lesson (it rises).
+    # within the first epoch), then memorises the facts (it rises, to 3.9 by epoch 6 in SFT against
+    # 3.3 once the task is excluded: with 40 facts asked three ways the two climbed about as fast).
     _Task("noisy_codes", draw_noisy_codes, "prompt",
-          ("code {} = ", "code of {} = ", "the code for {} = ", "look up code {} = "), 40, 3, 160, 300,
-          ("key {} = ", "id of {} = ", "tag for {} = ")),
+          ("code {} = ", "code of {} = ", "the code for {} = ", "look up code {} = "), 24, 5, 160, 300,
+          ("key {} = ", "id of {} = ", "tag for {} = ", "pin of {} = ", "label {} = ")),
     _Task("reverse", draw_reverse, "prompt", ("reverse {} = ", "reversed {} = ", "mirror {} = ", "backwards {} = "),
           150, 1, 160, 2000),
     _Task("sort", draw_sort, "prompt", ("sort {} = ", "sorted {} = ", "sort letters {} = ", "alphabetize {} = "),
@@ -282,7 +283,9 @@ def row_input(row: dict) -> str:
 
 
 def _build_calibrated(seed: int) -> dict[str, dict[str, list[dict]]]:
-    tag = f"msft-demo/calibrated/v{CALIBRATED_VERSION}/{seed}"
+    # The random streams are named apart from CALIBRATED_VERSION, so that resizing one task (and
+    # bumping the version, as every change must) leaves the other tasks' rows as they were.
+    tag = f"msft-demo/calibrated/v1/{seed}"
     out: dict[str, dict[str, list[dict]]] = {}
     warm_train: list[dict] = []
     warm_val: list[dict] = []

@@ -182,21 +182,21 @@ def test_calibrated_inputs_never_repeat_across_splits_tasks_and_warmup(calibrate
     warm = warmup_entry(out)
     groups.update({f"warmup/{s}": [row_input(r) for r in _rows(warm[s])] for s in ("train", "val")})
     sets = {k: set(v) for k, v in groups.items()}
-    assert all(len(s) >= 40 for s in sets.values())
+    assert all(len(s) >= 20 for s in sets.values())
     names = sorted(sets)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert sets[a].isdisjoint(sets[b]), (a, b)
 
 
-def test_calibrated_noisy_codes_asks_each_fact_three_ways_unseen_in_warmup(calibrated):
+def test_calibrated_noisy_codes_asks_each_fact_five_ways_unseen_in_warmup(calibrated):
     out, entries = calibrated
     rows = _rows(next(e for e in entries if e["name"] == "noisy_codes")["train"])
     facts: dict[str, set] = {}
     for r in rows:
         facts.setdefault(row_input(r), set()).add((r["prompt"], r["completion"]))
-    assert len(facts) * 3 == len(rows)
-    assert all(len(v) == 3 and len({c for _, c in v}) == 1 for v in facts.values())
+    assert len(facts) * 5 == len(rows)
+    assert all(len(v) == 5 and len({c for _, c in v}) == 1 for v in facts.values())
     warm_prompts = {r["text"].rsplit("=", 1)[0].replace(row_input(r), "{}", 1) for r in _rows(warmup_entry(out)["train"])}
     sft_prompts = {r["prompt"].rsplit("=", 1)[0].replace(row_input(r), "{}", 1) for r in rows}
     assert sft_prompts.isdisjoint(warm_prompts)
