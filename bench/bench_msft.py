@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import time
@@ -68,12 +69,15 @@ def prepare_demo(workdir: str, warmup: bool = True) -> None:
     """The demo mixture in `workdir`/data/demo and, if asked, the warmed-up tiny model in
     `workdir`/runs/demo_warmup/final, as `make demo` makes them in the repo (made once, then reused).
     The demo configs' relative paths then resolve inside `workdir` when it is the working directory."""
+    from msft_fast.demo_data import write_demo_mixture
+
     os.makedirs(workdir, exist_ok=True)
     data = os.path.join(workdir, "data", "demo")
-    if not os.path.exists(os.path.join(data, "manifest.json")):
-        from msft_fast.demo_data import write_demo_mixture
-
-        write_demo_mixture(data, seed=0)
+    manifest = os.path.join(data, "manifest.json")
+    before = open(manifest).read() if os.path.exists(manifest) else None
+    write_demo_mixture(data, seed=0, variant="calibrated")  # `make demo`'s data; rewritten if another variant
+    if open(manifest).read() != before:
+        shutil.rmtree(os.path.join(workdir, "runs", "demo_warmup"), ignore_errors=True)  # trained on other data
     final = os.path.join(workdir, "runs", "demo_warmup", "final", "config.json")
     if warmup and not os.path.exists(final):
         train_config(os.path.join(REPO, "configs", "demo_warmup.yaml"), workdir,
