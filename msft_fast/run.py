@@ -164,6 +164,9 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             "eval_tokens": c.eval_tokens,
             "steps": c.steps_trained,
             "discarded_flops": sum(st.get("discarded_flops", 0) for st in history.data["stages"]),
+            # The steps behind the final weights (the method restored them last); the rest of
+            # train_flops went into states the final model does not descend from.
+            "final_kept_train_flops": c.kept_train_flops,
             "train_seconds": c.train_seconds,
             "eval_seconds": c.eval_seconds,
             "snapshot_seconds": sum(trainer_.pool.capture_seconds) if trainer_.pool else 0.0,

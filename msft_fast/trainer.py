@@ -63,6 +63,7 @@ class Counters:
     epoch: int = 0  # current epoch of the active mixture
     step_in_epoch: int = 0
     train_flops: int = 0
+    kept_train_flops: int = 0  # of those, the steps behind the current weights (rolls back with them)
     eval_flops: int = 0
     trained_tokens: int = 0  # tokens through forward + backward
     loss_tokens: int = 0  # of those, tokens with a label
@@ -201,6 +202,7 @@ class Trainer:
         c.loss_tokens += loss_tokens
         step_flops = self.flop_counter.train(tokens, self.loader.doc_lengths(plans))
         c.train_flops += step_flops
+        c.kept_train_flops += step_flops
         c.train_seconds += dt
         record = {
             **self.tags,
@@ -337,7 +339,7 @@ class Trainer:
     def capture(self) -> Snapshot:
         c = self.counters
         extra = {
-            "position": (c.step, c.epoch, c.step_in_epoch),
+            "position": (c.step, c.epoch, c.step_in_epoch, c.kept_train_flops),
             "active": self.loader.active,
             "scheduler": copy.deepcopy(self.scheduler.state_dict()),
             "rng": torch.get_rng_state(),
@@ -353,7 +355,7 @@ class Trainer:
         if weights_only:
             self.optimizer.state.clear()
         c = self.counters
-        c.step, c.epoch, c.step_in_epoch = snap.extra["position"]
+        c.step, c.epoch, c.step_in_epoch, c.kept_train_flops = snap.extra["position"]
         self.loader.set_active(snap.extra["active"])
         self.scheduler.load_state_dict(snap.extra["scheduler"])
         if not weights_only:

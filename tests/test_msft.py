@@ -234,6 +234,15 @@ def _assert_consistent(history):
     pooled = {e["eval_id"]: sign * e["pooled_metric"] for e in history["evals"]}
     assert history["final"]["eval_id"] == min(pooled, key=lambda i: (pooled[i], i))
     assert history["totals"]["discarded_flops"] == sum(s["discarded_flops"] for s in history["stages"])
+    # The final weights descend from kept_train_flops of training; each roll-back sets it back.
+    final = evals[history["final"]["eval_id"]]
+    assert history["totals"]["final_kept_train_flops"] == final["kept_train_flops"] <= final["train_flops"]
+    for stage in history["stages"]:
+        if stage["rollback_to_eval"] is not None and stage["discarded_flops"] > 0:
+            later = [e for e in history["evals"] if e["stage"] > stage["stage"]]
+            target = evals[stage["rollback_to_eval"]]
+            assert all(e["kept_train_flops"] - target["kept_train_flops"] <= e["train_flops"] - evals[stage["end_eval"]]["train_flops"]
+                       for e in later)
 
 
 @pytest.mark.slow

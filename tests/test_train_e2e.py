@@ -69,6 +69,9 @@ def test_history_has_every_contract_field(finished_run):
     assert steps == sorted(steps) and steps[0] == 0
     assert [e["train_flops"] for e in evals] == sorted(e["train_flops"] for e in evals)
     assert evals[0]["train_flops"] == 0 and evals[-1]["train_flops"] > 0
+    assert all(e["kept_train_flops"] == e["train_flops"] for e in evals)  # SFT never rolls back
+    best = evals[on_disk["final"]["eval_id"]]
+    assert on_disk["totals"]["final_kept_train_flops"] == best["kept_train_flops"]
     [stage] = on_disk["stages"]
     assert {k: stage[k] for k in ("stage", "excluded", "rollback_to_eval", "start_eval", "end_eval")} == {
         "stage": 0, "excluded": None, "rollback_to_eval": None, "start_eval": 0, "end_eval": 4}

@@ -38,6 +38,7 @@ def evaluate(trainer: Trainer, history: History, metric: Metric, stage: int, act
         "epoch": round(trainer.epoch_position, 6),
         "stage": stage,
         "train_flops": c.train_flops,
+        "kept_train_flops": c.kept_train_flops,
         "eval_flops": c.eval_flops,
         "pooled_val_loss": result.pooled_loss,
         "pooled_val_token_acc": result.pooled_token_acc,
