@@ -85,8 +85,8 @@ def loss_fn(case: str):
     if case == "msft_fast_triton_gemm_bwd":  # the deterministic backward: dlogits chunks + cuBLAS GEMMs
         return lambda h, w, y, t: linear_cross_entropy_triton(h, w, y, t, NUM_TASKS, -100, "sum",
                                                               blocks=gemm_blocks(h.dtype))[0]
-    impl = {"msft_fast": "torch", "msft_fast_torch": "torch"}.get(case, "triton")
-    if case == "msft_fast_triton_no_tasks":
+    impl = "triton" if case.startswith("msft_fast_triton") else "torch"
+    if case.endswith("_no_tasks"):  # the same kernel without per-task statistics
         return lambda h, w, y, t: fused_linear_cross_entropy(h, w, y, impl=impl)[0]
     return lambda h, w, y, t: fused_linear_cross_entropy(h, w, y, t, NUM_TASKS, impl=impl)[0]
 
@@ -122,7 +122,7 @@ def run_case(case: str, device: str, n: int, h: int, v: int, dtype: str, repeats
         t0 = time.perf_counter()
         step()  # .item() synchronises
         times.append(time.perf_counter() - t0)
-    out = {"case": case, "loss": loss, "seconds": statistics.median(times) if cuda else min(times)}
+    out = {"case": case, "loss": loss, "seconds": statistics.median(times) if cuda else min(times), "times": times}
     if cuda:
         out["extra_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
@@ -194,7 +194,9 @@ def main() -> None:
     if a.check:
         sys.exit(0 if check(a.device) else 1)
     if a.case:
-        print(json.dumps(run_case(a.case, a.device, a.tokens, a.hidden, a.vocab, a.dtype, a.repeats)))
+        for case in a.case.split(","):
+            print(json.dumps(run_case_guarded(case, a.device, a.tokens, a.hidden, a.vocab, a.dtype, a.repeats)),
+                  flush=True)
         return
     if a.device == "cuda":
         import torch
@@ -202,18 +204,58 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no CUDA device is available here.")
     cases = CPU_CASES if a.device == "cpu" else CUDA_CASES
-    results = {}
-    for case in cases:
-        cmd = [sys.executable, __file__, "--case", case, "--device", a.device, "--tokens", str(a.tokens),
-               "--hidden", str(a.hidden), "--vocab", str(a.vocab), "--dtype", a.dtype, "--repeats", str(a.repeats)]
-        proc = subprocess.run(cmd, text=True, capture_output=True)
-        if proc.returncode != 0:
-            results[case] = {"case": case, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"}
-        else:
-            results[case] = json.loads(proc.stdout.strip().splitlines()[-1])
-        if "skipped" in results[case]:
-            print(f"note: {case} skipped ({results[case]['skipped']})", flush=True)
+    results = run_cases(cases, a.device, a.tokens, a.hidden, a.vocab, a.dtype, a.repeats)
+    for case, r in results.items():
+        if "skipped" in r:
+            print(f"note: {case} skipped ({r['skipped']})", flush=True)
     write_report(a, results)
+
+
+def run_case_guarded(case: str, device: str, n: int, h: int, v: int, dtype: str, repeats: int) -> dict:
+    """run_case, with a failure (an OOM, a missing kernel) recorded as the case's result."""
+    try:
+        return run_case(case, device, n, h, v, dtype, repeats)
+    except Exception as e:  # noqa: BLE001 - one case must not stop the others sharing its process
+        why = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if device == "cuda":  # once the traceback (and the failed case's tensors) is gone
+        import torch
+
+        torch.cuda.empty_cache()
+    return {"case": case, "skipped": why}
+
+
+def run_cases(cases, device: str, n: int, h: int, v: int, dtype: str, repeats: int,
+              one_process: bool = False) -> dict:
+    """{case: run_case result} for one shape, each case in its own subprocess (so a CPU peak RSS is the
+    case's own), or with `one_process` all in one (on CUDA, where peak allocated memory is reset per
+    case: saves the start-up of a process per case)."""
+    groups = [list(cases)] if one_process else [[c] for c in cases]
+    results = {}
+    for group in groups:
+        cmd = [sys.executable, os.path.abspath(__file__), "--case", ",".join(group), "--device", device,
+               "--tokens", str(n), "--hidden", str(h), "--vocab", str(v), "--dtype", dtype, "--repeats", str(repeats)]
+        proc = subprocess.run(cmd, text=True, capture_output=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith('{"case"'):
+                r = json.loads(line)
+                results[r["case"]] = r
+        for case in group:
+            if case not in results:  # the process died before this case printed its result
+                results[case] = {"case": case, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"}
+    return results
+
+
+def peer_versions() -> dict:
+    """Versions of the installed peers (cut-cross-entropy, liger-kernel) and of triton."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("triton", "cut_cross_entropy", "liger_kernel"):
+        try:
+            out[pkg] = version(pkg.replace("_", "-"))
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def write_report(a, results: dict) -> None:
@@ -226,17 +268,11 @@ def write_report(a, results: dict) -> None:
                 r["extra_peak_mb"] = r["peak_rss_mb"] - base
     machine = {"device": a.device, "cores": os.cpu_count(), "platform": platform.platform(),
                "python": platform.python_version(), "torch": torch.__version__}
+    versions = peer_versions()
     if a.device == "cuda":
-        import triton
-
-        machine.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__)
-    for pkg in ("cut_cross_entropy", "liger_kernel"):
-        try:
-            from importlib.metadata import version
-
-            machine[pkg] = version(pkg.replace("_", "-"))
-        except Exception:  # not installed
-            pass
+        machine.update(gpu=torch.cuda.get_device_name(), triton=versions.pop("triton", None))
+    versions.pop("triton", None)
+    machine.update(versions)
     cases = [c for c in results if c != "inputs_only"]
     report = {
         "what": "fused linear + cross-entropy, forward + backward, "

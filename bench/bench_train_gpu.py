@@ -1,14 +1,18 @@
 """Trainer throughput through the real `msft-fast train`: tokens/s and MFU of a Llama-style model on
-packed rows, one process per variant (attention backend x torch.compile).
+packed rows, one process per variant (attention backend x torch.compile x activation checkpointing).
 
 Builds a model folder from a transformers LlamaConfig (default: the Llama-3.2-1B shape, 1.24B
 parameters, random weights) with the built-in character tokenizer, writes two synthetic text tasks
 whose documents (256 to `--seq` tokens) pack into rows of `--seq` tokens, trains `--steps` optimizer
-steps with plain SFT and reads `metrics.jsonl`. The first `--skip` steps (allocation, autotuning,
-compilation) are left out of the figures. Variants that need something this trainer or machine
-lacks print one "not available" line and are recorded as such.
+steps with plain SFT and reads `metrics.jsonl` (per step: tokens, MFU against the device's peak,
+peak memory, time split into data / forward+backward / optimizer) and `history.json` (totals). The
+first `--skip` steps (allocation, autotuning, compilation) are left out of the figures. Variants that
+need something this trainer or machine lacks print one "not available" line and are recorded as
+such. The JSON and table are rewritten after every variant, so a run cut short keeps what it measured.
 
-    python bench/bench_train_gpu.py [--steps 30 --seq 8192] [--attn sdpa flash_attention_2] [--compile off on]
+    python bench/bench_train_gpu.py [--steps 30 --seq 8192] [--attn sdpa flex_attention flash_attention_2]
+                                    [--compile off on] [--ac off full selective]
+    python bench/bench_train_gpu.py --variants sdpa:off:off sdpa:on:off flex_attention:on:full   # attn:compile:ac
     python bench/bench_train_gpu.py --cpu     # tiny shapes on the CPU, about a minute: checks that it runs
 """
 from __future__ import annotations
@@ -57,19 +61,25 @@ def build_model_folder(folder: str, a) -> dict:
 
 
 def write_tasks(root: str, a) -> list[dict]:
-    """Two text tasks of log-uniform document lengths in [256, seq] characters (one token each)."""
+    """Two text tasks of log-uniform document lengths in [256, seq] characters (one token each),
+    a little more than `steps` packed rows in all."""
+    return write_text_tasks(root, a.steps * a.seq // 2 * 11 // 10 + a.seq, a.seq, min_len=256, max_len=a.seq - 2)
+
+
+def write_text_tasks(root: str, train_tokens: int, val_tokens: int, min_len: int, max_len: int) -> list[dict]:
+    """Tasks `alpha` and `beta`, each about `train_tokens` characters (one token each with the char
+    tokenizer, plus BOS and EOS) of documents whose lengths are log-uniform in [min_len, max_len]."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz ,.0123456789"))
-    per_task = a.steps * a.seq // 2 * 11 // 10 + a.seq  # a little more than `steps` rows
     for name in ("alpha", "beta"):
         os.makedirs(os.path.join(root, name), exist_ok=True)
-        for split, tokens in (("train", per_task), ("val", a.seq)):
+        for split, tokens in (("train", train_tokens), ("val", val_tokens)):
             path = os.path.join(root, name, f"{split}.jsonl")
             with open(path, "w") as f:
                 while tokens > 0:
-                    n = int(np.exp(rng.uniform(np.log(256), np.log(a.seq - 2))))
+                    n = int(np.exp(rng.uniform(np.log(min_len), np.log(max_len))))
                     f.write(json.dumps({"text": "".join(rng.choice(alphabet, n))}) + "\n")
                     tokens -= n
     return [{"name": n, "train": os.path.join(root, n, "train.jsonl"), "val": os.path.join(root, n, "val.jsonl")}
@@ -85,16 +95,26 @@ def trainer_supports(key: str) -> bool:
     return name in cls.__dataclass_fields__
 
 
-def run_variant(a, model_dir: str, tasks: list[dict], attn: str, compile_: bool, workdir: str) -> dict:
+def variant_name(attn: str, compile_: bool, ac: str) -> str:
+    return f"{attn}_compile_{'on' if compile_ else 'off'}" + ("" if ac == "off" else f"_ac_{ac}")
+
+
+def run_variant(a, model_dir: str, tasks: list[dict], attn: str, compile_: bool, workdir: str,
+                ac: str = "off") -> dict:
     import yaml
 
-    name = f"{attn}_compile_{'on' if compile_ else 'off'}"
+    name = variant_name(attn, compile_, ac)
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         return {"variant": name, "status": "not available", "why": "flash-attn is not installed"}
     if attn == "flash_attention_2" and a.cpu:
         return {"variant": name, "status": "not available", "why": "flash-attn needs CUDA"}
+    if attn == "flex_attention" and a.cpu:
+        return {"variant": name, "status": "not available", "why": "FlexAttention training needs CUDA"}
     if compile_ and not trainer_supports("train.compile"):
         return {"variant": name, "status": "not available", "why": "the trainer has no train.compile config key yet"}
+    if ac != "off" and not trainer_supports("train.activation_checkpointing"):
+        return {"variant": name, "status": "not available",
+                "why": "the trainer has no train.activation_checkpointing config key yet"}
     out = os.path.join(workdir, "runs", name)
     config = {"method": "sft", "output_dir": out, "model": {"path": model_dir, "attn_implementation": attn},
               "data": {"tasks": tasks, "max_seq_len": a.seq, "tokens_per_batch": a.seq,
@@ -102,10 +122,12 @@ def run_variant(a, model_dir: str, tasks: list[dict], attn: str, compile_: bool,
               "train": {"lr": 1e-5, "epochs": 1, "seed": 0, "warmup_steps": 0, "schedule": "constant",
                         "precision": a.precision, "progress": False, "log_every": 1},
               "msft": {"evals_per_epoch": 1}}
+    if trainer_supports("train.checkpoint_every"):
+        config["train"]["checkpoint_every"] = 0  # no resumable checkpoint: not what is measured
     if compile_:
         config["train"]["compile"] = True
-    if a.activation_checkpointing and trainer_supports("train.activation_checkpointing"):
-        config["train"]["activation_checkpointing"] = "full"
+    if ac != "off":
+        config["train"]["activation_checkpointing"] = ac
     path = os.path.join(workdir, f"{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
@@ -120,18 +142,32 @@ def run_variant(a, model_dir: str, tasks: list[dict], attn: str, compile_: bool,
         steps = [json.loads(line) for line in f]
     with open(os.path.join(out, "history.json")) as f:
         history = json.load(f)
-    timed = steps[a.skip:] or steps[-1:]
+    return {"variant": name, "status": "ok", "attn": attn, "compile": compile_, "activation_checkpointing": ac,
+            **step_figures(steps, a.skip, a.gpu_name), "padding_fraction": history.get("padding_fraction"),
+            "eval_seconds": history["totals"]["eval_seconds"], "totals_mfu": history["totals"].get("mfu"),
+            "totals_tokens_per_s": history["totals"].get("tokens_per_s"), "wall_seconds": wall}
+
+
+def step_figures(steps: list[dict], skip: int, gpu_name: str = "") -> dict:
+    """tokens/s, MFU, peak memory and the time split over metrics.jsonl records after the first `skip`."""
+    timed = steps[skip:] or steps[-1:]
     flops = [s["train_flops"] - (steps[i - 1]["train_flops"] if i else 0) for i, s in enumerate(steps)][-len(timed):]
     seconds = sum(s["step_seconds"] for s in timed)
     tokens = sum(s["tokens"] for s in timed)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in a.gpu_name), None) if a.gpu_name else None
     achieved = sum(flops) / seconds
-    return {"variant": name, "status": "ok", "attn": attn, "compile": compile_, "steps": len(steps),
-            "timed_steps": len(timed), "tokens_per_s": tokens / seconds, "train_flops_per_s": achieved,
-            "mfu": achieved / peak if peak else None, "peak_flops": peak,
+    if all("mfu" in s for s in timed):  # the trainer's own peak table (or train.peak_tflops)
+        mfu = sum(s["mfu"] * s["step_seconds"] for s in timed) / seconds
+        peak = achieved / mfu if mfu else None
+    else:
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu_name), None) if gpu_name else None
+        mfu = achieved / peak if peak else None
+    parts = {k: sum(s.get("time", {}).get(k, 0.0) for s in timed) / seconds for k in ("data", "fwd_bwd", "optimizer")}
+    return {"steps": len(steps), "timed_steps": len(timed), "tokens_per_s": tokens / seconds,
+            "tokens_per_s_per_device": sum(s.get("tokens_per_s_per_device", 0) * s["step_seconds"] for s in timed)
+            / seconds or None, "train_flops_per_s": achieved, "mfu": mfu, "peak_flops": peak,
             "step_seconds_median": sorted(s["step_seconds"] for s in timed)[len(timed) // 2],
-            "padding_fraction": history.get("padding_fraction"), "eval_seconds": history["totals"]["eval_seconds"],
-            "wall_seconds": wall}
+            "peak_mem_gib": max((s.get("peak_mem_gib", 0.0) for s in steps), default=None),
+            "time_share": parts}
 
 
 def main(argv=None) -> dict:
@@ -149,9 +185,15 @@ def main(argv=None) -> dict:
     p.add_argument("--skip", type=int, default=5, help="first steps left out of tokens/s and MFU")
     p.add_argument("--attn", nargs="+", default=["sdpa", "flash_attention_2"])
     p.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
-    p.add_argument("--activation-checkpointing", action="store_true", help="if the trainer has the key")
+    p.add_argument("--ac", nargs="+", default=["off"], choices=["off", "full", "selective"],
+                   help="train.activation_checkpointing values (a third axis of variants)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="same as --ac full")
+    p.add_argument("--variants", nargs="+", metavar="ATTN:COMPILE:AC",
+                   help="an explicit list instead of the --attn x --compile x --ac grid, e.g. sdpa:on:full")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--timeout", type=int, default=240, help="seconds per variant")
+    p.add_argument("--budget", type=int, default=0, help="seconds for all variants; 0: no limit. Variants that "
+                   "cannot start with --timeout seconds left are recorded as skipped")
     p.add_argument("--workdir", default="/tmp/bench_work/train_gpu")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     a = p.parse_args(argv)
@@ -177,14 +219,39 @@ def main(argv=None) -> dict:
             params = sum(p.numel() for p in LlamaForCausalLM(AutoConfig.from_pretrained(model_dir)).parameters())
     except Exception:  # noqa: BLE001 - a count for the report only
         pass
+    if a.activation_checkpointing:
+        a.ac = ["full"]
+    if a.variants:
+        plan = []
+        for v in a.variants:
+            attn, c, ac = (v.split(":") + ["off", "off"])[:3]
+            if c not in ("off", "on") or ac not in ("off", "full", "selective"):
+                p.error(f"--variants {v}: expected ATTN:off|on:off|full|selective")
+            plan.append((attn, c == "on", ac))
+    else:
+        plan = [(attn, c == "on", ac) for attn in a.attn for c in a.compile for ac in a.ac]
     results = []
-    for attn in a.attn:
-        for c in a.compile:
-            r = run_variant(a, model_dir, tasks, attn, c == "on", a.workdir)
-            results.append(r)
-            figure = (f"{r['tokens_per_s']:.0f} tokens/s" + (f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else "")
-                      if r["status"] == "ok" else f"{r['status']}: {r['why']}")
-            print(f"{r['variant']:>34}: {figure}", flush=True)
+    for attn, compile_, ac in plan:
+        left = a.budget - (time.time() - t0) if a.budget else None
+        if left is not None and left < min(a.timeout, 60):
+            r = {"variant": variant_name(attn, compile_, ac), "status": "skipped", "why": f"out of time ({a.budget}s)"}
+        else:
+            if left is not None:
+                a.timeout = min(a.timeout, int(left))
+            try:
+                r = run_variant(a, model_dir, tasks, attn, compile_, a.workdir, ac)
+            except subprocess.TimeoutExpired:
+                r = {"variant": variant_name(attn, compile_, ac), "status": "timed out", "why": f"after {a.timeout}s"}
+        results.append(r)
+        figure = (f"{r['tokens_per_s']:.0f} tokens/s" + (f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else "")
+                  + (f", peak {r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") else "")
+                  if r["status"] == "ok" else f"{r['status']}: {r['why']}")
+        print(f"{r['variant']:>40}: {figure}", flush=True)
+        write_report(a, results, shape, params, build_seconds, quiet=True)
+    return write_report(a, results, shape, params, build_seconds)
+
+
+def write_report(a, results: list[dict], shape: dict, params, build_seconds: float, quiet: bool = False) -> dict:
     device = "cuda" if a.gpu_name else "cpu"
     report = {
         "what": "msft-fast train (sft, FSDP2 at one rank), packed rows of --seq tokens: tokens/s and MFU after "
@@ -201,14 +268,25 @@ def main(argv=None) -> dict:
              f"{report['date']}, torch {report['machine']['torch']}; Llama {a.layers}x{a.hidden} "
              f"({(params or 0) / 1e9:.2f}B params), vocab {a.vocab}, rows of {a.seq} packed tokens, "
              f"{a.precision}, {a.steps} steps (first {a.skip} not timed)", "",
-             "| variant | status | tokens/s | MFU | median step s |", "|---|---|---|---|---|"]
+             "| variant | status | tokens/s | MFU | peak GiB | median step s | data / fwd+bwd / optimizer |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         if r["status"] == "ok":
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-            lines.append(f"| {r['variant']} | ok | {r['tokens_per_s']:.0f} | {mfu} | {r['step_seconds_median']:.3f} |")
+            share = " / ".join(f"{100 * r['time_share'][k]:.0f}%" for k in ("data", "fwd_bwd", "optimizer"))
+            peak = f"{r['peak_mem_gib']:.2f}" if r.get("peak_mem_gib") is not None else "-"
+            lines.append(f"| {r['variant']} | ok | {r['tokens_per_s']:.0f} | {mfu} | {peak} | "
+                         f"{r['step_seconds_median']:.3f} | {share} |")
         else:
-            lines.append(f"| {r['variant']} | {r['status']}: {r['why']} | | | |")
-    write_outputs(a.out, f"step_train_{device}", report, lines)
+            lines.append(f"| {r['variant']} | {r['status']}: {r['why']} | | | | | |")
+    if quiet:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            write_outputs(a.out, f"step_train_{device}", report, lines)
+    else:
+        write_outputs(a.out, f"step_train_{device}", report, lines)
     return report
 
 
