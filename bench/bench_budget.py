@@ -55,8 +55,9 @@ def compare(runs: list[dict]) -> dict:
         as_good = [s for s in sft if sign * s["pooled_metric"] <= sign * r["pooled_metric"]]
         cheapest_as_good = min(as_good, key=lambda s: s["train_flops"]) if as_good else None
         out[r["label"]] = {
-            "beats_best_sft_with_no_more_flops": (best_cheaper is None
-                                                  or sign * r["pooled_metric"] < sign * best_cheaper["pooled_metric"]),
+            # None: no SFT run was that cheap, so there is nothing to beat (not a win).
+            "beats_best_sft_with_no_more_flops": (None if best_cheaper is None
+                                                  else sign * r["pooled_metric"] < sign * best_cheaper["pooled_metric"]),
             "best_sft_with_no_more_flops": best_cheaper["label"] if best_cheaper else None,
             "pooled_metric_minus_best_sft": r["pooled_metric"] - best_sft["pooled_metric"],
             "flops_over_best_sft": r["train_flops"] / best_sft["train_flops"],
@@ -182,7 +183,8 @@ def markdown(r: dict) -> list[str]:
                      f"{', '.join(x['excluded']) or '-'} | {x['wall_seconds']:.0f} |")
     lines += ["", f"Best SFT run: {best}. Against SFT:", ""]
     for label, c in cmp_["msft"].items():
-        verdict = "wins" if c["beats_best_sft_with_no_more_flops"] else "loses"
+        verdict = {True: "wins", False: "loses", None: "has no SFT run as cheap to compare with, i.e. no verdict,"}[
+            c["beats_best_sft_with_no_more_flops"]]
         lines.append(f"- {label}: {verdict} against the best SFT run with no more training FLOPs "
                      f"({c['best_sft_with_no_more_flops'] or 'none that cheap'}); pooled {metric} "
                      f"{c['pooled_metric_minus_best_sft']:+.4f} vs the best SFT at {c['flops_over_best_sft']:.2f}x "
