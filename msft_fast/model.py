@@ -237,8 +237,8 @@ def _short(e: BaseException, limit: int = 300) -> str:
 def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The HF attn_implementation for `model.attn_implementation` (see msft_fast/attention.py).
 
-    auto: flash-attn varlen on CUDA in bf16/fp16 when installed; FlexAttention on CUDA when
-    flash-attn is not installed (it needs Triton); SDPA otherwise. All keep packed documents apart.
+    auto: flash-attn varlen on CUDA in bf16/fp16 when installed; otherwise FlexAttention on CUDA
+    (it needs Triton); SDPA elsewhere. All keep packed documents apart.
     """
     flash_installed = importlib.util.find_spec("flash_attn") is not None
     flash_ok = device.type == "cuda" and dtype != torch.float32 and flash_installed
@@ -256,7 +256,7 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -
         return requested
     if flash_ok:
         return "flash_attention_2"
-    return FLEX_ATTENTION if flex_ok and not flash_installed else "sdpa"
+    return FLEX_ATTENTION if flex_ok else "sdpa"  # flash-attn has no fp32 kernels; Flex has
 
 
 def _used_attention(model: nn.Module) -> str:

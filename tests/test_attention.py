@@ -197,10 +197,10 @@ def test_choose_attention_follows_device_dtype_and_what_is_installed(monkeypatch
     # Training needs a backward, which FlexAttention lacks on CPU: refused in one sentence.
     with pytest.raises(ConfigError, match="model.attn_implementation.*no FlexAttention backward on CPU"):
         choose_attention("flex_attention", cpu, fp32)
-    # flash-attn installed: its varlen kernel in bf16; it has no fp32 kernels.
+    # flash-attn installed: its varlen kernel in bf16; it has no fp32 kernels, so Flex there.
     installed.add("flash_attn")
     assert choose_attention("auto", cuda, bf16) == "flash_attention_2"
-    assert choose_attention("auto", cuda, fp32) == "sdpa"
+    assert choose_attention("auto", cuda, fp32) == FLEX_ATTENTION
     assert choose_attention("flex_attention", cuda, bf16) == FLEX_ATTENTION
     assert choose_attention("sdpa", cuda, bf16) == "sdpa" and choose_attention("eager", cpu, fp32) == "eager"
     with pytest.raises(ConfigError, match="flash_attention_2 needs CUDA"):
