@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
+from conftest import kill_process_tree
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def _run(cmd, env) -> None:
     try:
         _, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_process_tree(proc.pid)  # torchrun's workers run in sessions of their own
         proc.communicate()
         raise
     assert proc.returncode == 0, stderr[-3000:]

@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import kill_process_tree
+
 from msft_fast.checkpoint import complete_checkpoints, latest_checkpoint, read_meta
 from msft_fast.config import load_config
 from msft_fast.trainer import Trainer
@@ -275,35 +277,11 @@ def _wait_for_steps(proc, out, steps: int, timeout: float = 240):
     raise AssertionError("the run did not reach the step in time")
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant (torchrun starts its workers in sessions of their own,
-    so killing the launcher's process group would leave them running)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    todo, tree = [pid], []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def _finish(proc, timeout: float = 300):
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
+        kill_process_tree(proc.pid)
         proc.communicate()
         raise
     return proc.returncode, err
@@ -338,7 +316,7 @@ def test_sigkill_anywhere_then_rerun_ends_like_an_uninterrupted_run(tmp_path, de
     args = _overrides(tmp_path, demo_dir, out, "method=msft", "train.checkpoint_every=2")
     proc = _cli(args, tmp_path)
     _wait_for_steps(proc, out, kill_after)
-    _kill_tree(proc.pid)
+    kill_process_tree(proc.pid)
     proc.communicate()
     code, err = _finish(_cli(args, tmp_path))
     assert code == 0, err[-2000:]
@@ -355,7 +333,7 @@ def test_two_ranks_killed_and_rerun_end_like_two_ranks_uninterrupted(tmp_path, d
     args = _overrides(tmp_path, demo_dir, out, *common, "train.checkpoint_every=2")
     proc = _cli(args, tmp_path, launcher)
     _wait_for_steps(proc, out, 5)
-    _kill_tree(proc.pid)
+    kill_process_tree(proc.pid)
     proc.communicate()
     assert latest_checkpoint(out) is not None
     with open(os.path.join(out, "history.json")) as f:
