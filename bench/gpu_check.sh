@@ -11,53 +11,15 @@
 #
 #   bench/gpu_check.sh            # on a GPU machine (python: $PYTHON, else .venv/bin/python, else python3)
 #   bench/gpu_check.sh --cpu      # dry run on a CPU with tiny shapes, a couple of minutes
-set -u
-cd "$(dirname "$0")/.."
-MODE=gpu
-[ "${1:-}" = "--cpu" ] && MODE=cpu
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-if [ "$MODE" = gpu ]; then OUT="${OUT:-bench/results/gpu}"; else OUT="${OUT:-/tmp/bench_work/gpu_check_cpu}"; fi
-WORK="${BENCH_WORK:-/tmp/bench_work/gpu_check_work_$MODE}"  # never under $OUT: it holds a 2.5 GB model
-BUDGET="${BUDGET_S:-480}"   # the whole script; parts are skipped when too little time is left
-mkdir -p "$OUT" "$WORK"
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" TMPDIR="$WORK"
-[ "$MODE" = gpu ] && export TRITON_INTERPRET=0   # tests/conftest.py would default it to 1
-STATUS="$OUT/gpu_check_status.jsonl"
-: > "$STATUS"
-START=$SECONDS
-
-note() {  # part, status, detail
-    printf '%-28s %-14s %s\n' "$1" "$2" "$3"
-    "$PYTHON" -c 'import json,sys; print(json.dumps({"part": sys.argv[1], "status": sys.argv[2], "detail": sys.argv[3]}))' \
-        "$1" "$2" "$3" >> "$STATUS"
-}
-
-part() {  # name, seconds, command...: run with a limit that never passes the script's budget
-    local name=$1 limit=$2; shift 2
-    local left=$(( BUDGET - (SECONDS - START) - 10 ))
-    if [ "$left" -lt 30 ]; then note "$name" "skipped" "out of time (${BUDGET}s budget)"; return; fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    echo "== $name (limit ${limit}s)"
-    local t0=$SECONDS
-    timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
-    local rc=$?
-    tail -n 25 "$WORK/$name.log"
-    if [ $rc -eq 0 ]; then note "$name" "ok" "$((SECONDS - t0))s, log $WORK/$name.log"
-    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then note "$name" "timed out" "after ${limit}s, log $WORK/$name.log"
-    else note "$name" "failed" "exit $rc: $(grep -v '^\s*$' "$WORK/$name.log" | tail -n 1 | cut -c1-160)"; fi
-}
+NAME=gpu_check BUDGET_DEFAULT=480
+source "$(dirname "$0")/gpu_check_lib.sh"
 
 "$PYTHON" - <<'EOF' | tee "$OUT/machine.txt"
 import platform, torch
 print("date", __import__("time").strftime("%Y-%m-%d %H:%M"), "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "|", platform.platform())
 EOF
-if [ "$MODE" = gpu ] && ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "gpu_check: no CUDA device visible to $PYTHON; use --cpu for the dry run" >&2
-    exit 2
-fi
+require_cuda
 
 # 1. Loss kernel: correctness first, then the benchmark (bench_loss.py is owned by the kernel work;
 # its flags are probed, not assumed).

@@ -14,57 +14,13 @@
 #
 #   bench/gpu_check_train.sh          # on a GPU machine (python: $PYTHON, else .venv/bin/python, else python3)
 #   bench/gpu_check_train.sh --cpu    # dry run here with tiny shapes, about 2 minutes
-set -u
-cd "$(dirname "$0")/.."
-MODE=gpu
-[ "${1:-}" = "--cpu" ] && MODE=cpu
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-if [ "$MODE" = gpu ]; then OUT="${OUT:-bench/results/gpu}"; else OUT="${OUT:-/tmp/bench_work/gpu_check_train_cpu}"; fi
-WORK="${BENCH_WORK:-/tmp/bench_work/gpu_check_train_$MODE}"  # never under $OUT: it holds the model
-BUDGET="${BUDGET_S:-340}"
-mkdir -p "$OUT" "$WORK"
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" TMPDIR="$WORK"
-STATUS="$OUT/gpu_check_train_status.jsonl"
-: > "$STATUS"
-START=$SECONDS
-
-note() {  # part, status, detail
-    printf '%-20s %-14s %s\n' "$1" "$2" "$3"
-    "$PYTHON" -c 'import json,sys; print(json.dumps({"part": sys.argv[1], "status": sys.argv[2], "detail": sys.argv[3]}))' \
-        "$1" "$2" "$3" >> "$STATUS"
+NAME=gpu_check_train BUDGET_DEFAULT=340 PART_RESERVE=5
+source "$(dirname "$0")/gpu_check_lib.sh"
+require_cuda
+install_carried
+show_log() {  # without progress bars and warnings
+    grep -v '^\s*$' "$1" | grep -v -i 'it/s\]\|warn' | tail -n 20
 }
-
-part() {  # name, seconds, command...: run with a limit that never passes the script's budget
-    local name=$1 limit=$2; shift 2
-    local left=$(( BUDGET - (SECONDS - START) - 5 ))
-    if [ "$left" -lt 30 ]; then note "$name" "skipped" "out of time (${BUDGET}s budget)"; return; fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    echo "== $name (limit ${limit}s)"
-    local t0=$SECONDS
-    timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
-    local rc=$?
-    grep -v '^\s*$' "$WORK/$name.log" | grep -v -i 'it/s\]\|warn' | tail -n 20
-    if [ $rc -eq 0 ]; then note "$name" "ok" "$((SECONDS - t0))s, log $WORK/$name.log"
-    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then note "$name" "timed out" "after ${limit}s, log $WORK/$name.log"
-    else note "$name" "failed" "exit $rc: $(grep -v '^\s*$' "$WORK/$name.log" | tail -n 1 | cut -c1-160)"; fi
-}
-
-if [ "$MODE" = gpu ]; then
-    export TRITON_INTERPRET=0
-    if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-        echo "gpu_check_train: no CUDA device visible to $PYTHON; use --cpu for the dry run" >&2
-        exit 2
-    fi
-    if [ -n "${PEER_WHEELS:-}" ] && ls "$PEER_WHEELS"/*.whl > /dev/null 2>&1; then
-        "$PYTHON" -m pip install -q --no-deps --no-index "$PEER_WHEELS"/*.whl || echo "installing $PEER_WHEELS failed"
-    fi
-    # msft_fast.kernels is kernels/ only once the package is installed (pyproject's package-dir).
-    if ! "$PYTHON" -c 'import msft_fast.kernels' > /dev/null 2>&1; then
-        "$PYTHON" -m pip install -q --no-deps --no-build-isolation --no-index -e . || echo "installing msft-fast failed"
-    fi
-fi
 
 "$PYTHON" - <<'EOF' | tee "$OUT/machine_train.txt"
 import importlib.metadata as md, platform, time, torch
