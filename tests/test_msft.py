@@ -72,119 +72,112 @@ def test_patience_confirms_the_earliest_peak_after_enough_evaluations():
     assert not peak_confirmed(curves(a=[3, 2, 1]), [A], patience=1)
 
 
-def test_pool_restores_weights_and_adam_state_bitwise_and_reuses_released_buffers(tokenizer):
-    from msft_fast.data.packing import collate, plan_epoch
-    from msft_fast.distributed import init_distributed, parallelize, reshard_all, shutdown_distributed
-    from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
-    from msft_fast.snapshot import SnapshotPool
-    from test_packing import _tasks
+class _ShardedTinyModel:
+    """A one-rank FSDP2 tiny Llama with AdamW and one packed batch: `step()` trains, `state()` copies
+    this rank's parameter shards and Adam state for bitwise comparisons."""
+
+    def __init__(self, tokenizer, device):
+        from msft_fast.data.packing import collate, plan_epoch
+        from msft_fast.distributed import parallelize
+        from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
+        from test_packing import _tasks
+
+        lm = tiny_llama(tokenizer)
+        self.model = CausalLMWithTaskLoss(lm, num_tasks=2)
+        parallelize(self.model, decoder_blocks(lm), torch.float32, device)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
+        docsets = [t.train for t in _tasks(6, 4, seed=1)]
+        self.batch = collate(plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0], docsets, [0, 1])
+
+    def step(self):
+        self.model(self.batch)[0].backward()
+        self.opt.step()
+        self.opt.zero_grad()
+
+    def state(self):
+        from msft_fast.distributed import reshard_all
+
+        reshard_all(self.model)
+        params = [p.detach().to_local().clone() for p in self.model.parameters()]
+        moments = [{k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in self.opt.state[p].items()}
+                   for p in self.model.parameters()]
+        return params, moments
+
+
+@pytest.fixture
+def sharded_tiny(tokenizer):
+    from msft_fast.distributed import init_distributed, shutdown_distributed
 
     ctx = init_distributed()
     try:
-        lm = tiny_llama(tokenizer)
-        model = CausalLMWithTaskLoss(lm, num_tasks=2)
-        parallelize(model, decoder_blocks(lm), torch.float32, ctx.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        docsets = [t.train for t in _tasks(6, 4, seed=1)]
-        batch = collate(plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0], docsets, [0, 1])
+        yield _ShardedTinyModel(tokenizer, ctx.device), ctx.device
+    finally:
+        shutdown_distributed()
 
-        def step():
-            model(batch)[0].backward()
-            opt.step()
-            opt.zero_grad()
 
-        def state():
-            reshard_all(model)
-            params = [p.detach().to_local().clone() for p in model.parameters()]
-            moments = [{k: (v.to_local() if hasattr(v, "to_local") else v).clone() for k, v in opt.state[p].items()}
-                       for p in model.parameters()]
-            return params, moments
+def test_pool_restores_weights_and_adam_state_bitwise_and_reuses_released_buffers(sharded_tiny):
+    from msft_fast.snapshot import SnapshotPool
 
-        pool = SnapshotPool(capacity=2, device=ctx.device, with_optimizer=True)
+    t, device = sharded_tiny
+    model, opt, step, state = t.model, t.opt, t.step, t.state
+    pool = SnapshotPool(capacity=2, device=device, with_optimizer=True)
+    step()
+    with torch.no_grad():
+        model(t.batch)  # an evaluation leaves the root unsharded
+    want = state()
+    snap = pool.retain(pool.capture(model, opt, {"tag": 1}))
+    for _ in range(3):
         step()
-        with torch.no_grad():
-            model(batch)  # an evaluation leaves the root unsharded
-        want = state()
-        snap = pool.retain(pool.capture(model, opt, {"tag": 1}))
-        for _ in range(3):
-            step()
+    pool.restore(snap, model, opt)
+    got = state()
+    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
+    for a, b in zip(got[1], want[1]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Training on from the restored state repeats the same trajectory.
+    step()
+    after_one = state()
+    pool.restore(snap, model, opt)
+    step()
+    assert all(torch.equal(a, b) for a, b in zip(state()[0], after_one[0]))
+
+    other = pool.retain(pool.capture(model, opt, {}))
+    with pytest.raises(RuntimeError, match="pool is full"):
+        pool.capture(model, opt, {})
+    buffers = snap.params[0].data_ptr()
+    pool.release(snap)
+    third = pool.capture(model, opt, {})
+    assert third.params[0].data_ptr() == buffers  # the released state's buffers were reused
+    pool.release(other)
+    with pytest.raises(RuntimeError, match="released more often"):
+        pool.release(other)
+
+
+def test_pool_spills_older_states_to_disk_and_restores_them_bitwise(sharded_tiny, tmp_path):
+    from msft_fast.snapshot import SnapshotPool
+
+    t, device = sharded_tiny
+    model, opt, step, state = t.model, t.opt, t.step, t.state
+    spill = tmp_path / "spill"
+    pool = SnapshotPool(capacity=3, device=device, with_optimizer=True, in_memory=1, spill_dir=str(spill))
+    wants, snaps = [], []
+    for _ in range(3):
+        step()
+        wants.append(state())
+        snaps.append(pool.retain(pool.capture(model, opt, {})))
+    # One state in memory (the newest), the two older ones in files.
+    assert [s.spilled is not None for s in snaps] == [True, True, False]
+    assert sorted(os.listdir(spill)) == ["snapshot-0.pt", "snapshot-1.pt"]
+    for snap, want in zip(snaps, wants):
+        step()
         pool.restore(snap, model, opt)
         got = state()
         assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
         for a, b in zip(got[1], want[1]):
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        # Training on from the restored state repeats the same trajectory.
-        step()
-        after_one = state()
-        pool.restore(snap, model, opt)
-        step()
-        assert all(torch.equal(a, b) for a, b in zip(state()[0], after_one[0]))
-
-        other = pool.retain(pool.capture(model, opt, {}))
-        with pytest.raises(RuntimeError, match="pool is full"):
-            pool.capture(model, opt, {})
-        buffers = snap.params[0].data_ptr()
-        pool.release(snap)
-        third = pool.capture(model, opt, {})
-        assert third.params[0].data_ptr() == buffers  # the released state's buffers were reused
-        pool.release(other)
-        with pytest.raises(RuntimeError, match="released more often"):
-            pool.release(other)
-    finally:
-        shutdown_distributed()
-
-
-def test_pool_spills_older_states_to_disk_and_restores_them_bitwise(tokenizer, tmp_path):
-    from msft_fast.data.packing import collate, plan_epoch
-    from msft_fast.distributed import init_distributed, parallelize, reshard_all, shutdown_distributed
-    from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
-    from msft_fast.snapshot import SnapshotPool
-    from test_packing import _tasks
-
-    ctx = init_distributed()
-    try:
-        lm = tiny_llama(tokenizer)
-        model = CausalLMWithTaskLoss(lm, num_tasks=2)
-        parallelize(model, decoder_blocks(lm), torch.float32, ctx.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        docsets = [t.train for t in _tasks(6, 4, seed=1)]
-        batch = collate(plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0], docsets, [0, 1])
-
-        def step():
-            model(batch)[0].backward()
-            opt.step()
-            opt.zero_grad()
-
-        def state():
-            reshard_all(model)
-            params = [p.detach().to_local().clone() for p in model.parameters()]
-            moments = [{k: v.to_local().clone() if hasattr(v, "to_local") else v.clone() for k, v in opt.state[p].items()}
-                       for p in model.parameters()]
-            return params, moments
-
-        spill = tmp_path / "spill"
-        pool = SnapshotPool(capacity=3, device=ctx.device, with_optimizer=True, in_memory=1, spill_dir=str(spill))
-        wants, snaps = [], []
-        for _ in range(3):
-            step()
-            wants.append(state())
-            snaps.append(pool.retain(pool.capture(model, opt, {})))
-        # One state in memory (the newest), the two older ones in files.
-        assert [s.spilled is not None for s in snaps] == [True, True, False]
-        assert sorted(os.listdir(spill)) == ["snapshot-0.pt", "snapshot-1.pt"]
-        for snap, want in zip(snaps, wants):
-            step()
-            pool.restore(snap, model, opt)
-            got = state()
-            assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
-            for a, b in zip(got[1], want[1]):
-                assert all(torch.equal(a[k], b[k]) for k in a)
-        pool.release(snaps[0])
-        assert sorted(os.listdir(spill)) == ["snapshot-1.pt"]  # a released spilled state leaves no file
-        with pytest.raises(ValueError, match="spill_dir"):
-            SnapshotPool(capacity=3, device=ctx.device, in_memory=1)
-    finally:
-        shutdown_distributed()
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    pool.release(snaps[0])
+    assert sorted(os.listdir(spill)) == ["snapshot-1.pt"]  # a released spilled state leaves no file
+    with pytest.raises(ValueError, match="spill_dir"):
+        SnapshotPool(capacity=3, device=device, in_memory=1)
 
 
 def test_the_pool_plan_spills_or_names_the_setting_when_host_memory_is_short(tokenizer, monkeypatch):
