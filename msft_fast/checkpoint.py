@@ -246,10 +246,7 @@ def load_checkpoint(ctx: DistContext, path: str, model, optimizer) -> LoadedChec
     if meta["world_size"] != ctx.world_size:
         raise OutputError(f"checkpoint {path} was written by {meta['world_size']} ranks; resume it with "
                           f"{meta['world_size']} ranks, or pass --overwrite to start over with {ctx.world_size}")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    load_weights_and_optimizer(path, model, optimizer)
     rank_state = torch.load(os.path.join(path, f"rank-{ctx.rank}.pt"), weights_only=False)
     with open(os.path.join(path, "state.pkl"), "rb") as f:
         state = pickle.load(f)

@@ -117,8 +117,7 @@ class SnapshotPool:
             raise RuntimeError(f"snapshot pool is full ({self.capacity} states alive); a reference was not released")
         params = sharded_params(model)
         optim = optimizer_tensors(model, optimizer) if self.with_optimizer else None
-        while sum(s.spilled is None for s in self.alive) >= self.in_memory:
-            self._spill(min((s for s in self.alive if s.spilled is None), key=lambda s: s.uid))  # the oldest
+        self._make_room()
         snap = self._buffers_for(params, optim)
         snap.extra = extra
         snap.uid, self._next_uid = self._next_uid, self._next_uid + 1
@@ -154,6 +153,11 @@ class SnapshotPool:
         self.restore_seconds.append(time.perf_counter() - t0)
 
     # Spilling: the oldest in-memory state goes to a file, and its buffers serve the next capture.
+    def _make_room(self) -> None:
+        """Spill the oldest states held in memory until one more fits under `in_memory`."""
+        while sum(s.spilled is None for s in self.alive) >= self.in_memory:
+            self._spill(min((s for s in self.alive if s.spilled is None), key=lambda s: s.uid))
+
     def _spill(self, snap: Snapshot) -> None:
         t0 = time.perf_counter()
         self.wait()
@@ -186,8 +190,11 @@ class SnapshotPool:
         self.wait()
         if self.stream is not None:
             self.stream.synchronize()
-        return {"snapshots": [{"uid": s.uid, "refs": s.refs, "params": self._tensors(s)[0],
-                               "optim": self._tensors(s)[1], "extra": s.extra} for s in self.alive],
+        states = []
+        for s in self.alive:
+            params, optim = self._tensors(s)  # a spilled state is read back once
+            states.append({"uid": s.uid, "refs": s.refs, "params": params, "optim": optim, "extra": s.extra})
+        return {"snapshots": states,
                 "next_uid": self._next_uid, "capture_seconds": self.capture_seconds,
                 "restore_seconds": self.restore_seconds}
 
@@ -199,8 +206,7 @@ class SnapshotPool:
         for s in sorted(state["snapshots"], key=lambda s: s["uid"]):
             optim = None if s["optim"] is None else [{k: pin(v) for k, v in d.items()} for d in s["optim"]]
             snap = Snapshot([pin(t) for t in s["params"]], optim, s["extra"], s["refs"], s["uid"])
-            if sum(a.spilled is None for a in self.alive) >= self.in_memory:
-                self._spill(min((a for a in self.alive if a.spilled is None), key=lambda a: a.uid))
+            self._make_room()
             self.alive.append(snap)
         self._free.clear()  # buffers of spilled adopted states: freshly loaded, not worth keeping
         if len(self.alive) > self.capacity:
