@@ -291,6 +291,24 @@ def test_unreadable_model_folder(tmp_path, models, capsys):
         folder.chmod(0o700)
 
 
+def test_model_folder_that_cannot_be_listed(tmp_path, models, capsys, monkeypatch):
+    """The same refusal as above where permission bits cannot cause it (root): listing fails."""
+    import msft_fast.model as model_mod
+
+    folder = tmp_path / "locked"
+    shutil.copytree(models["good"], folder)
+    real = model_mod.os.listdir
+
+    def listdir(path="."):
+        if os.path.abspath(path) == str(folder):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(model_mod.os, "listdir", listdir)
+    code = main(["train", "--config", _write_config(tmp_path, Ctx(tmp_path, models).config(model=str(folder)))])
+    assert f"model folder {folder} cannot be read (Permission denied)" in _error_line(code, capsys.readouterr().err)
+
+
 # ---------------------------------------------------------------------------------------------
 # Skipped and counted: the run goes on and records what it left out.
 
