@@ -83,7 +83,7 @@ def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device,
         tokenizer = char_tokenizer()
         override_chat_template(tokenizer, chat_template)
         config = tiny_llama_config(len(tokenizer))
-        attn = choose_attention(cfg.attn_implementation, device, dtype, causal_lm_class(config))
+        attn = choose_attention(cfg.attn_implementation, device, dtype, causal_lm_class(config), config)
         config._attn_implementation = attn
         return ModelSpec(tokenizer, config, cfg.path, None, attn, torch.float32, dtype)
 
@@ -101,7 +101,7 @@ def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device,
             raise ModelError(f"cannot load the model folder {path}: {_short(e)}") from None
         held.pass_on()
     override_chat_template(tokenizer, chat_template)
-    attn = choose_attention(cfg.attn_implementation, device, dtype, causal_lm_class(config))
+    attn = choose_attention(cfg.attn_implementation, device, dtype, causal_lm_class(config), config)
     return ModelSpec(tokenizer, config, path, path, attn, _config_dtype(config), dtype)
 
 
@@ -248,12 +248,14 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 @dataclass(frozen=True)
 class AttentionSetting:
-    """What decides which attention backends can train: the device, the compute dtype, and the
-    HF model class (None when unknown: then only the device and installed packages decide)."""
+    """What decides which attention backends can train: the device, the compute dtype, the HF
+    model class (None when unknown: then only the device and installed packages decide) and its
+    config (sliding windows, soft-capping, ...: for backends that apply to some models only)."""
 
     device: torch.device
     dtype: torch.dtype
     model_class: Optional[type] = None
+    config: Any = None
 
     def model_lacks(self, flag: str) -> bool:
         """The model class says it does not support a backend (HF's `_supports_sdpa`, ...)."""
@@ -310,7 +312,7 @@ ATTENTION_BACKENDS = (
 
 
 def choose_attention(requested: str, device: torch.device, dtype: torch.dtype,
-                     model_class: Optional[type] = None) -> str:
+                     model_class: Optional[type] = None, config: Any = None) -> str:
     """The HF attn_implementation for `model.attn_implementation` (see msft_fast/attention.py).
 
     auto: the first of ATTENTION_BACKENDS that can train with this device, compute dtype, installed
@@ -318,7 +320,7 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype,
     FlexAttention on CUDA, else SDPA, else eager (Gemma 2 on a CPU). A named backend that cannot
     train here is refused with one sentence that lists the values that can.
     """
-    setting = AttentionSetting(device, dtype, model_class)
+    setting = AttentionSetting(device, dtype, model_class, config)
     usable = [b for b in ATTENTION_BACKENDS if b.unusable(setting) is None]
     if requested == "auto":
         return usable[0].hf_name
