@@ -180,8 +180,8 @@ def _plain_hf_val_losses(final_dir, data_cfg: DataConfig) -> dict[str, float]:
     for task in load_tasks(data_cfg, tokenizer):
         docs, total, count = task.val, 0.0, 0
         for a, n in zip(docs.starts.tolist(), docs.lengths.tolist()):
-            ids = torch.as_tensor(docs.input_ids[a: a + n], dtype=torch.long)[None]
-            labels = torch.as_tensor(docs.labels[a: a + n], dtype=torch.long)
+            ids = torch.tensor(docs.input_ids[a: a + n], dtype=torch.long)[None]
+            labels = torch.tensor(docs.labels[a: a + n], dtype=torch.long)
             with torch.no_grad():
                 logits = model(input_ids=ids, use_cache=False).logits[0].float()
             total += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum"))
