@@ -44,6 +44,8 @@ class DataConfig:
     split_seed: int = 0  # held-out validation rows for `val_fraction` tasks
     cache_dir: Optional[str] = None  # HF datasets cache; None = HF's default
     num_proc: Optional[int] = None  # tokenization workers; None = one process
+    chat_template: Optional[str] = None  # a Jinja file or inline template replacing the tokenizer's (and final/'s)
+    empty_think_blocks: Literal["train", "prompt", "strip"] = "train"  # empty <think></think> in assistant turns
 
 
 @dataclass

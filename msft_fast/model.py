@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -21,9 +21,13 @@ from torch import nn
 from msft_fast.attention import FLEX_ATTENTION, packed_attention_inputs
 from msft_fast.builtin import BUILTIN_MODELS, char_tokenizer, tiny_llama_config
 from msft_fast.config import BUILTIN_MODEL_PREFIX, ModelConfig, resolve_path
+from msft_fast.data.chat_template import override_chat_template
 from msft_fast.data.packing import PackedBatch
 from msft_fast.errors import ConfigError, ModelError
 from msft_fast.kernels import TaskStats, fused_linear_cross_entropy
+from msft_fast.kernels.fused_linear_cross_entropy import choose_backend
+
+LOSS_IMPL = "auto"  # fused_linear_cross_entropy's impl: the Triton kernel on CUDA, the PyTorch reference on CPU
 
 
 
@@ -61,19 +65,25 @@ class ModelSpec:
         return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
 
 
-def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device) -> ModelSpec:
-    """Tokenizer and config of `cfg.path` (or of the built-in tiny model); no weights yet."""
+def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device,
+                    chat_template: Optional[str] = None) -> ModelSpec:
+    """Tokenizer and config of `cfg.path` (or of the built-in tiny model); no weights yet.
+
+    chat_template: `data.chat_template` (a Jinja file or inline template), which then replaces the
+    tokenizer's own for the data, the evaluation and the exported final/.
+    """
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     dtype = compute_dtype_for(precision, device)
-    attn = choose_attention(cfg.attn_implementation, device, dtype)
     if cfg.path.startswith(BUILTIN_MODEL_PREFIX):
         name = cfg.path[len(BUILTIN_MODEL_PREFIX):]
         if name not in BUILTIN_MODELS:
             raise ConfigError(f"config key 'model.path': unknown built-in model '{name}' (known: {', '.join(BUILTIN_MODELS)})")
         tokenizer = char_tokenizer()
+        override_chat_template(tokenizer, chat_template)
         config = tiny_llama_config(len(tokenizer))
+        attn = choose_attention(cfg.attn_implementation, device, dtype, causal_lm_class(config), config)
         config._attn_implementation = attn
         return ModelSpec(tokenizer, config, cfg.path, None, attn, torch.float32, dtype)
 
@@ -90,6 +100,8 @@ def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device) -> M
         except Exception as e:
             raise ModelError(f"cannot load the model folder {path}: {_short(e)}") from None
         held.pass_on()
+    override_chat_template(tokenizer, chat_template)
+    attn = choose_attention(cfg.attn_implementation, device, dtype, causal_lm_class(config), config)
     return ModelSpec(tokenizer, config, path, path, attn, _config_dtype(config), dtype)
 
 
@@ -234,29 +246,104 @@ def _short(e: BaseException, limit: int = 300) -> str:
     return text[: cut + 1] if cut > limit // 3 else text[:limit] + "..."
 
 
-def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+@dataclass(frozen=True)
+class AttentionSetting:
+    """What decides which attention backends can train: the device, the compute dtype, the HF
+    model class (None when unknown: then only the device and installed packages decide) and its
+    config (sliding windows, soft-capping, ...: for backends that apply to some models only)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    model_class: Optional[type] = None
+    config: Any = None
+
+    def model_lacks(self, flag: str) -> bool:
+        """The model class says it does not support a backend (HF's `_supports_sdpa`, ...)."""
+        return self.model_class is not None and not getattr(self.model_class, flag, False)
+
+    @property
+    def model_name(self) -> str:
+        return self.model_class.__name__ if self.model_class is not None else "the model"
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One value of `model.attn_implementation`: the HF attn_implementation it sets up, and why it
+    cannot train in a given setting (None: it can). All keep packed documents apart (attention.py)."""
+
+    name: str
+    hf_name: str
+    unusable: Callable[[AttentionSetting], Optional[str]]
+
+
+def _flash_unusable(s: AttentionSetting) -> Optional[str]:
+    if s.device.type != "cuda" or s.dtype == torch.float32 or importlib.util.find_spec("flash_attn") is None:
+        return ("flash_attention_2 needs CUDA, bf16 compute (train.precision) and the flash-attn package "
+                "(pip install 'msft-fast[gpu]')")
+    if s.model_lacks("_supports_flash_attn") or s.model_lacks("_supports_attention_backend"):
+        return f"flash_attention_2 is not supported by {s.model_name} (HF marks it so)"
+    return None
+
+
+def _flex_unusable(s: AttentionSetting) -> Optional[str]:
+    if s.device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return ("flex_attention needs CUDA and Triton (PyTorch has no FlexAttention backward on CPU, and "
+                "training needs one)")
+    # Ours is a registered attention function: the model's layers must call through HF's interface.
+    if s.model_lacks("_supports_flex_attn") or s.model_lacks("_supports_attention_backend"):
+        return f"flex_attention is not supported by {s.model_name} (HF marks it so)"
+    return None
+
+
+def _sdpa_unusable(s: AttentionSetting) -> Optional[str]:
+    if s.model_lacks("_supports_sdpa"):  # e.g. Gemma 2: SDPA has no attention-logit soft-capping
+        return f"sdpa is not supported by {s.model_name} (HF marks it so)"
+    return None
+
+
+# `auto` takes the first backend that can train here, so they are listed best first; adding a
+# backend is one more line (and its value in config.ModelConfig.attn_implementation).
+ATTENTION_BACKENDS = (
+    AttentionBackend("flash_attention_2", "flash_attention_2", _flash_unusable),  # varlen, bf16/fp16
+    AttentionBackend("flex_attention", FLEX_ATTENTION, _flex_unusable),  # document block mask, any dtype
+    AttentionBackend("sdpa", "sdpa", _sdpa_unusable),  # dense document mask from position_ids
+    AttentionBackend("eager", "eager", lambda s: None),  # every HF model has it
+)
+
+
+def choose_attention(requested: str, device: torch.device, dtype: torch.dtype,
+                     model_class: Optional[type] = None, config: Any = None) -> str:
     """The HF attn_implementation for `model.attn_implementation` (see msft_fast/attention.py).
 
-    auto: flash-attn varlen on CUDA in bf16/fp16 when installed; otherwise FlexAttention on CUDA
-    (it needs Triton); SDPA elsewhere. All keep packed documents apart.
+    auto: the first of ATTENTION_BACKENDS that can train with this device, compute dtype, installed
+    packages and model class: flash-attn varlen on CUDA in bf16/fp16 when installed, else
+    FlexAttention on CUDA, else SDPA, else eager (Gemma 2 on a CPU). A named backend that cannot
+    train here is refused with one sentence that lists the values that can.
     """
-    flash_installed = importlib.util.find_spec("flash_attn") is not None
-    flash_ok = device.type == "cuda" and dtype != torch.float32 and flash_installed
-    flex_ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-    if requested == "flash_attention_2" and not flash_ok:
-        raise ConfigError("config key 'model.attn_implementation': flash_attention_2 needs CUDA, bf16 compute "
-                          "(train.precision) and the flash-attn package (pip install 'msft-fast[gpu]')")
-    if requested == "flex_attention":
-        if not flex_ok:
-            raise ConfigError("config key 'model.attn_implementation': flex_attention needs CUDA and Triton "
-                              "(PyTorch has no FlexAttention backward on CPU, and training needs one); "
-                              "use sdpa or eager here")
-        return FLEX_ATTENTION
-    if requested != "auto":
-        return requested
-    if flash_ok:
-        return "flash_attention_2"
-    return FLEX_ATTENTION if flex_ok else "sdpa"  # flash-attn has no fp32 kernels; Flex has
+    setting = AttentionSetting(device, dtype, model_class, config)
+    usable = [b for b in ATTENTION_BACKENDS if b.unusable(setting) is None]
+    if requested == "auto":
+        return usable[0].hf_name
+    backend = next((b for b in ATTENTION_BACKENDS if b.name == requested), None)
+    if backend is None:
+        raise ConfigError(f"config key 'model.attn_implementation' must be auto or one of "
+                          f"{', '.join(b.name for b in ATTENTION_BACKENDS)}, got {requested!r}")
+    why = backend.unusable(setting)
+    if why is not None:
+        choices = ", ".join([f"auto (picks {usable[0].name})"] + [b.name for b in usable])
+        raise ConfigError(f"config key 'model.attn_implementation': {why}; values that work for "
+                          f"{setting.model_name} here: {choices}")
+    return backend.hf_name
+
+
+def causal_lm_class(config: Any) -> Optional[type]:
+    """The HF *ForCausalLM class AutoModelForCausalLM builds for `config` (None if it has none)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return None
 
 
 def _used_attention(model: nn.Module) -> str:
@@ -297,9 +384,14 @@ class CausalLMWithTaskLoss(nn.Module):
         if t.scale != 1.0:
             hidden = hidden * t.scale
         return fused_linear_cross_entropy(
-            hidden, head.weight, batch.labels, batch.task_ids, self.num_tasks, reduction="sum",
+            hidden, head.weight, batch.labels, batch.task_ids, self.num_tasks, reduction="sum", impl=LOSS_IMPL,
             bias=getattr(head, "bias", None), softcap=t.softcap,
         )
+
+    @staticmethod
+    def loss_implementation(device: torch.device, dtype: torch.dtype) -> str:
+        """The loss backend forward runs on hidden states of this device and dtype: "triton" or "torch"."""
+        return choose_backend(LOSS_IMPL, device, dtype)
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """[N, H] final hidden states of a packed row; documents never attend to each other.

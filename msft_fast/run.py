@@ -90,7 +90,7 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
     resume = broadcast_object(_agreed(ctx, lambda: prepare_output_dir(out, overwrite, cfg), main_only=True))
     # Everything user input can fail is checked before any weight is read or memory taken: the
     # tokenizer and model config first, then the data against them, then the memory estimate.
-    spec = _agreed(ctx, lambda: load_model_spec(cfg.model, cfg.train.precision, ctx.device))
+    spec = _agreed(ctx, lambda: load_model_spec(cfg.model, cfg.train.precision, ctx.device, cfg.data.chat_template))
     limit = max_positions(spec.config)
     if limit is not None and cfg.data.max_seq_len > limit:
         raise ConfigError(f"config key 'data.max_seq_len' ({cfg.data.max_seq_len}) exceeds the model's position limit ({limit})")
@@ -128,15 +128,19 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
         # horizon (at the floor lr) or stop before it.
         trainer_.set_total_steps(steps, known=cfg.method == "sft")
         pad = padding_fraction(loader.epoch_plan(0), cfg.data.tokens_per_batch)
+        backends = {"attn_implementation": loaded.attn_implementation,
+                    "compute_dtype": str(trainer_.param_dtype).removeprefix("torch."),
+                    "loss_implementation": trainer_.model.loss_implementation(ctx.device, trainer_.param_dtype)}
         if ctx.is_main:
-            log.info("%s: model %s (%s attention, %s compute), %d ranks, lr schedule over %d steps, "
-                     "padding %.2f%% of micro-batch capacity", cfg.method, loaded.source, loaded.attn_implementation,
-                     str(trainer_.param_dtype).removeprefix("torch."), ctx.world_size, steps, 100 * pad)
+            log.info("%s: model %s (%s attention, %s compute, %s loss), %d ranks, lr schedule over %d steps, "
+                     "padding %.2f%% of micro-batch capacity", cfg.method, loaded.source, *backends.values(),
+                     ctx.world_size, steps, 100 * pad)
         history = History(out, cfg.method, trainer_.task_names, cfg.to_dict(), {
             "metric": metric.name,
             "higher_is_better": metric.higher_is_better,
             "world_size": ctx.world_size,
             "model": loaded.source,
+            **backends,
             "padding_fraction": pad,
             "data": {t.name: t.counts for t in tasks},
         })

@@ -5,17 +5,13 @@ or all of a text. `labels_from_mask` turns it into shifted labels for the packed
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
+
+from msft_fast.data.chat_template import ChatRenderer, RowError, Span
 
 IGNORE_INDEX = -100
 FORMATS = ("messages", "prompt_completion", "text")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-_GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-
-class RowError(ValueError):
-    """A row does not have the shape its format needs; the caller adds file and row number."""
 
 
 def detect_format(columns: list[str]) -> str:
@@ -33,18 +29,21 @@ def detect_format(columns: list[str]) -> str:
 
 
 class RowEncoder:
-    """Encodes rows of one format with one tokenizer: `encode(row) -> (input_ids, mask)`."""
+    """Encodes rows of one format with one tokenizer: `encode(row) -> (input_ids, mask)`.
 
-    def __init__(self, tokenizer: Any, fmt: str):
+    empty_think_blocks (`data.empty_think_blocks`, chat rows only): `train` the empty think blocks
+    of assistant turns as the template renders them, keep them as `prompt` (not trained), or
+    `strip` them from the text.
+    """
+
+    def __init__(self, tokenizer: Any, fmt: str, empty_think_blocks: str = "train"):
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}")
         self.tokenizer = tokenizer
         self.fmt = fmt
         self.eos_id: Optional[int] = tokenizer.eos_token_id
-        template = getattr(tokenizer, "chat_template", None)
-        if fmt == "messages" and not template:
-            raise RowError("the tokenizer has no chat template, so it cannot render 'messages' rows")
-        self.template_marks_generation = bool(template) and bool(_GENERATION_MARK.search(template))
+        self.chat = ChatRenderer(tokenizer, empty_think_blocks) if fmt == "messages" else None
+        self.template_marks_generation = self.chat is not None and self.chat.marks_generation
 
     def encode(self, row: dict) -> tuple[list[int], list[int]]:
         if self.fmt == "messages":
@@ -68,30 +67,57 @@ class RowEncoder:
 
     def _encode_messages(self, messages: list) -> tuple[list[int], list[int]]:
         _check_messages(messages)
-        if self.template_marks_generation:
-            out = self.tokenizer.apply_chat_template(
-                messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
-            return list(out["input_ids"]), [int(m) for m in out["assistant_masks"]]
-        return self._encode_messages_by_prefixes(messages)
+        chat = self.chat
+        if chat.marks_generation and chat.empty_think_blocks == "train":
+            return chat.marked_ids_and_mask(messages)  # HF's own mask, unchanged
+        if chat.marks_generation:
+            text = chat.render(messages)
+            ids, mask = chat.marked_ids_and_mask(messages)
+            spans = _token_spans(self.tokenizer, text, ids, mask)
+        else:
+            text, spans = chat.assistant_spans(messages)
+        text, spans = chat.apply_empty_think_policy(text, spans)
+        return tokens_in_spans(self.tokenizer, text, spans)
 
-    def _encode_messages_by_prefixes(self, messages: list) -> tuple[list[int], list[int]]:
-        """Without generation marks, an assistant turn is what rendering it adds to the prefix."""
-        render = self.tokenizer.apply_chat_template
-        ids = list(render(messages, tokenize=True, return_dict=True)["input_ids"])
-        mask = [0] * len(ids)
-        for i, msg in enumerate(messages):
-            if msg["role"] != "assistant":
-                continue
-            start = len(render(messages[:i], tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"])
-            upto = list(render(messages[: i + 1], tokenize=True, return_dict=True)["input_ids"])
-            if ids[: len(upto)] != upto or start > len(upto):
-                raise RowError(
-                    "the chat template does not render conversations prefix by prefix, so assistant "
-                    "tokens cannot be found; use a template with {% generation %} marks"
-                )
-            mask[start : len(upto)] = [1] * (len(upto) - start)
+
+def tokens_in_spans(tokenizer: Any, text: str, spans: list[Span]) -> tuple[list[int], list[int]]:
+    """Token ids of a rendered chat `text` (tokenized as HF's apply_chat_template does) and a mask
+    of the tokens that overlap a character span, the rule HF applies to {% generation %} marks.
+
+    Tokenizers without character offsets (not "fast") tokenize the text up to each span boundary
+    instead, which needs the boundary to fall between tokens.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        mask = [int(any(b > s and a < e for s, e in spans)) for a, b in offsets]
         return ids, mask
+    encode = lambda t: list(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    ids = encode(text)
+    mask = [0] * len(ids)
+    for s, e in spans:
+        head, upto = encode(text[:s]), encode(text[:e])
+        if ids[: len(upto)] != upto or upto[: len(head)] != head:
+            raise RowError("a token of the tokenizer crosses the start or end of an assistant turn, and this "
+                           "tokenizer gives no character offsets to tell which side it belongs to")
+        mask[len(head): len(upto)] = [1] * (len(upto) - len(head))
+    return ids, mask
+
+
+def _token_spans(tokenizer: Any, text: str, ids: list[int], mask: list[int]) -> list[Span]:
+    """The character spans of the masked tokens of `text` (merged where they touch)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != ids:
+        raise RowError("the chat template's token ids differ from those of its rendered text")
+    spans: list[Span] = []
+    for (a, b), m in zip(enc["offset_mapping"], mask):
+        if not m:
+            continue
+        if spans and a <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(b, spans[-1][1]))
+        else:
+            spans.append((a, b))
+    return spans
 
 
 def labels_from_mask(input_ids: list[int], mask: list[int]) -> list[int]:

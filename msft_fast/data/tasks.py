@@ -18,7 +18,7 @@ from msft_fast.config import DataConfig, TaskConfig, resolve_path
 from msft_fast.data.formats import IGNORE_INDEX, RowEncoder, RowError, detect_format, labels_from_mask
 from msft_fast.errors import DataError
 
-TOKENIZE_VERSION = 1  # bump when the encoding changes, so cached tokenizations are not reused
+TOKENIZE_VERSION = 2  # bump when the encoding changes, so cached tokenizations are not reused
 
 # Row status written by tokenization. Dropped rows stay in the cache (so counts survive caching)
 # and are filtered out in numpy afterwards.
@@ -115,7 +115,7 @@ def _tokenize_file(task: TaskConfig, split: str, key: str, path: str, cfg: DataC
         raise DataError(f"{where} has no rows")
     try:
         fmt = task.format if task.format != "auto" else detect_format(raw.column_names)
-        encoder = RowEncoder(tokenizer, fmt)
+        encoder = RowEncoder(tokenizer, fmt, cfg.empty_think_blocks)
     except RowError as e:
         raise DataError(f"{where}: {e}") from None
 
@@ -142,7 +142,7 @@ def _tokenize_file(task: TaskConfig, split: str, key: str, path: str, cfg: DataC
         return {"input_ids": ids_out, "labels": labels_out, "status": status_out}
 
     key = hashlib.sha256(
-        json.dumps([TOKENIZE_VERSION, raw._fingerprint, tok_key, fmt, max_len, policy]).encode()
+        json.dumps([TOKENIZE_VERSION, raw._fingerprint, tok_key, fmt, max_len, policy, cfg.empty_think_blocks]).encode()
     ).hexdigest()[:32]
     import datasets
 
