@@ -495,8 +495,8 @@ def render_markdown(run: "_Run | dict") -> str:
     has_phase = any(r["phase"] for r in rows)
     has_eval = any(r["eval_flops"] is not None for r in rows)
     header = ["stage"] + (["phase"] if has_phase else []) + [
-        "excluded", "peak epoch", "rolled back to eval", "steps kept", "steps discarded",
-        "train FLOPs", "discarded FLOPs"] + (["eval FLOPs"] if has_eval else [])
+        "excluded", "peak epoch", "rolled back to eval", "steps kept", "steps rolled back",
+        "train FLOPs", "rolled back FLOPs"] + (["eval FLOPs"] if has_eval else [])
     body = []
     for r in rows:
         body.append([str(r["stage"])] + ([r["phase"] or "-"] if has_phase else []) + [
@@ -516,8 +516,9 @@ def render_markdown(run: "_Run | dict") -> str:
             format_flops(_diff(_float(last.get("train_flops")), before)), "-"] + (["-"] if has_eval else []))
     if body:
         lines += [_table(header, body), ""]
-        lines += ["Peak epoch: the epoch of the evaluation the stage rolled back to (the excluded task's best "
-                  "point). Steps kept: from the stage's first evaluation to that point; discarded: after it.", ""]
+        lines += ["Peak epoch: the epoch of the excluded task's best evaluation (mSFT rolls back to it; SRO's "
+                  "second pass excludes the task there). Steps kept: from the stage's first evaluation to that "
+                  "point; rolled back: after it.", ""]
     else:
         lines += ["No stage recorded yet.", ""]
 
