@@ -267,18 +267,50 @@ def test_msft_patience_ends_roll_outs_early_and_weights_restore_runs(tmp_path, d
 
 
 @pytest.mark.slow
-def test_sro_excludes_each_task_at_its_probe_peak(tmp_path, demo_dir):
-    history = _run(tmp_path, demo_dir, "method=sro", "train.epochs=1")
+def test_sro_excludes_each_task_at_its_probe_peak(tmp_path, demo_dir, caplog):
+    with caplog.at_level("INFO", logger="msft_fast"):
+        history = _run(tmp_path, demo_dir, "method=sro", "train.epochs=1")
     probe, *schedule = history["stages"]
     assert probe["phase"] == "probe" and all(s["phase"] == "schedule" for s in schedule)
-    assert sorted(s["excluded"] for s in schedule) == sorted(history["tasks"])
     evals = {e["eval_id"]: e for e in history["evals"]}
     peak_epoch = {t: evals[i]["epoch"] for t, i in probe["peak_evals"].items()}
-    assert [s["excluded"] for s in schedule] == sorted(peak_epoch, key=lambda t: (peak_epoch[t], history["tasks"].index(t)))
+    end = evals[probe["end_eval"]]["epoch"]
+    early = sorted((t for t in peak_epoch if peak_epoch[t] < end), key=lambda t: (peak_epoch[t], history["tasks"].index(t)))
+    assert early, "on this mixture some task peaks before the probe's end"
+    # Tasks that peaked before the probe's end leave in peak order; the others train to the end
+    # (no exclusion "at the end" that would list them as excluded and active at once).
+    assert [s["excluded"] for s in schedule if s["excluded"]] == early
+    if len(early) < len(history["tasks"]):
+        assert schedule[-1]["excluded"] is None
+    for s in schedule:
+        if s["excluded"]:
+            assert evals[s["peak_evals"][s["excluded"]]]["epoch"] == peak_epoch[s["excluded"]]
+            assert all(not e["tasks"][s["excluded"]]["active"] for e in history["evals"] if e["stage"] > s["stage"])
+            assert any(f"sro pass 2: excluded '{s['excluded']}' at epoch {peak_epoch[s['excluded']]:.2f}" in r.getMessage()
+                       for r in caplog.records)
+    assert history["sro"]["second_pass"] is True
     schedule_evals = [e for e in history["evals"] if e["stage"] >= 1] + [evals[probe["start_eval"]]]
     best = min(schedule_evals, key=lambda e: (e["pooled_metric"], e["eval_id"]))
     assert history["final"]["eval_id"] == best["eval_id"]
     assert history["totals"]["train_flops"] > probe["train_flops"]  # the probe's compute counts too
+    assert history["totals"]["epochs_trained"] == pytest.approx(sum(s["epochs_trained"] for s in history["stages"]))
+    assert history["totals"]["epochs_trained"] == pytest.approx(1 + max(peak_epoch.values()) if len(early) == len(
+        history["tasks"]) else 2.0, abs=0.05)
+
+
+@pytest.mark.slow
+def test_sro_skips_a_second_pass_that_would_repeat_the_first(tmp_path, demo_dir, caplog):
+    with caplog.at_level("INFO", logger="msft_fast"):
+        history = _run(tmp_path, demo_dir, "method=sro", "train.epochs=0.5", "msft.metric=metric_callbacks:always_improving")
+    (probe,) = history["stages"]  # no schedule stage at all
+    assert probe["phase"] == "probe" and history["sro"]["second_pass"] is False
+    last = history["evals"][-1]
+    assert probe["end_eval"] == last["eval_id"] == history["final"]["eval_id"] and last["stage"] == 0
+    assert history["totals"]["train_flops"] == probe["train_flops"] and history["totals"]["final_discarded_train_flops"] == 0
+    assert any("sro: pass 2 skipped: no task peaked before pass 1's last evaluation" in r.getMessage()
+               for r in caplog.records)
+    md = open(tmp_path / "run" / "report.md").read()
+    assert "- SRO: pass 2 skipped" in md
 
 
 @pytest.mark.slow
