@@ -256,7 +256,8 @@ class _Run:
     def compute(self) -> dict[str, Optional[float]]:
         """Training FLOPs split by whether the final model descends from them: `kept` (behind the
         final weights), `discarded` (the rest: rolled back by roll-backs, trained past the final
-        state, or SRO's probe), and `rolled_back` (the roll-backs' part of `discarded`)."""
+        state, or SRO's probe), and `rolled_back` (the roll-backs' part of `discarded`; for a run
+        without a final model yet, all that roll-backs threw away so far)."""
         train, rolled = self.total("train_flops"), self.total("discarded_flops")
         kept = None
         if self.final:
@@ -270,8 +271,26 @@ class _Run:
                               if (self.stage_end(s) or 0) < fe["eval_id"]]
                     kept = _float(fe["train_flops"]) - sum(_float(x) or 0.0 for x in before)
         discarded = train - kept if train is not None and kept is not None else None
+        if rolled is not None and self.final_eval is not None:
+            rolled -= self._rolled_back_into_final()
         return {"train": train, "eval": self.total("eval_flops"), "kept": kept, "discarded": discarded,
                 "rolled_back": rolled}
+
+    def _rolled_back_into_final(self) -> float:
+        """The final model may be a state that its own stage later rolled back from (it was the best
+        pooled evaluation, though not the excluded task's peak): the training from the roll-back
+        target up to it is in the final model, so it is not discarded."""
+        fe = self.final_eval
+        f = fe.get("eval_id")
+        for i, s in enumerate(self.stages):
+            r, end = s.get("rollback_to_eval"), self.stage_end(s)
+            if r is None or end is None or not r < f <= end:
+                continue
+            start = self._field(self.stage_end(self.stages[i - 1]), "train_flops") if i > 0 else 0.0
+            bases = [v for v in (self._field(r, "train_flops"), start) if v is not None]
+            spent = _float(fe.get("train_flops"))
+            return max(0.0, spent - max(bases)) if spent is not None and bases else 0.0
+        return 0.0
 
 
 def describe_compute(history: "dict | _Run") -> str:

@@ -227,6 +227,14 @@ def _assert_consistent(history):
     pooled = {e["eval_id"]: sign * e["pooled_metric"] for e in history["evals"]}
     assert history["final"]["eval_id"] == min(pooled, key=lambda i: (pooled[i], i))
     assert history["totals"]["discarded_flops"] == sum(s["discarded_flops"] for s in history["stages"])
+    assert history["totals"]["epochs_trained"] == pytest.approx(sum(s["epochs_trained"] for s in history["stages"]))
+    totals = history["totals"]
+    assert totals["final_discarded_train_flops"] == totals["train_flops"] - totals["final_kept_train_flops"] >= 0
+    from msft_fast.report import _Run
+
+    split = _Run(history).compute()  # what report.md, compare and the console say
+    assert split["kept"] == totals["final_kept_train_flops"] and split["discarded"] == totals["final_discarded_train_flops"]
+    assert 0 <= split["rolled_back"] <= split["discarded"]
     # The final weights descend from kept_train_flops of training; each roll-back sets it back.
     final = evals[history["final"]["eval_id"]]
     assert history["totals"]["final_kept_train_flops"] == final["kept_train_flops"] <= final["train_flops"]
@@ -253,6 +261,64 @@ def test_msft_end_to_end_history_is_consistent(tmp_path, demo_dir):
             assert all(not e["tasks"][stage["excluded"]]["active"] for e in later)
     assert history["snapshot_pool"]["states"] == 4 and history["snapshot_pool"]["bytes_per_state"] > 0
     assert history["totals"]["snapshot_seconds"] >= 0 and history["totals"]["restore_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_msft_compute_bound_decisions_on_the_console_and_counts(tmp_path, demo_dir, caplog, capsys):
+    """msft.max_epochs cuts the last roll-out so that the epochs trained (kept and discarded) never
+    exceed it; every stage's decision is logged; the worst case is logged at the start; progress goes
+    to the log as lines (stderr is no terminal here); a val_fraction task's counts are in history.json."""
+    from msft_fast.report import format_flops
+
+    sort = f"{{name: sort, train: {demo_dir / 'sort' / 'train.jsonl'}, val_fraction: 0.1}}"
+    with caplog.at_level("INFO", logger="msft_fast"):
+        history = _run(tmp_path, demo_dir, "method=msft", "msft.budget_epochs=0.75", "msft.max_stages=4",
+                       "msft.max_epochs=1.1", f"data.tasks[2]={sort}", "train.progress=true",
+                       "train.progress_interval=0.001")
+    _assert_consistent(history)
+    bound, stages = history["compute_bound"], history["stages"]
+    assert bound["max_epochs"] == 1.1 and bound["worst_case_epochs"] == 1.1 and bound["stop_reason"] == "max_epochs"
+    trained = sum(s["epochs_trained"] for s in stages)
+    assert trained <= 1.1 and trained == pytest.approx(bound["epochs_trained"]) == history["totals"]["epochs_trained"]
+    assert len(stages) == 2 and 0.3 < stages[1]["epochs_trained"] < 0.75  # the second roll-out was cut
+    assert history["totals"]["train_flops"] <= bound["worst_case_train_flops"]
+    assert len(history["evals"]) <= bound["worst_case_evals"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("mSFT compute bound: at most 1.1 epochs trained over all stages") for m in messages)
+    for st in stages:
+        line = next(m for m in messages if m.startswith(f"stage {st['stage']}: "))
+        active = [t for t in history["tasks"] if history["evals"][st["end_eval"]]["tasks"][t]["active"]
+                  and t != st["excluded"]]
+        assert f"{len(active)} task(s) still active: {', '.join(active)}" in line
+        if st["excluded"]:
+            peak = history["evals"][st["rollback_to_eval"]]
+            assert (f"excluded '{st['excluded']}', which peaked at eval {peak['eval_id']} (epoch {peak['epoch']:.2f}, "
+                    f"val_loss {peak['tasks'][st['excluded']]['val_loss']:.4f})") in line
+            assert f"{st['steps_discarded']} step(s) and {format_flops(st['discarded_flops'])} discarded" in line
+        else:
+            assert "nothing excluded" in line
+    assert any("mSFT stopped after 2 stage(s): the compute bound msft.max_epochs was reached" in m for m in messages)
+    assert any(m.startswith("compute: train ") and "kept in the final model" in m for m in messages)
+    err = capsys.readouterr().err
+    assert "\r" not in err and any(m.startswith("step ") and "steps/s" in m for m in messages)  # no bar frames
+    counts = history["data"]["sort"]
+    assert counts["val_held_out"] == counts["val_docs"] == round(0.1 * counts["train_rows"]) > 0
+    assert counts["train_docs"] + counts["val_docs"] == counts["train_rows"]
+    assert history["data"]["upper"]["val_docs"] == history["data"]["upper"]["val_rows"] > 0
+    assert "fits in host memory" in history["snapshot_pool"]["spill_reason"]
+
+
+@pytest.mark.slow
+def test_msft_stops_after_stale_stages_and_warns_of_one_evaluation_roll_outs(tmp_path, demo_dir, caplog):
+    with caplog.at_level("INFO", logger="msft_fast"):
+        history = _run(tmp_path, demo_dir, "method=msft", "msft.budget_epochs=0.25", "msft.evals_per_epoch=4",
+                       "msft.max_stale_stages=1", "msft.metric=metric_callbacks:getting_worse", "train.epochs=1")
+    (stage,) = history["stages"]
+    assert stage["excluded"] == "upper" and stage["rollback_to_eval"] == 0  # everyone got worse: back to the start
+    assert history["compute_bound"]["stop_reason"] == "max_stale_stages" and history["final"]["eval_id"] == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("stage 0: the roll-out of 0.25 epoch(s)" in w and "fewer than 2 evaluations" in w for w in warnings)
+    assert any("no better pooled evaluation in this roll-out" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.slow

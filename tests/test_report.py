@@ -378,3 +378,16 @@ def test_sro_passes_are_two_curves_never_joined(tmp_path):
     assert _row(md, "1")[:5] == ["1", "schedule", "b", "1", "-"]
     assert _row(md, "2")[:3] == ["2", "schedule", "none"]
     assert _row(md, "a")[:3] == ["a", "yes", "-"] and _row(md, "b")[:3] == ["b", "no", "1"]
+
+
+def test_a_final_model_from_a_rolled_back_branch_keeps_that_compute(tmp_path):
+    """The best pooled evaluation can be a state its stage later rolled back from (eval 3: stage 0
+    rolled back to eval 2). The training from eval 2 to eval 3 is in the final model: it is neither
+    discarded nor counted among the roll-backs' discarded compute."""
+    from msft_fast.report import describe_compute
+
+    h = msft_history()
+    h["final"] = {"eval_id": 3, "pooled_val_loss": h["evals"][3]["pooled_val_loss"]}
+    h["totals"]["final_kept_train_flops"] = 3 * TF
+    assert ("train 9.00 TFLOP: 3.00 TFLOP (33.3%) kept in the final model, 6.00 TFLOP (66.7%) discarded, of which "
+            "3.00 TFLOP rolled back by roll-backs") in describe_compute(h)

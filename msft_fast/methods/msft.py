@@ -112,7 +112,7 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
         trainer.tags["stage"] = st.stage
         if not st.rollout:  # the stage begins
             begin = trainer.epoch_position
-            length = min(cfg.budget_epochs, bound["max_epochs"] - st.trained_epochs)
+            length = rollout_length(trainer, cfg.budget_epochs, bound["max_epochs"] - st.trained_epochs)
             if length <= 1e-9 or trainer.steps_until(begin + length) == 0:
                 if length < cfg.budget_epochs:  # what is left of the bound is less than one step
                     st.stop_reason = "max_epochs"
@@ -198,6 +198,32 @@ def _end_stage(trainer: Trainer, history: History, st: MsftState, ledger: StageL
         pool.release(snap)
     st.rollout, st.held = [], {}
     st.stage += 1
+
+
+def rollout_length(trainer: Trainer, budget: float, left: float) -> float:
+    """Epochs of the next roll-out: the budget C, cut to what is left of msft.max_epochs. Steps are
+    whole, and train_until rounds a target to the nearest step, so a roll-out that would overshoot
+    what is left ends at the last step boundary inside it: the bound holds exactly."""
+    begin = trainer.epoch_position
+    length = min(budget, left)
+    if reached(trainer, begin + length) - begin <= left + 1e-9:
+        return length
+    target = begin + left
+    epoch = math.floor(target + 1e-9)
+    steps = max(1, trainer.loader.steps_in_epoch(epoch))
+    return epoch + math.floor((target - epoch) * steps + 1e-9) / steps - begin
+
+
+def reached(trainer: Trainer, target: float) -> float:
+    """The epoch position `trainer.train_until(target)` stops at (its loop, without training)."""
+    loader, epoch, step = trainer.loader, trainer.counters.epoch, trainer.counters.step_in_epoch
+    while True:
+        step = max(step, loader.last_step_of(epoch, target))
+        if step >= loader.steps_in_epoch(epoch) and target > epoch + 1 - 1e-9:
+            epoch, step = epoch + 1, 0
+            if target > epoch:
+                continue
+        return epoch + step / max(1, loader.steps_in_epoch(epoch))
 
 
 # ---------------------------------------------------------------------------------------------
