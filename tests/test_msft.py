@@ -193,6 +193,19 @@ def test_the_pool_plan_spills_or_names_the_setting_when_host_memory_is_short(tok
     assert snapshot.plan_pool(lm, states=2, with_optimizer=True, ranks_per_host=1)["in_memory_states"] == 2
 
 
+def test_the_pool_plan_says_why_it_spills_or_not():
+    from msft_fast.methods.msft import spill_reason
+
+    plan = {"states": 4, "in_memory_states": 4, "bytes_per_host": 3 * 2**20, "host_available": 2**34}
+    assert spill_reason(plan, None) == ("the worst case (4 states, 3.0 MiB on this host) fits in host memory; "
+                                        "nothing spills (msft.snapshot_spill_dir is not set, and not needed)")
+    assert spill_reason(plan, "/spill").endswith("fits in host memory, so nothing spills to msft.snapshot_spill_dir")
+    assert "could not be measured" in spill_reason({**plan, "host_available": -1}, None)
+    assert spill_reason({**plan, "in_memory_states": 2}, "/spill") == (
+        "host memory holds 2 of the 4 states the run may need at once; older states spill to "
+        "msft.snapshot_spill_dir (/spill)")
+
+
 def _run(tmp_path, demo_dir, *overrides):
     from msft_fast.run import train
 
