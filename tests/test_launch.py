@@ -8,11 +8,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import kill_process_tree
+from test_resume import _finish, _wait_for_steps  # a subprocess's end; a run's progress in metrics.jsonl
 
 from msft_fast.launch import _failure_code, parse_launch_args
 
@@ -35,16 +34,6 @@ def _launch(tmp_path, *args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
 
-def _finish(proc, timeout: float = 300) -> tuple[int, str]:
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_process_tree(proc.pid)
-        proc.communicate()
-        raise
-    return proc.returncode, err
-
-
 def _only_line(err: str, prefix: str) -> str:
     """Exactly one line of ours on stderr; everything else is our own timestamped INFO log."""
     assert "Traceback" not in err and "ChildFailedError" not in err and "SignalException" not in err, err
@@ -62,20 +51,6 @@ def test_bad_input_on_two_ranks_is_one_line_and_exit_2(tmp_path, demo_dir):
     assert code == 2, err
     line = _only_line(err, "msft-fast: error: ")
     assert line == "msft-fast: error: config key 'train.lr' must be a positive number, got -1.0"
-
-
-def _wait_for_steps(proc, out, steps: int, timeout: float = 240) -> None:
-    path, t0 = os.path.join(out, "metrics.jsonl"), time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended early: {proc.communicate()[1][-2000:]}")
-        if os.path.exists(path):
-            with open(path) as f:
-                if sum(1 for _ in f) >= steps:
-                    return
-        time.sleep(0.2)
-    kill_process_tree(proc.pid)
-    raise AssertionError("the run did not reach the step in time")
 
 
 @pytest.mark.slow
