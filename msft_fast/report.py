@@ -496,7 +496,7 @@ def render_markdown(run: "_Run | dict") -> str:
         text = f"- epochs trained over all stages (kept and discarded): {_epoch(epochs)}"
         if bound:
             limit = _float(bound.get("max_epochs"))
-            text += (" (no bound: msft.max_epochs=inf)" if limit is not None and math.isinf(limit)
+            text += (" (no bound: msft.max_epochs=inf)" if limit is None or math.isinf(limit)
                      else f" (bound: msft.max_epochs {_epoch(limit)})")
             if bound.get("stop_reason"):
                 text += f"; the loop stopped because {STOP_TEXT.get(bound['stop_reason'], bound['stop_reason'])}"

@@ -39,6 +39,8 @@ log = logging.getLogger("msft_fast")
 class TrainingDiverged(UserError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
+    all_ranks = True  # every rank judges the same reduced loss and norm: rank 0 alone prints it
+
 
 @dataclass
 class TaskScore:

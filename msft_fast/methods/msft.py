@@ -96,6 +96,7 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
                              in_memory=plan["in_memory_states"], spill_dir=plan["spill_dir"])
     bound = compute_bound(trainer)
     history.data["compute_bound"] = bound
+    max_epochs = max_trained_epochs(trainer.cfg)  # inf: no bound
     ledger = StageLedger(trainer)
     st: MsftState = trainer.resumed_method_state()
     if st is None:
@@ -112,7 +113,7 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
         trainer.tags["stage"] = st.stage
         if not st.rollout:  # the stage begins
             begin = trainer.epoch_position
-            length = rollout_length(trainer, cfg.budget_epochs, bound["max_epochs"] - st.trained_epochs)
+            length = rollout_length(trainer, cfg.budget_epochs, max_epochs - st.trained_epochs)
             if length <= 1e-9 or trainer.steps_until(begin + length) == 0:
                 if length < cfg.budget_epochs:  # what is left of the bound is less than one step
                     st.stop_reason = "max_epochs"
@@ -146,7 +147,7 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
                 st.best_state = pool.retain(st.held[last]) if last in st.held else trainer.capture()
             if cfg.patience is not None and peak_confirmed(costs, st.active, cfg.patience):
                 break
-        _end_stage(trainer, history, st, ledger, weights_only, report, metric.name, bound["max_epochs"])
+        _end_stage(trainer, history, st, ledger, weights_only, report, metric.name, max_epochs)
         st.ledger = ledger.start
         if cfg.max_stale_stages is not None and st.stale >= cfg.max_stale_stages:
             st.stop_reason = "max_stale_stages"
@@ -247,8 +248,8 @@ def compute_bound(trainer: Trainer) -> dict:
     if rest > 1e-9 and full_rollouts < m.max_stages:
         evals += len(eval_points(0.0, rest, m.evals_per_epoch))
     return {
-        "max_epochs": max_epochs,  # inf: no bound
-        "max_epochs_setting": m.max_epochs,  # null: the default, 2 x train.epochs
+        "max_epochs": None if math.isinf(max_epochs) else max_epochs,  # null: no bound (msft.max_epochs=inf)
+        "max_epochs_is_default": m.max_epochs is None,  # 2 x train.epochs
         "max_stages": m.max_stages,
         "budget_epochs": m.budget_epochs,
         "max_stale_stages": m.max_stale_stages,
@@ -266,10 +267,10 @@ def compute_bound(trainer: Trainer) -> dict:
 def describe_bound(b: dict) -> str:
     loop = (f"msft.max_stages {b['max_stages']} x msft.budget_epochs {b['budget_epochs']:g} = "
             f"{b['max_stages'] * b['budget_epochs']:g} epochs")
-    if math.isinf(b["max_epochs"]):
+    if b["max_epochs"] is None:
         head = f"no compute bound (msft.max_epochs=inf): at most {loop}"
     else:
-        where = "default: 2 x train.epochs" if b["max_epochs_setting"] is None else "set"
+        where = "default: 2 x train.epochs" if b["max_epochs_is_default"] else "set"
         head = (f"at most {b['max_epochs']:g} epochs trained over all stages, kept and discarded (msft.max_epochs, "
                 f"{where}; the loop alone allows {loop}; msft.max_epochs=inf lifts the bound)")
     ratio = b["worst_case_train_flops"] / b["sft_train_flops"] if b["sft_train_flops"] else float("nan")
