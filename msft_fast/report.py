@@ -308,7 +308,8 @@ def describe_compute(history: "dict | _Run") -> str:
         so_far = " so far" if run.totals is None else ""
         text = f"train {format_flops(train)}{so_far}"
         if rolled:
-            text += f" ({format_flops(rolled)} of it rolled back by roll-backs{', ' + _pct(rolled, train) if train else ''})"
+            share = f", {_pct(rolled, train)}" if train else ""
+            text += f" ({format_flops(rolled)} of it rolled back by roll-backs{share})"
     text += f"; eval {format_flops(ev)}"
     if train is not None and ev is not None:
         text += f"; total {format_flops(train + ev)}"

@@ -49,8 +49,8 @@ RUN_ARTIFACTS = (HISTORY_FILE, METRICS_FILE, "config.yaml", "curves.png", "repor
                  FINAL_DIR + ".old", CHECKPOINT_DIR)
 REPEAT_WINDOW_S = 1.0  # see _stop_on_signals
 # Keys that may change between a run and its resumption: they do not change what is trained.
-RESUMABLE_CHANGES = ("train.progress", "train.progress_interval", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.checkpoint_async", "train.peak_tflops",
+RESUMABLE_CHANGES = ("train.progress", "train.progress_interval", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.checkpoint_async", "train.peak_tflops",
                      "train.max_bad_steps", "train.on_bad_steps", "data.num_proc", "data.cache_dir")
 
 
@@ -142,15 +142,16 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
                            cfg.train.grad_accum)
     steps = loader.steps_between(0, 0, cfg.train.epochs)
     if steps == 0:
-        raise on_every_rank(ConfigError(f"config key 'train.epochs' ({cfg.train.epochs}) gives no optimizer step: one "
-                                        f"epoch is {loader.steps_in_epoch(0)} steps of {loader.per_step} micro-batches"))
+        raise on_every_rank(ConfigError(
+            f"config key 'train.epochs' ({cfg.train.epochs}) gives no optimizer step: one epoch is "
+            f"{loader.steps_in_epoch(0)} steps of {loader.per_step} micro-batches"))
     if ctx.is_main:
         with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
         for t in tasks:
             log.info("task %-16s train %6d docs  val %5d docs  %s", t.name, len(t.train), len(t.val),
                      " ".join(f"{k}={v}" for k, v in t.counts.items()
-                              if v and not k.endswith(("rows", "_docs")) and k != "val_fraction"))
+                              if v and not k.endswith(("rows", "_docs"))))
         for warning in data_warnings(tasks, cfg.data, spec.tokenizer):
             log.warning("%s", warning)
 

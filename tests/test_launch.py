@@ -21,7 +21,8 @@ def _config(tmp_path, demo_dir) -> str:
                       for n in ("upper", "noisy_codes", "sort"))
     path = tmp_path / "config.yaml"
     path.write_text(f"method: msft\noutput_dir: {tmp_path / 'run'}\n"
-                    f"data: {{tasks: [{tasks}], max_seq_len: 64, tokens_per_batch: 512, cache_dir: {tmp_path / 'cache'}}}\n"
+                    f"data: {{tasks: [{tasks}], max_seq_len: 64, tokens_per_batch: 512, "
+                    f"cache_dir: {tmp_path / 'cache'}}}\n"
                     "train: {lr: 3.0e-3, epochs: 20, progress: false, checkpoint_every: 1000}\n"
                     "msft: {budget_epochs: 5, evals_per_epoch: 1, max_stages: 2}\n")
     return str(path)

@@ -246,7 +246,8 @@ def _assert_consistent(history):
     from msft_fast.report import _Run
 
     split = _Run(history).compute()  # what report.md, compare and the console say
-    assert split["kept"] == totals["final_kept_train_flops"] and split["discarded"] == totals["final_discarded_train_flops"]
+    assert split["kept"] == totals["final_kept_train_flops"]
+    assert split["discarded"] == totals["final_discarded_train_flops"]
     assert 0 <= split["rolled_back"] <= split["discarded"]
     # The final weights descend from kept_train_flops of training; each roll-back sets it back.
     final = evals[history["final"]["eval_id"]]
@@ -354,7 +355,8 @@ def test_sro_excludes_each_task_at_its_probe_peak(tmp_path, demo_dir, caplog):
     evals = {e["eval_id"]: e for e in history["evals"]}
     peak_epoch = {t: evals[i]["epoch"] for t, i in probe["peak_evals"].items()}
     end = evals[probe["end_eval"]]["epoch"]
-    early = sorted((t for t in peak_epoch if peak_epoch[t] < end), key=lambda t: (peak_epoch[t], history["tasks"].index(t)))
+    early = sorted((t for t in peak_epoch if peak_epoch[t] < end),
+                   key=lambda t: (peak_epoch[t], history["tasks"].index(t)))
     assert early, "on this mixture some task peaks before the probe's end"
     # Tasks that peaked before the probe's end leave in peak order; the others train to the end
     # (no exclusion "at the end" that would list them as excluded and active at once).
@@ -365,8 +367,8 @@ def test_sro_excludes_each_task_at_its_probe_peak(tmp_path, demo_dir, caplog):
         if s["excluded"]:
             assert evals[s["peak_evals"][s["excluded"]]]["epoch"] == peak_epoch[s["excluded"]]
             assert all(not e["tasks"][s["excluded"]]["active"] for e in history["evals"] if e["stage"] > s["stage"])
-            assert any(f"sro pass 2: excluded '{s['excluded']}' at epoch {peak_epoch[s['excluded']]:.2f}" in r.getMessage()
-                       for r in caplog.records)
+            said = f"sro pass 2: excluded '{s['excluded']}' at epoch {peak_epoch[s['excluded']]:.2f}"
+            assert any(said in r.getMessage() for r in caplog.records)
     assert history["sro"]["second_pass"] is True
     schedule_evals = [e for e in history["evals"] if e["stage"] >= 1] + [evals[probe["start_eval"]]]
     best = min(schedule_evals, key=lambda e: (e["pooled_metric"], e["eval_id"]))
@@ -380,12 +382,14 @@ def test_sro_excludes_each_task_at_its_probe_peak(tmp_path, demo_dir, caplog):
 @pytest.mark.slow
 def test_sro_skips_a_second_pass_that_would_repeat_the_first(tmp_path, demo_dir, caplog):
     with caplog.at_level("INFO", logger="msft_fast"):
-        history = _run(tmp_path, demo_dir, "method=sro", "train.epochs=0.5", "msft.metric=metric_callbacks:always_improving")
+        history = _run(tmp_path, demo_dir, "method=sro", "train.epochs=0.5",
+                       "msft.metric=metric_callbacks:always_improving")
     (probe,) = history["stages"]  # no schedule stage at all
     assert probe["phase"] == "probe" and history["sro"]["second_pass"] is False
     last = history["evals"][-1]
     assert probe["end_eval"] == last["eval_id"] == history["final"]["eval_id"] and last["stage"] == 0
-    assert history["totals"]["train_flops"] == probe["train_flops"] and history["totals"]["final_discarded_train_flops"] == 0
+    assert history["totals"]["train_flops"] == probe["train_flops"]
+    assert history["totals"]["final_discarded_train_flops"] == 0
     assert any("sro: pass 2 skipped: no task peaked before pass 1's last evaluation" in r.getMessage()
                for r in caplog.records)
     md = open(tmp_path / "run" / "report.md").read()

@@ -102,5 +102,6 @@ def test_every_output_of_a_run_follows_the_umask(tmp_path, mask):
     out = cfg["output_dir"]
     names = set(os.listdir(out))
     assert {"history.json", "report.md", "curves.png", "metrics.jsonl", "config.yaml", "final", "checkpoints"} <= names
-    assert os.path.exists(os.path.join(out, "final", "model.safetensors")) and os.listdir(os.path.join(out, "checkpoints"))
+    assert os.path.exists(os.path.join(out, "final", "model.safetensors"))
+    assert os.listdir(os.path.join(out, "checkpoints"))
     _assert_umask_modes(out, mask)

@@ -315,6 +315,7 @@ def spill_reason(plan: dict, spill_dir: Optional[str]) -> str:
                 f"spill to msft.snapshot_spill_dir ({spill_dir})")
     if plan["host_available"] < 0:
         return "free host memory could not be measured, so every state stays in memory and nothing spills"
-    worst = f"the worst case ({states} states, {plan['bytes_per_host'] / 2**20:.1f} MiB on this host) fits in host memory"
+    size = plan["bytes_per_host"] / 2**20
+    worst = f"the worst case ({states} states, {size:.1f} MiB on this host) fits in host memory"
     return worst + (", so nothing spills to msft.snapshot_spill_dir" if spill_dir else
                     "; nothing spills (msft.snapshot_spill_dir is not set, and not needed)")
