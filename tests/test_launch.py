@@ -103,3 +103,30 @@ def test_worker_outcomes_map_to_the_documented_codes(capsys):
     assert "rank 0 (pid 100) was killed by SIGKILL (out of memory?)" in capsys.readouterr().err
     assert _failure_code(failures(1, -15), first(failures(1, -15))) == 1
     assert "rank 0 (pid 100) exited with code 1; its output above says why" in capsys.readouterr().err
+
+
+def test_signals_before_training_and_a_repeated_signal():
+    """Before training a signal stops at once (143/130 with one line); during training the first
+    one asks for a checkpoint, the same signal again within a second (a scheduler's copy to every
+    process plus torchrun's forwarded one) does not cancel it, and another one later stops at once."""
+    import time
+
+    from msft_fast.errors import Interrupted, signal_exit_code
+    from msft_fast.run import _stop_on_signals
+
+    assert (signal_exit_code("SIGTERM"), signal_exit_code("SIGINT")) == (143, 130)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="^interrupted by SIGTERM before training started"):
+        with _stop_on_signals([None]):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    trainer = SimpleNamespace(stop_signal=None)
+    with _stop_on_signals([trainer]):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert trainer.stop_signal == "SIGTERM"  # one stop request, no Interrupted
+        with pytest.raises(Interrupted, match=r"^interrupted by SIGINT \(a second signal, after SIGTERM\)"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
