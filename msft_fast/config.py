@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -63,7 +64,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     log_every: int = 1
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal; elsewhere (a log file, a pipe) periodic lines
+    progress_interval: float = 30.0  # seconds between progress lines when stderr is not a terminal
     activation_checkpointing: Literal["off", "full", "selective"] = "off"  # selective: every n-th block
     activation_checkpointing_every: int = 2  # n for selective
     compile: bool = False  # torch.compile each decoder block
@@ -81,6 +83,10 @@ class MsftConfig:
     budget_epochs: float = 1.0  # C: epochs of the active mixture per roll-out
     evals_per_epoch: int = 4  # every method evaluates this often, plus at each stage start
     max_stages: int = 20  # roll-outs at most (a roll-out that excludes nothing counts too)
+    # Compute bound: epochs trained over all stages, kept and discarded (each step counts 1/steps of
+    # an epoch of the mixture active then). None: 2 x train.epochs; inf: no bound (the paper's loop).
+    max_epochs: Optional[float] = None
+    max_stale_stages: Optional[int] = None  # stop after this many stages in a row without a better pooled eval
     metric: str = "val_loss"  # val_loss | val_token_acc | module:function (per-task scores, higher is better)
     tie_break: Literal["most_overfit", "first"] = "most_overfit"  # among tasks peaking at the same evaluation
     restore: Literal["full", "weights"] = "full"  # full: weights+optimizer+schedule+data+RNG; weights: fresh optimizer
@@ -106,7 +112,8 @@ class Config:
 
 
 def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
-    """Read `path` (YAML), apply `a.b=value` overrides (values parsed as YAML), validate."""
+    """Read `path` (YAML), apply `a.b=value` / `a.list[i].b=value` overrides (values parsed as
+    YAML), validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -114,18 +121,29 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
                 raw = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder, not a YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
+    if path is None and ("output_dir" not in raw or not (raw.get("data") or {}).get("tasks")):
+        # Without a file the overrides must say it all; naming the first missing key would hide
+        # that the file itself was forgotten.
+        raise ConfigError("no config file given: run `msft-fast train --config FILE.yaml [key=value ...]` "
+                          "(without --config the overrides must set at least output_dir and data.tasks)")
     cfg = _build(Config, raw, prefix="")
     validate(cfg)
     return cfg
 
 
+_INDEXED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[-?\d+\])*)$")
+
+
 def _apply_override(raw: dict, item: str) -> None:
+    """`a.b=v` sets a key; `data.tasks[0].train=v` reaches into a list that the config already has."""
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override '{item}' must look like key.path=value")
@@ -133,14 +151,46 @@ def _apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{item}': value is not valid YAML: {_one_line(e)}") from None
-    node = raw
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override '{item}': {'.'.join(parts[: i + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
+    # The path as steps: a key name, or an index into the list that the previous step reached.
+    steps: list[str | int] = []
+    for part in key.split("."):
+        m = _INDEXED.match(part)
+        if m is None:
+            raise ConfigError(f"override '{item}': '{part}' is not a key name (or name[index])")
+        steps.append(m.group(1))
+        steps += [int(i) for i in re.findall(r"-?\d+", m.group(2))]
+    node: Any = raw
+    where = ""
+    for i, step in enumerate(steps):
+        last = i == len(steps) - 1
+        if isinstance(step, int):
+            if not isinstance(node, list):
+                raise ConfigError(f"override '{item}': {where} is not a list, so it has no [{step}]")
+            if not 0 <= step < len(node):
+                have = f"indexes 0 to {len(node) - 1}" if node else "none"
+                raise ConfigError(f"override '{item}': {where} has {len(node)} entries ({have}); "
+                                  f"set the whole list with {where}=[...] to add one")
+            if last:
+                node[step] = value
+            elif not isinstance(node[step], dict):
+                raise ConfigError(f"override '{item}': {where}[{step}] is not a section")
+            node, where = node[step], f"{where}[{step}]"
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': {where} is not a section")
+        name = f"{where}.{step}" if where else step
+        if last:
+            node[step] = value
+        elif isinstance(steps[i + 1], int):
+            if step not in node or node[step] is None:
+                raise ConfigError(f"override '{item}': {name} is not set, so it has no [{steps[i + 1]}]; "
+                                  f"set the whole list with {name}=[...]")
+        else:
+            if node.get(step) is None:
+                node[step] = {}
+            if not isinstance(node[step], dict):
+                raise ConfigError(f"override '{item}': {name} is not a section")
+        node, where = node.get(step), name
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -151,7 +201,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"unknown config key '{prefix}{key}'{_suggest(prefix, key, fields)}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{_suggest(prefix, str(key), fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in raw:
@@ -200,8 +250,23 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 
 
 def _suggest(prefix: str, key: str, fields: dict) -> str:
+    """A key that exists, under that name, in another section (`lr` -> `train.lr`, `train.budget_epochs`
+    -> `msft.budget_epochs`) is the likeliest meaning; else the closest name at the same level."""
+    elsewhere = [f"{section}.{key}" for section, names in _section_keys().items()
+                 if key in names and f"{section}." != prefix]
+    if not prefix and key in {f.name for f in dataclasses.fields(TaskConfig)}:
+        elsewhere.append(f"data.tasks[i].{key}")
+    if elsewhere:
+        return " (did you mean " + " or ".join(f"'{k}'" for k in elsewhere) + "?)"
     close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
     return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def _section_keys() -> dict[str, list[str]]:
+    """Key names of each top-level section (model, data, train, msft)."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: [g.name for g in dataclasses.fields(hints[f.name])]
+            for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
 
 
 def _one_line(e: Exception) -> str:
@@ -252,6 +317,7 @@ def validate(cfg: Config) -> None:
     need(0.0 <= t.beta2 < 1.0, "train.beta2", "in [0, 1)", t.beta2)
     need(t.grad_clip >= 0, "train.grad_clip", "0 (off) or a positive norm", t.grad_clip)
     need(t.log_every >= 1, "train.log_every", "at least 1", t.log_every)
+    need(t.progress_interval > 0, "train.progress_interval", "a positive number of seconds", t.progress_interval)
     need(t.activation_checkpointing_every >= 1, "train.activation_checkpointing_every", "at least 1",
          t.activation_checkpointing_every)
     need(t.hsdp_replicas >= 1, "train.hsdp_replicas", "at least 1", t.hsdp_replicas)
@@ -261,11 +327,21 @@ def validate(cfg: Config) -> None:
     need(m.budget_epochs > 0 and _finite(m.budget_epochs), "msft.budget_epochs", "a positive number", m.budget_epochs)
     need(m.evals_per_epoch >= 1, "msft.evals_per_epoch", "at least 1", m.evals_per_epoch)
     need(m.max_stages >= 1, "msft.max_stages", "at least 1", m.max_stages)
+    need(m.max_epochs is None or m.max_epochs > 0, "msft.max_epochs",  # NaN fails too
+         "a positive number of epochs, inf (no bound) or null (2 x train.epochs)", m.max_epochs)
+    need(m.max_stale_stages is None or m.max_stale_stages >= 1, "msft.max_stale_stages", "null (off) or at least 1",
+         m.max_stale_stages)
     need(m.patience is None or m.patience >= 1, "msft.patience", "null (off) or at least 1", m.patience)
     builtin_metric = m.metric in ("val_loss", "val_token_acc")
     module, sep, func = m.metric.partition(":")
     need(builtin_metric or (sep and module and func), "msft.metric",
          "val_loss, val_token_acc or a callback 'module:function'", m.metric)
+
+
+def max_trained_epochs(cfg: Config) -> float:
+    """mSFT's compute bound in epochs (msft.max_epochs; null: 2 x train.epochs; inf: none)."""
+    m = cfg.msft.max_epochs
+    return 2.0 * cfg.train.epochs if m is None else m
 
 
 def _finite(x: float) -> bool:

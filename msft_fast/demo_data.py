@@ -16,9 +16,10 @@ import json
 import os
 import random
 import string
-import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
+
+from msft_fast.atomic_io import create_temp_file
 
 DEMO_VERSION = 1  # bump when the generated content of the compact variant changes
 CALIBRATED_VERSION = 2  # bump when the generated content of the calibrated variant changes
@@ -126,7 +127,7 @@ def _check(row: dict) -> None:
 
 def _atomic_write(path: Path, data: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = create_temp_file(str(path.parent), prefix=f".{path.name}.", suffix=".tmp")  # umask permissions
     try:
         with os.fdopen(fd, "w", encoding="ascii", newline="\n") as f:
             f.write(data)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from msft_fast.atomic_io import replace_dir_atomic
+from msft_fast.atomic_io import apply_default_mode, replace_dir_atomic
 
 WRAPPER_PREFIX = "lm."  # CausalLMWithTaskLoss keeps the HF model as `.lm`
 
@@ -51,6 +51,7 @@ def _save_safetensors(state: dict[str, torch.Tensor], folder: str) -> None:
     split = split_torch_state_dict_into_shards(state, max_shard_size="5GB")
     for filename, names in split.filename_to_tensors.items():
         save_file({n: state[n] for n in names}, os.path.join(folder, filename), metadata={"format": "pt"})
+        apply_default_mode(os.path.join(folder, filename))  # safetensors creates its files 0600
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:

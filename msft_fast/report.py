@@ -21,14 +21,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Any, Iterable, Optional, Sequence
 
+from msft_fast.atomic_io import write_file_atomic
 from msft_fast.errors import OutputError
 
 HISTORY_FILE = "history.json"
 CURVES_FILE = "curves.png"
+# history.json `compute_bound.stop_reason` in words (the mSFT controller's STOP_REASONS, kept here so
+# that reports never import training code).
+STOP_TEXT = {
+    "no_active_task": "every task was excluded",
+    "max_stages": "msft.max_stages roll-outs were done",
+    "max_epochs": "the compute bound msft.max_epochs was reached",
+    "max_stale_stages": "msft.max_stale_stages stages in a row found no better pooled evaluation",
+}
 REPORT_FILE = "report.md"
 
 FIG_SIZE_PX = (1400, 600)
@@ -91,6 +99,16 @@ class _Run:
             r, end = s.get("rollback_to_eval"), self.stage_end(s)
             if r is not None and end is not None:
                 self.discarded.update(i for i in self.by_id if r < i <= end)
+        # SRO's first pass (the probe) when a second pass ran after it from the same start: the
+        # two passes are drawn as two curves, never joined.
+        self.probe: Optional[tuple[int, int]] = None  # (start_eval, end_eval) of the probe
+        self.probe_ids: set[int] = set()
+        probe = next((s for s in self.stages if s.get("phase") == "probe"), None)
+        if probe is not None:
+            start, end = self.stage_start(probe), self.stage_end(probe)
+            if start is not None and end is not None and any(i > end for i in self.by_id):
+                self.probe = (start, end)
+                self.probe_ids = {i for i in self.by_id if start < i <= end}
 
     # --- evaluations ---------------------------------------------------------------------------
 
@@ -177,9 +195,12 @@ class _Run:
             prev_end = self.stage_end(self.stages[i - 1]) if i > 0 else None
             before = self._field(prev_end, "train_flops") if i > 0 else 0.0
             train = _diff(self._field(end, "train_flops"), before)
+        peak = r
+        if peak is None and s.get("excluded") and isinstance(s.get("peak_evals"), dict):
+            peak = s["peak_evals"].get(s["excluded"])  # SRO: excluded at its peak in the probe, no roll-back
         return {
             "stage": s.get("stage", i), "phase": s.get("phase"), "excluded": s.get("excluded"),
-            "rollback_to_eval": r, "peak_epoch": self._field(r, "epoch"),
+            "rollback_to_eval": r, "peak_epoch": self._field(peak, "epoch"),
             "steps_kept": steps_kept, "steps_discarded": steps_disc,
             "train_flops": train, "discarded_flops": disc, "eval_flops": s.get("eval_flops"),
         }
@@ -189,6 +210,15 @@ class _Run:
         recorded = {s.get("stage") for s in self.stages}
         pending = [e.get("stage") for e in self.evals if e.get("stage") not in recorded]
         return pending[-1] if pending else None
+
+    def branches(self) -> list[tuple[int, int, list[int], str]]:
+        """(r, e, evaluations, kind) for each part of the run that the final path does not continue:
+        kind "rollback": a stage rolled back to eval r, discarding its evaluations up to e; kind
+        "probe": SRO's first pass from r to e, after which the second pass restarted from r."""
+        out = [(r, e, own, "rollback") for r, e, own in self.rollbacks()]
+        if self.probe is not None:
+            out.append((self.probe[0], self.probe[1], sorted(self.probe_ids), "probe"))
+        return out
 
     def rollbacks(self) -> list[tuple[int, int, list[int]]]:
         """(rollback_to_eval r, the stage's end_eval e, the discarded evaluations of its own roll-out
@@ -221,6 +251,73 @@ class _Run:
         if key in ("train_flops", "eval_flops") and self.totals is None and self.evals:
             return _float(self.evals[-1].get(key))
         return None
+
+
+    def compute(self) -> dict[str, Optional[float]]:
+        """Training FLOPs split by whether the final model descends from them: `kept` (behind the
+        final weights), `discarded` (the rest: rolled back by roll-backs, trained past the final
+        state, or SRO's probe), and `rolled_back` (the roll-backs' part of `discarded`; for a run
+        without a final model yet, all that roll-backs threw away so far)."""
+        train, rolled = self.total("train_flops"), self.total("discarded_flops")
+        kept = None
+        if self.final:
+            kept = _float((self.totals or {}).get("final_kept_train_flops"))
+            fe = self.final_eval
+            if kept is None and fe is not None:
+                kept = _float(fe.get("kept_train_flops"))
+                if kept is None and _float(fe.get("train_flops")) is not None:
+                    # Histories without the field: the final state's compute less what roll-backs before it threw away.
+                    before = [self.stage_row(i, s)["discarded_flops"] for i, s in enumerate(self.stages)
+                              if (self.stage_end(s) or 0) < fe["eval_id"]]
+                    kept = _float(fe["train_flops"]) - sum(_float(x) or 0.0 for x in before)
+        discarded = train - kept if train is not None and kept is not None else None
+        if rolled is not None and self.final_eval is not None:
+            rolled -= self._rolled_back_into_final()
+        return {"train": train, "eval": self.total("eval_flops"), "kept": kept, "discarded": discarded,
+                "rolled_back": rolled}
+
+    def _rolled_back_into_final(self) -> float:
+        """The final model may be a state that its own stage later rolled back from (it was the best
+        pooled evaluation, though not the excluded task's peak): the training from the roll-back
+        target up to it is in the final model, so it is not discarded."""
+        fe = self.final_eval
+        f = fe.get("eval_id")
+        for i, s in enumerate(self.stages):
+            r, end = s.get("rollback_to_eval"), self.stage_end(s)
+            if r is None or end is None or not r < f <= end:
+                continue
+            start = self._field(self.stage_end(self.stages[i - 1]), "train_flops") if i > 0 else 0.0
+            bases = [v for v in (self._field(r, "train_flops"), start) if v is not None]
+            spent = _float(fe.get("train_flops"))
+            return max(0.0, spent - max(bases)) if spent is not None and bases else 0.0
+        return 0.0
+
+
+def describe_compute(history: "dict | _Run") -> str:
+    """Training compute, what the final model keeps of it, and what was discarded: the same words
+    in the console, report.md and `compare`."""
+    run = history if isinstance(history, _Run) else _Run(history)
+    c = run.compute()
+    train, ev, kept, disc, rolled = c["train"], c["eval"], c["kept"], c["discarded"], c["rolled_back"]
+    if kept is not None and train:
+        text = (f"train {format_flops(train)}: {format_flops(kept)} ({_pct(kept, train)}) kept in the final model, "
+                f"{format_flops(disc)} ({_pct(disc, train)}) discarded")
+        if rolled:
+            text += f", of which {format_flops(rolled)} rolled back by roll-backs"
+    else:
+        so_far = " so far" if run.totals is None else ""
+        text = f"train {format_flops(train)}{so_far}"
+        if rolled:
+            share = f", {_pct(rolled, train)}" if train else ""
+            text += f" ({format_flops(rolled)} of it rolled back by roll-backs{share})"
+    text += f"; eval {format_flops(ev)}"
+    if train is not None and ev is not None:
+        text += f"; total {format_flops(train + ev)}"
+    return text
+
+
+def _pct(part: Optional[float], whole: Optional[float]) -> str:
+    return "-" if part is None or not whole else f"{100 * part / whole:.1f}%"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,24 +414,11 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 def _write_atomic(path: str, fill) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
+    """`atomic_io.write_file_atomic` (umask permissions), failures as one OutputError sentence."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+        write_file_atomic(path, fill)
     except OSError as e:
         raise OutputError(f"cannot write {path} ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write {path} ({e.strerror or e})") from None
-        raise
 
 
 def write_report(output_dir: str, history: Optional[dict] = None) -> tuple[str, str]:
@@ -406,16 +490,21 @@ def render_markdown(run: "_Run | dict") -> str:
     lines.append(f"- evaluations: {len(run.evals)} in {n_stages} stage(s), "
                  f"{len(run.discarded)} of them on rolled-back (discarded) states")
 
-    train, ev, disc = run.total("train_flops"), run.total("eval_flops"), run.total("discarded_flops")
-    so_far = " so far" if run.totals is None else ""
-    parts = [f"train {format_flops(train)}"]
-    if disc:
-        share = f", {100 * disc / train:.1f}%" if train else ""
-        parts[0] += f" (of which discarded by roll-backs {format_flops(disc)}{share})"
-    parts.append(f"eval {format_flops(ev)}")
-    if train is not None and ev is not None:
-        parts.append(f"total {format_flops(train + ev)}")
-    lines.append(f"- compute{so_far}: " + ", ".join(parts))
+    lines.append(f"- compute: {describe_compute(run)}")
+    bound = run.h.get("compute_bound") if isinstance(run.h.get("compute_bound"), dict) else None
+    epochs = _float((run.totals or {}).get("epochs_trained"))
+    if epochs is not None or bound:
+        text = f"- epochs trained over all stages (kept and discarded): {_epoch(epochs)}"
+        if bound:
+            limit = _float(bound.get("max_epochs"))
+            text += (" (no bound: msft.max_epochs=inf)" if limit is None or math.isinf(limit)
+                     else f" (bound: msft.max_epochs {_epoch(limit)})")
+            if bound.get("stop_reason"):
+                text += f"; the loop stopped because {STOP_TEXT.get(bound['stop_reason'], bound['stop_reason'])}"
+        lines.append(text)
+    sro = run.h.get("sro") if isinstance(run.h.get("sro"), dict) else None
+    if sro:
+        lines.append(f"- SRO: {sro.get('summary', '-')}")
     if run.totals and run.totals.get("trained_tokens") is not None:
         lines.append(f"- trained tokens: {_int(run.totals.get('trained_tokens'))}")
     lines.append(f"- wall time: {_wall_split(run.totals)}")
@@ -426,8 +515,8 @@ def render_markdown(run: "_Run | dict") -> str:
     has_phase = any(r["phase"] for r in rows)
     has_eval = any(r["eval_flops"] is not None for r in rows)
     header = ["stage"] + (["phase"] if has_phase else []) + [
-        "excluded", "peak epoch", "rolled back to eval", "steps kept", "steps discarded",
-        "train FLOPs", "discarded FLOPs"] + (["eval FLOPs"] if has_eval else [])
+        "excluded", "peak epoch", "rolled back to eval", "steps kept", "steps rolled back",
+        "train FLOPs", "rolled back FLOPs"] + (["eval FLOPs"] if has_eval else [])
     body = []
     for r in rows:
         body.append([str(r["stage"])] + ([r["phase"] or "-"] if has_phase else []) + [
@@ -447,8 +536,9 @@ def render_markdown(run: "_Run | dict") -> str:
             format_flops(_diff(_float(last.get("train_flops")), before)), "-"] + (["-"] if has_eval else []))
     if body:
         lines += [_table(header, body), ""]
-        lines += ["Peak epoch: the epoch of the evaluation the stage rolled back to (the excluded task's best "
-                  "point). Steps kept: from the stage's first evaluation to that point; discarded: after it.", ""]
+        lines += ["Peak epoch: the epoch of the excluded task's best evaluation (mSFT rolls back to it; SRO's "
+                  "second pass excludes the task there). Steps kept: from the stage's first evaluation to that "
+                  "point; rolled back: after it.", ""]
     else:
         lines += ["No stage recorded yet.", ""]
 
@@ -579,7 +669,8 @@ def write_curves(run: "_Run | dict", path: str) -> str:
     ax_f.set_xlabel(f"cumulative training compute ({unit})")
     ax_e.set_xlabel("epoch")
     ax_f.set_title("against training FLOPs (discarded compute included)", fontsize=10)
-    ax_e.set_title("against epoch" + (" (a roll-back jumps back)" if run.discarded else ""), fontsize=10)
+    ax_e.set_title("against epoch" + (" (a roll-back jumps back)" if run.discarded else "")
+                   + (" (SRO: pass 2 restarts at epoch 0)" if run.probe_ids else ""), fontsize=10)
 
     if run.final:
         head = (f"{run.method}: final pooled {run.metric} {_num(run.pooled(run.final))} "
@@ -597,6 +688,8 @@ def write_curves(run: "_Run | dict", path: str) -> str:
         handles.append(Line2D([], [], color="grey", lw=1.2, ls="--", alpha=0.5, label="task inactive (excluded)"))
     if run.discarded:
         handles.append(Line2D([], [], color="grey", lw=1.2, ls=":", alpha=0.5, label="discarded by roll-back"))
+    if run.probe_ids:
+        handles.append(Line2D([], [], color="grey", lw=1.2, ls="-.", alpha=0.6, label="SRO pass 1 (probe)"))
     if any(s.get("excluded") for s in run.stages):
         handles.append(Line2D([], [], color="grey", lw=1.2, ls=(0, (6, 3)), marker="X", ms=8, mec="black",
                               label="exclusion"))
@@ -640,6 +733,7 @@ def _draw_curve(ax, run: _Run, value, active, xof, restore_x, color, lw: float, 
         "solid": dict(ls="-", alpha=alpha, lw=lw),
         "inactive": dict(ls="--", alpha=0.45 * alpha, lw=lw * 0.75),
         "discarded": dict(ls=":", alpha=0.4 * alpha, lw=lw * 0.9),
+        "probe": dict(ls="-.", alpha=0.45 * alpha, lw=lw * 0.8),
         "jump": dict(ls="-", alpha=0.25 * alpha, lw=0.8),
     }
     segments: dict[str, list[list[tuple[float, float]]]] = {k: [] for k in styles}
@@ -652,7 +746,8 @@ def _draw_curve(ax, run: _Run, value, active, xof, restore_x, color, lw: float, 
             lines.append([p0, p1])
 
     restores: dict[int, tuple[float, float]] = {}  # first kept eval after a roll-back -> P
-    for r, e_end, branch in run.rollbacks():
+    off_path = run.discarded | run.probe_ids
+    for r, e_end, branch, kind in run.branches():
         r_eval, e_eval = run.by_id.get(r), run.by_id.get(e_end)
         pr = point(r_eval) if r_eval else None
         if pr is None:
@@ -661,17 +756,17 @@ def _draw_curve(ax, run: _Run, value, active, xof, restore_x, color, lw: float, 
         for i in branch:
             pi = point(run.by_id[i])
             if pi is not None:
-                add("discarded", prev, pi)
+                add("discarded" if kind == "rollback" else "probe", prev, pi)
                 prev = pi
         px = restore_x(r_eval, e_eval) if e_eval else None
         restore = (px if px is not None else pr[0], pr[1])
-        if prev != pr:
+        if prev != pr and kind == "rollback":  # SRO's second pass is a new run, not a jump back
             add("jump", prev, restore)
-        nxt = next((i for i in sorted(run.by_id) if i > e_end and i not in run.discarded), None)
+        nxt = next((i for i in sorted(run.by_id) if i > e_end and i not in off_path), None)
         if nxt is not None and (nxt not in restores or restores[nxt][0] < restore[0]):
             restores[nxt] = restore
 
-    kept = [(i, point(run.by_id[i])) for i in sorted(run.by_id) if i not in run.discarded]
+    kept = [(i, point(run.by_id[i])) for i in sorted(run.by_id) if i not in off_path]
     kept = [(i, p) for i, p in kept if p is not None]
     for (i0, p0), (i1, p1) in zip(kept, kept[1:]):
         add("solid" if active(run.by_id[i1]) else "inactive", restores.get(i1, p0), p1)
@@ -688,7 +783,7 @@ def _draw_curve(ax, run: _Run, value, active, xof, restore_x, color, lw: float, 
         for i, e in run.by_id.items():
             p = point(e)
             if p is not None:
-                (faded if i in run.discarded or not active(e) else solid).append(p)
+                (faded if i in off_path or not active(e) else solid).append(p)
         if solid:
             ax.plot(*zip(*solid), ls="none", marker="o", ms=marker_size, color=color, alpha=alpha, zorder=4)
         if faded:
@@ -702,8 +797,8 @@ def _draw_curve(ax, run: _Run, value, active, xof, restore_x, color, lw: float, 
 
 def compare(dirs: Sequence[str]) -> str:
     """A markdown table with one row per run folder: method, final pooled metric, each task's final
-    val_loss, FLOPs (train, eval, discarded by roll-backs, total = train + eval; discarded compute
-    is part of train) and wall seconds. A run still running shows '(running)' after its method."""
+    val_loss, FLOPs (train; of it, kept in the final model and discarded; eval; total = train + eval)
+    and wall seconds. A run still running shows '(running)' after its method."""
     runs = [_Run(load_history(d), name=os.path.basename(os.path.normpath(os.path.abspath(d)))) for d in dirs]
     tasks: list[str] = []
     for r in runs:
@@ -712,7 +807,7 @@ def compare(dirs: Sequence[str]) -> str:
     same_metric = len(metrics) == 1
     pooled_head = f"final pooled {next(iter(metrics))}" if same_metric else "final pooled metric"
     header = ["run", "method", pooled_head] + [f"{t} val_loss" for t in tasks] + [
-        "train FLOPs", "eval FLOPs", "discarded FLOPs", "total FLOPs", "wall s"]
+        "train FLOPs", "kept in final", "discarded", "eval FLOPs", "total FLOPs", "wall s"]
     rows = []
     for r in runs:
         fe = r.final_eval
@@ -721,13 +816,12 @@ def compare(dirs: Sequence[str]) -> str:
             pooled += f" ({r.metric})"
         per_task = [_num(r.task_value(fe, t, "val_loss")) if fe else "-" for t in tasks]
         totals = r.totals or {}
-        train, ev = _float(totals.get("train_flops")), _float(totals.get("eval_flops"))
-        disc = _float(totals.get("discarded_flops"))
-        if disc is None and r.totals is not None:
-            disc = r.total("discarded_flops")
+        c = r.compute() if r.totals is not None else dict.fromkeys(("train", "eval", "kept", "discarded"))
+        train, ev = c["train"], c["eval"]
         total = train + ev if train is not None and ev is not None else None
+        disc = format_flops(c["discarded"]) + (f" ({_pct(c['discarded'], train)})" if c["discarded"] and train else "")
         method = r.method + ("" if r.status == "finished" else f" ({r.status})")
         rows.append([r.name, method, pooled] + per_task + [
-            format_flops(train), format_flops(ev), format_flops(disc), format_flops(total),
+            format_flops(train), format_flops(c["kept"]), disc, format_flops(ev), format_flops(total),
             _num(totals.get("wall_seconds"), ".1f")])
     return _table(header, rows)

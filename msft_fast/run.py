@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -21,12 +22,14 @@ import yaml
 from msft_fast.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from msft_fast.config import Config, resolve_path
 from msft_fast.data.packing import padding_fraction
-from msft_fast.data.tasks import load_tasks
+from msft_fast.data.tasks import data_warnings, load_tasks
 from msft_fast.data.loader import MixtureLoader
 from msft_fast.distributed import (
     DistContext, all_gather_object, broadcast_object, init_distributed, shutdown_distributed,
 )
-from msft_fast.errors import ConfigError, ModelError, OutputError, StopRequested, UserError
+from msft_fast.errors import (
+    ConfigError, Interrupted, ModelError, OutputError, StopRequested, UserError, on_every_rank,
+)
 from msft_fast.export import export_hf_folder
 from msft_fast.history import HISTORY_FILE, History
 from msft_fast.methods.metric import Metric
@@ -35,7 +38,7 @@ from msft_fast.methods.sft import run_sft
 from msft_fast.methods.sro import run_sro
 from msft_fast.model import load_model, load_model_spec, max_positions
 from msft_fast.preflight import preflight_memory
-from msft_fast.report import write_report
+from msft_fast.report import describe_compute, write_report
 from msft_fast.trainer import METRICS_FILE, Trainer, peak_memory_gib
 
 log = logging.getLogger("msft_fast")
@@ -44,34 +47,58 @@ METHODS = {"sft": run_sft, "msft": run_msft, "sro": run_sro}
 FINAL_DIR = "final"
 RUN_ARTIFACTS = (HISTORY_FILE, METRICS_FILE, "config.yaml", "curves.png", "report.md", FINAL_DIR, FINAL_DIR + ".tmp",
                  FINAL_DIR + ".old", CHECKPOINT_DIR)
+REPEAT_WINDOW_S = 1.0  # see _stop_on_signals
 # Keys that may change between a run and its resumption: they do not change what is trained.
-RESUMABLE_CHANGES = ("train.progress", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.checkpoint_async", "train.peak_tflops",
+RESUMABLE_CHANGES = ("train.progress", "train.progress_interval", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.checkpoint_async", "train.peak_tflops",
                      "train.max_bad_steps", "train.on_bad_steps", "data.num_proc", "data.cache_dir")
 
 
-def train(cfg: Config, overwrite: bool = False) -> dict:
-    """Run `cfg` in this process (one rank of a torchrun group, or a one-rank group of its own)."""
-    metric = Metric(cfg.msft.metric)  # a callback that does not import fails here, before any work
+def train(cfg: Optional[Config], overwrite: bool = False, config_error: Optional[UserError] = None) -> dict:
+    """Run `cfg` in this process (one rank of a torchrun group, or a one-rank group of its own).
+
+    config_error: this rank could not read the config (cfg is None); under torchrun the ranks
+    first agree on such errors, so that one line says what is wrong, printed by rank 0 alone.
+    """
     # An asynchronous checkpoint writer coordinates its ranks over a CPU (gloo) group.
-    ctx = init_distributed(cpu_backend_too=cfg.train.checkpoint_async)
+    ctx = init_distributed(cpu_backend_too=cfg is not None and cfg.train.checkpoint_async)
     box: list[Optional[Trainer]] = [None]
     try:
         with _stop_on_signals(box):
+            # A metric callback that does not import fails here, before any work.
+            metric = _agreed(ctx, lambda: _metric_of(cfg, config_error))
             return _train(cfg, ctx, overwrite, metric, box)
     finally:
         shutdown_distributed()
 
 
+def _metric_of(cfg: Optional[Config], config_error: Optional[UserError]) -> Metric:
+    if config_error is not None:
+        raise config_error
+    return Metric(cfg.msft.metric)
+
+
 @contextlib.contextmanager
 def _stop_on_signals(box: list):
     """SIGTERM/SIGINT ask the trainer to checkpoint after the current step and stop (all ranks agree
-    on it in the step's reduction). Before training starts, or on a second signal, stop at once."""
+    on it in the step's reduction). Before training starts, or on a second signal, stop at once.
+
+    The same signal again within REPEAT_WINDOW_S counts as the first: a cluster scheduler (SLURM's
+    scancel) signals every process of a job, workers included, and torchrun then passes its own
+    copy on; that must not cost the checkpoint."""
+    first: dict = {}
+
     def handler(signum, frame):
-        trainer_ = box[0]
-        if trainer_ is None or trainer_.stop_signal is not None:
-            raise KeyboardInterrupt
-        trainer_.stop_signal = signal.Signals(signum).name
+        trainer_, name = box[0], signal.Signals(signum).name
+        if trainer_ is None:
+            raise Interrupted(name, "before training started; rerun the same command to start (or resume) the run")
+        if trainer_.stop_signal is not None:
+            if name == trainer_.stop_signal and time.monotonic() - first.get(name, -math.inf) < REPEAT_WINDOW_S:
+                return
+            raise Interrupted(name, f"(a second signal, after {trainer_.stop_signal}): stopped at once; rerun the "
+                                    "same command to resume from the newest complete checkpoint")
+        trainer_.stop_signal = name
+        first[name] = time.monotonic()
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -93,13 +120,17 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
     spec = _agreed(ctx, lambda: load_model_spec(cfg.model, cfg.train.precision, ctx.device, cfg.data.chat_template))
     limit = max_positions(spec.config)
     if limit is not None and cfg.data.max_seq_len > limit:
-        raise ConfigError(f"config key 'data.max_seq_len' ({cfg.data.max_seq_len}) exceeds the model's position limit ({limit})")
+        raise on_every_rank(ConfigError(f"config key 'data.max_seq_len' ({cfg.data.max_seq_len}) exceeds the model's "
+                                        f"position limit ({limit})"))
     # Rank 0 tokenizes and fills the cache; the others then read the same cache.
     tasks = _agreed(ctx, lambda: load_tasks(cfg.data, spec.tokenizer), main_first=True)
-    check_token_ids(tasks, spec.text_config.vocab_size)
+    try:
+        check_token_ids(tasks, spec.text_config.vocab_size)
+    except UserError as e:
+        raise on_every_rank(e) from None
     if ctx.world_size % cfg.train.hsdp_replicas:
-        raise ConfigError(f"config key 'train.hsdp_replicas' ({cfg.train.hsdp_replicas}) must divide the number of "
-                          f"ranks ({ctx.world_size})")
+        raise on_every_rank(ConfigError(f"config key 'train.hsdp_replicas' ({cfg.train.hsdp_replicas}) must divide "
+                                        f"the number of ranks ({ctx.world_size})"))
     # Selective checkpointing is costed as none: the estimate errs on the safe side.
     _agreed(ctx, lambda: preflight_memory(cfg, spec.config, ctx.world_size // cfg.train.hsdp_replicas, ctx.device,
                                           spec.compute_dtype, attention=spec.attn_implementation,
@@ -111,14 +142,18 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
                            cfg.train.grad_accum)
     steps = loader.steps_between(0, 0, cfg.train.epochs)
     if steps == 0:
-        raise ConfigError(f"config key 'train.epochs' ({cfg.train.epochs}) gives no optimizer step: one epoch is "
-                          f"{loader.steps_in_epoch(0)} steps of {loader.per_step} micro-batches")
+        raise on_every_rank(ConfigError(
+            f"config key 'train.epochs' ({cfg.train.epochs}) gives no optimizer step: one epoch is "
+            f"{loader.steps_in_epoch(0)} steps of {loader.per_step} micro-batches"))
     if ctx.is_main:
         with open(os.path.join(out, "config.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
         for t in tasks:
             log.info("task %-16s train %6d docs  val %5d docs  %s", t.name, len(t.train), len(t.val),
-                     " ".join(f"{k}={v}" for k, v in t.counts.items() if v and not k.endswith("rows")))
+                     " ".join(f"{k}={v}" for k, v in t.counts.items()
+                              if v and not k.endswith(("rows", "_docs"))))
+        for warning in data_warnings(tasks, cfg.data, spec.tokenizer):
+            log.warning("%s", warning)
 
     trainer_ = None
     try:
@@ -171,6 +206,9 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             # The steps behind the final weights (the method restored them last); the rest of
             # train_flops went into states the final model does not descend from.
             "final_kept_train_flops": c.kept_train_flops,
+            "final_discarded_train_flops": c.train_flops - c.kept_train_flops,
+            # Epochs of training over all stages, kept and discarded (each stage records its own).
+            "epochs_trained": round(sum(st.get("epochs_trained", 0.0) for st in history.data["stages"]), 6),
             "train_seconds": c.train_seconds,
             "eval_seconds": c.eval_seconds,
             "snapshot_seconds": sum(trainer_.pool.capture_seconds) if trainer_.pool else 0.0,
@@ -199,6 +237,7 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
         log.info("trained %d tokens in %.1f s (%.0f tokens/s, %.0f per device%s), evaluation took %.1f s, peak "
                  "memory %.2f GiB", totals["trained_tokens"], totals["train_seconds"], totals["tokens_per_s"],
                  totals["tokens_per_s_per_device"], mfu, totals["eval_seconds"], totals["peak_mem_gib"])
+        log.info("compute: %s", describe_compute(history.data))
         log.info("done: final model (eval %d, pooled %s %.4f) in %s; history in %s; report in %s", final["eval_id"],
                  metric.name, final["pooled_metric"], final_dir, history.path, os.path.join(out, "report.md"))
     return history.data

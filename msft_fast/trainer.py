@@ -28,6 +28,7 @@ from msft_fast.errors import StopRequested, UserError
 from msft_fast.flops import FlopCounter, device_peak_flops
 from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, decoder_blocks
 from msft_fast.optim import build_optimizer, build_scheduler
+from msft_fast.progress import make_progress
 from msft_fast.snapshot import Snapshot, SnapshotPool
 
 
@@ -37,6 +38,8 @@ log = logging.getLogger("msft_fast")
 
 class TrainingDiverged(UserError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+    all_ranks = True  # every rank judges the same reduced loss and norm: rank 0 alone prints it
 
 
 @dataclass
@@ -117,8 +120,9 @@ class Trainer:
             raise RuntimeError("the schedule is set before the first step")
         self.total_steps = total_steps
         self.scheduler = build_scheduler(self.optimizer, total_steps, self.cfg.train)
-        self.progress = _progress_bar(total_steps if known else None,
-                                      enabled=self.ctx.is_main and self.cfg.train.progress)
+        self.progress = make_progress(total_steps if known else None,
+                                      enabled=self.ctx.is_main and self.cfg.train.progress,
+                                      interval=self.cfg.train.progress_interval)
 
     # -------------------------------------------------------------------------------------------
     # Position in the data
@@ -482,10 +486,3 @@ def _short_hash(text: str) -> str:
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
     return float(num / den) if float(den) > 0 else float("nan")
 
-
-def _progress_bar(total: Optional[int], enabled: bool) -> Optional[object]:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.5)

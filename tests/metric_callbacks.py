@@ -24,3 +24,18 @@ def scripted(model, tokenizer, task_names):
     _EVALS[0] += 1
     n = _EVALS[0]
     return {name: -float((n - 2) ** 2) if i == 0 else float(n) for i, name in enumerate(task_names)}
+
+
+_IMPROVING, _WORSENING = [0], [0]
+
+
+def always_improving(model, tokenizer, task_names):
+    """Every task better at every evaluation: no task ever peaks before the last evaluation."""
+    _IMPROVING[0] += 1
+    return {name: float(_IMPROVING[0]) for name in task_names}
+
+
+def getting_worse(model, tokenizer, task_names):
+    """Every task worse at every evaluation: each peaks at its stage start, the pooled best never moves."""
+    _WORSENING[0] += 1
+    return {name: -float(_WORSENING[0]) for name in task_names}

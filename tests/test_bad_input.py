@@ -328,6 +328,11 @@ def test_rows_without_trained_tokens_and_overlong_rows_are_skipped_and_counted(t
     assert counts["train_rows"] == 8 and counts["train_dropped_no_trained_tokens"] == 1
     assert counts["train_truncated"] == 1 and counts["val_dropped_no_trained_tokens"] == 1
     assert any("dropped_no_trained_tokens=1" in r.getMessage() for r in caplog.records)
+    # 1 of 8 rows (12.5%) lost to max_seq_len and 1 truncated: more than a tenth each, so warnings, not INFO.
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("task 't': 1 of 8 train rows (12%) are lost: truncated by data.max_seq_len" in w for w in warnings)
+    assert any("task 't': 1 of 8 train rows (12%) are truncated to data.max_seq_len=64" in w for w in warnings)
+    assert counts["train_docs"] == 7 and counts["val_docs"] == 2
 
 
 def test_some_overlong_rows_dropped_are_counted(tmp_path, capsys):

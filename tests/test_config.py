@@ -287,3 +287,58 @@ def test_cli_missing_config_file(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("msft-fast: error:")
     assert "missing.yaml" in lines[0] and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides into lists, keys given without their section, a forgotten --config (issue 19)
+
+
+def test_index_overrides_reach_into_the_task_list(cfg_file):
+    cfg = load_config(cfg_file, ["data.tasks[0].train=other.jsonl", "data.tasks[1].val_fraction=0.5",
+                                 "data.tasks[1]={name: t3, train: t3.jsonl, val: v.jsonl}"])
+    assert cfg.data.tasks[0].train == "other.jsonl" and cfg.data.tasks[0].val == "t1/val.jsonl"
+    assert (cfg.data.tasks[1].name, cfg.data.tasks[1].val_fraction) == ("t3", None)
+    # The same key names the errors use (config key 'data.tasks[0].train') work as overrides.
+    assert load_config(cfg_file, ["data.tasks[1].val_fraction=0.5"]).data.tasks[1].val_fraction == 0.5
+    msg = _err(cfg_file, ["data.tasks[2].train=x.jsonl"])
+    assert "data.tasks has 2 entries (indexes 0 to 1)" in msg and "data.tasks=[...]" in msg
+    msg = _err(None, ["output_dir=o", "data.tasks[0].train=x.jsonl"])
+    assert "data.tasks is not set, so it has no [0]" in msg
+    msg = _err(cfg_file, ["data.tasks[0].trian=x"])
+    assert "unknown config key 'data.tasks[0].trian' (did you mean 'data.tasks[0].train'?)" in msg
+    assert "is not a list" in _err(cfg_file, ["train.lr[0]=1"])
+    assert "data.tasks is not a section" in _err(cfg_file, ["data.tasks.train=x"])
+
+
+@pytest.mark.parametrize("override,meant", [
+    ("lr=1e-3", "train.lr"), ("budget_epochs=2", "msft.budget_epochs"), ("max_seq_len=128", "data.max_seq_len"),
+    ("train.budget_epochs=2", "msft.budget_epochs"), ("val_fraction=0.1", "data.tasks[i].val_fraction"),
+])
+def test_a_key_without_its_section_names_the_section(cfg_file, override, meant):
+    key = override.partition("=")[0]
+    assert f"unknown config key '{key}' (did you mean '{meant}'?)" in _err(cfg_file, [override])
+
+
+def test_cli_without_config_says_so(tmp_path, capsys):
+    from msft_fast.cli import main
+
+    for argv in (["train"], ["train", "train.lr=1e-3"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("msft-fast: error: no config file given: run `msft-fast train "
+                                                   "--config FILE.yaml"), err
+
+
+def test_compute_bound_keys(cfg_file):
+    from msft_fast.config import max_trained_epochs
+
+    cfg = load_config(cfg_file)
+    assert cfg.msft.max_epochs is None and max_trained_epochs(cfg) == 4.0  # 2 x train.epochs
+    assert max_trained_epochs(load_config(cfg_file, ["msft.max_epochs=3.5"])) == 3.5
+    for unbounded in ("inf", ".inf"):
+        assert max_trained_epochs(load_config(cfg_file, [f"msft.max_epochs={unbounded}"])) == float("inf")
+    assert "msft.max_epochs" in _err(cfg_file, ["msft.max_epochs=0"])
+    assert "msft.max_epochs" in _err(cfg_file, ["msft.max_epochs=nan"])
+    assert load_config(cfg_file, ["msft.max_stale_stages=2"]).msft.max_stale_stages == 2
+    assert "msft.max_stale_stages" in _err(cfg_file, ["msft.max_stale_stages=0"])
+    assert "train.progress_interval" in _err(cfg_file, ["train.progress_interval=0"])

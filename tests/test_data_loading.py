@@ -145,7 +145,10 @@ def test_val_fraction_split(tmp_path, tokenizer):
 
     t = load(0)
     assert len(t.val) == 5 and len(t.train) == 15
-    assert t.counts["train_rows"] == 20 and not any(k.startswith("val_") for k in t.counts)
+    assert t.counts["train_rows"] == 20
+    # The held-out rows are counted too (issue 19): there is no validation file, so no val_rows.
+    assert (t.counts["val_held_out"], t.counts["val_docs"], t.counts["train_docs"]) == (5, 5, 15)
+    assert "val_rows" not in t.counts
     train_starts, val_starts = set(t.train.starts.tolist()), set(t.val.starts.tolist())
     assert not train_starts & val_starts
     assert len(train_starts | val_starts) == 20

@@ -193,6 +193,19 @@ def test_the_pool_plan_spills_or_names_the_setting_when_host_memory_is_short(tok
     assert snapshot.plan_pool(lm, states=2, with_optimizer=True, ranks_per_host=1)["in_memory_states"] == 2
 
 
+def test_the_pool_plan_says_why_it_spills_or_not():
+    from msft_fast.methods.msft import spill_reason
+
+    plan = {"states": 4, "in_memory_states": 4, "bytes_per_host": 3 * 2**20, "host_available": 2**34}
+    assert spill_reason(plan, None) == ("the worst case (4 states, 3.0 MiB on this host) fits in host memory; "
+                                        "nothing spills (msft.snapshot_spill_dir is not set, and not needed)")
+    assert spill_reason(plan, "/spill").endswith("fits in host memory, so nothing spills to msft.snapshot_spill_dir")
+    assert "could not be measured" in spill_reason({**plan, "host_available": -1}, None)
+    assert spill_reason({**plan, "in_memory_states": 2}, "/spill") == (
+        "host memory holds 2 of the 4 states the run may need at once; older states spill to "
+        "msft.snapshot_spill_dir (/spill)")
+
+
 def _run(tmp_path, demo_dir, *overrides):
     from msft_fast.run import train
 
@@ -227,6 +240,15 @@ def _assert_consistent(history):
     pooled = {e["eval_id"]: sign * e["pooled_metric"] for e in history["evals"]}
     assert history["final"]["eval_id"] == min(pooled, key=lambda i: (pooled[i], i))
     assert history["totals"]["discarded_flops"] == sum(s["discarded_flops"] for s in history["stages"])
+    assert history["totals"]["epochs_trained"] == pytest.approx(sum(s["epochs_trained"] for s in history["stages"]))
+    totals = history["totals"]
+    assert totals["final_discarded_train_flops"] == totals["train_flops"] - totals["final_kept_train_flops"] >= 0
+    from msft_fast.report import _Run
+
+    split = _Run(history).compute()  # what report.md, compare and the console say
+    assert split["kept"] == totals["final_kept_train_flops"]
+    assert split["discarded"] == totals["final_discarded_train_flops"]
+    assert 0 <= split["rolled_back"] <= split["discarded"]
     # The final weights descend from kept_train_flops of training; each roll-back sets it back.
     final = evals[history["final"]["eval_id"]]
     assert history["totals"]["final_kept_train_flops"] == final["kept_train_flops"] <= final["train_flops"]
@@ -256,6 +278,64 @@ def test_msft_end_to_end_history_is_consistent(tmp_path, demo_dir):
 
 
 @pytest.mark.slow
+def test_msft_compute_bound_decisions_on_the_console_and_counts(tmp_path, demo_dir, caplog, capsys):
+    """msft.max_epochs cuts the last roll-out so that the epochs trained (kept and discarded) never
+    exceed it; every stage's decision is logged; the worst case is logged at the start; progress goes
+    to the log as lines (stderr is no terminal here); a val_fraction task's counts are in history.json."""
+    from msft_fast.report import format_flops
+
+    sort = f"{{name: sort, train: {demo_dir / 'sort' / 'train.jsonl'}, val_fraction: 0.1}}"
+    with caplog.at_level("INFO", logger="msft_fast"):
+        history = _run(tmp_path, demo_dir, "method=msft", "msft.budget_epochs=0.75", "msft.max_stages=4",
+                       "msft.max_epochs=1.1", f"data.tasks[2]={sort}", "train.progress=true",
+                       "train.progress_interval=0.001")
+    _assert_consistent(history)
+    bound, stages = history["compute_bound"], history["stages"]
+    assert bound["max_epochs"] == 1.1 and bound["worst_case_epochs"] == 1.1 and bound["stop_reason"] == "max_epochs"
+    trained = sum(s["epochs_trained"] for s in stages)
+    assert trained <= 1.1 and trained == pytest.approx(bound["epochs_trained"]) == history["totals"]["epochs_trained"]
+    assert len(stages) == 2 and 0.3 < stages[1]["epochs_trained"] < 0.75  # the second roll-out was cut
+    assert history["totals"]["train_flops"] <= bound["worst_case_train_flops"]
+    assert len(history["evals"]) <= bound["worst_case_evals"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("mSFT compute bound: at most 1.1 epochs trained over all stages") for m in messages)
+    for st in stages:
+        line = next(m for m in messages if m.startswith(f"stage {st['stage']}: "))
+        active = [t for t in history["tasks"] if history["evals"][st["end_eval"]]["tasks"][t]["active"]
+                  and t != st["excluded"]]
+        assert f"{len(active)} task(s) still active: {', '.join(active)}" in line
+        if st["excluded"]:
+            peak = history["evals"][st["rollback_to_eval"]]
+            assert (f"excluded '{st['excluded']}', which peaked at eval {peak['eval_id']} (epoch {peak['epoch']:.2f}, "
+                    f"val_loss {peak['tasks'][st['excluded']]['val_loss']:.4f})") in line
+            assert f"{st['steps_discarded']} step(s) and {format_flops(st['discarded_flops'])} discarded" in line
+        else:
+            assert "nothing excluded" in line
+    assert any("mSFT stopped after 2 stage(s): the compute bound msft.max_epochs was reached" in m for m in messages)
+    assert any(m.startswith("compute: train ") and "kept in the final model" in m for m in messages)
+    err = capsys.readouterr().err
+    assert "\r" not in err and any(m.startswith("step ") and "steps/s" in m for m in messages)  # no bar frames
+    counts = history["data"]["sort"]
+    assert counts["val_held_out"] == counts["val_docs"] == round(0.1 * counts["train_rows"]) > 0
+    assert counts["train_docs"] + counts["val_docs"] == counts["train_rows"]
+    assert history["data"]["upper"]["val_docs"] == history["data"]["upper"]["val_rows"] > 0
+    assert "fits in host memory" in history["snapshot_pool"]["spill_reason"]
+
+
+@pytest.mark.slow
+def test_msft_stops_after_stale_stages_and_warns_of_one_evaluation_roll_outs(tmp_path, demo_dir, caplog):
+    with caplog.at_level("INFO", logger="msft_fast"):
+        history = _run(tmp_path, demo_dir, "method=msft", "msft.budget_epochs=0.25", "msft.evals_per_epoch=4",
+                       "msft.max_stale_stages=1", "msft.metric=metric_callbacks:getting_worse", "train.epochs=1")
+    (stage,) = history["stages"]
+    assert stage["excluded"] == "upper" and stage["rollback_to_eval"] == 0  # everyone got worse: back to the start
+    assert history["compute_bound"]["stop_reason"] == "max_stale_stages" and history["final"]["eval_id"] == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("stage 0: the roll-out of 0.25 epoch(s)" in w and "fewer than 2 evaluations" in w for w in warnings)
+    assert any("no better pooled evaluation in this roll-out" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
 def test_msft_patience_ends_roll_outs_early_and_weights_restore_runs(tmp_path, demo_dir):
     history = _run(tmp_path, demo_dir, "method=msft", "msft.budget_epochs=1", "msft.max_stages=2",
                    "msft.patience=1", "msft.restore=weights", "msft.metric=val_token_acc")
@@ -267,18 +347,53 @@ def test_msft_patience_ends_roll_outs_early_and_weights_restore_runs(tmp_path, d
 
 
 @pytest.mark.slow
-def test_sro_excludes_each_task_at_its_probe_peak(tmp_path, demo_dir):
-    history = _run(tmp_path, demo_dir, "method=sro", "train.epochs=1")
+def test_sro_excludes_each_task_at_its_probe_peak(tmp_path, demo_dir, caplog):
+    with caplog.at_level("INFO", logger="msft_fast"):
+        history = _run(tmp_path, demo_dir, "method=sro", "train.epochs=1")
     probe, *schedule = history["stages"]
     assert probe["phase"] == "probe" and all(s["phase"] == "schedule" for s in schedule)
-    assert sorted(s["excluded"] for s in schedule) == sorted(history["tasks"])
     evals = {e["eval_id"]: e for e in history["evals"]}
     peak_epoch = {t: evals[i]["epoch"] for t, i in probe["peak_evals"].items()}
-    assert [s["excluded"] for s in schedule] == sorted(peak_epoch, key=lambda t: (peak_epoch[t], history["tasks"].index(t)))
+    end = evals[probe["end_eval"]]["epoch"]
+    early = sorted((t for t in peak_epoch if peak_epoch[t] < end),
+                   key=lambda t: (peak_epoch[t], history["tasks"].index(t)))
+    assert early, "on this mixture some task peaks before the probe's end"
+    # Tasks that peaked before the probe's end leave in peak order; the others train to the end
+    # (no exclusion "at the end" that would list them as excluded and active at once).
+    assert [s["excluded"] for s in schedule if s["excluded"]] == early
+    if len(early) < len(history["tasks"]):
+        assert schedule[-1]["excluded"] is None
+    for s in schedule:
+        if s["excluded"]:
+            assert evals[s["peak_evals"][s["excluded"]]]["epoch"] == peak_epoch[s["excluded"]]
+            assert all(not e["tasks"][s["excluded"]]["active"] for e in history["evals"] if e["stage"] > s["stage"])
+            said = f"sro pass 2: excluded '{s['excluded']}' at epoch {peak_epoch[s['excluded']]:.2f}"
+            assert any(said in r.getMessage() for r in caplog.records)
+    assert history["sro"]["second_pass"] is True
     schedule_evals = [e for e in history["evals"] if e["stage"] >= 1] + [evals[probe["start_eval"]]]
     best = min(schedule_evals, key=lambda e: (e["pooled_metric"], e["eval_id"]))
     assert history["final"]["eval_id"] == best["eval_id"]
     assert history["totals"]["train_flops"] > probe["train_flops"]  # the probe's compute counts too
+    assert history["totals"]["epochs_trained"] == pytest.approx(sum(s["epochs_trained"] for s in history["stages"]))
+    assert history["totals"]["epochs_trained"] == pytest.approx(1 + max(peak_epoch.values()) if len(early) == len(
+        history["tasks"]) else 2.0, abs=0.05)
+
+
+@pytest.mark.slow
+def test_sro_skips_a_second_pass_that_would_repeat_the_first(tmp_path, demo_dir, caplog):
+    with caplog.at_level("INFO", logger="msft_fast"):
+        history = _run(tmp_path, demo_dir, "method=sro", "train.epochs=0.5",
+                       "msft.metric=metric_callbacks:always_improving")
+    (probe,) = history["stages"]  # no schedule stage at all
+    assert probe["phase"] == "probe" and history["sro"]["second_pass"] is False
+    last = history["evals"][-1]
+    assert probe["end_eval"] == last["eval_id"] == history["final"]["eval_id"] and last["stage"] == 0
+    assert history["totals"]["train_flops"] == probe["train_flops"]
+    assert history["totals"]["final_discarded_train_flops"] == 0
+    assert any("sro: pass 2 skipped: no task peaked before pass 1's last evaluation" in r.getMessage()
+               for r in caplog.records)
+    md = open(tmp_path / "run" / "report.md").read()
+    assert "- SRO: pass 2 skipped" in md
 
 
 @pytest.mark.slow

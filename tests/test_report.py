@@ -117,7 +117,10 @@ def test_msft_report(tmp_path):
     md = open(md_path, encoding="utf-8").read()
     assert "- method: msft" in md and "- tasks (3): a, b, c" in md
     assert "- final: eval 11 (stage 2, epoch 2.5, step 50): pooled val_loss 1.8000" in md
-    assert "train 9.00 TFLOP (of which discarded by roll-backs 4.00 TFLOP, 44.4%)" in md
+    # Without final_kept_train_flops the final model's share is derived: 9 TF spent, 4 TF rolled back
+    # before the final state (eval 11, on the kept path).
+    assert ("train 9.00 TFLOP: 5.00 TFLOP (55.6%) kept in the final model, 4.00 TFLOP (44.4%) discarded, "
+            "of which 4.00 TFLOP rolled back by roll-backs") in md
     assert "eval 120 GFLOP" in md and "total 9.12 TFLOP" in md
     assert "100.0 s = train 80.0 s (80.0%) + eval 10.0 s (10.0%) + snapshot 2.0 s (2.0%)" in md
     assert "restore 1.0 s (1.0%) + other 7.0 s (7.0%)" in md
@@ -152,7 +155,7 @@ def test_running_report(tmp_path):
     md = open(md_path, encoding="utf-8").read()
     assert "- status: running (this report covers the 7 evaluations so far)" in md
     assert "- final: not chosen yet; best pooled val_loss so far 1.9667 at eval 6" in md
-    assert "- compute so far: train 5.00 TFLOP (of which discarded by roll-backs 2.00 TFLOP, 40.0%)" in md
+    assert "- compute: train 5.00 TFLOP so far (2.00 TFLOP of it rolled back by roll-backs, 40.0%)" in md
     assert "- wall time: -" in md
     assert _row(md, "0") == ["0", "a", "1", "2", "20", "20", "4.00 TFLOP", "2.00 TFLOP"]
     assert _row(md, "1 (in progress)") == ["1 (in progress)", "-", "-", "-", "10", "-", "1.00 TFLOP", "-"]
@@ -189,13 +192,13 @@ def test_compare(tmp_path):
     assert len(lines) == 2 + 3
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == ["run", "method", "final pooled val_loss", "a val_loss", "b val_loss", "c val_loss",
-                      "train FLOPs", "eval FLOPs", "discarded FLOPs", "total FLOPs", "wall s"]
+                      "train FLOPs", "kept in final", "discarded", "eval FLOPs", "total FLOPs", "wall s"]
     assert _row(table, "sft_run") == ["sft_run", "sft", "1.9000", "1.6000", "2.2000", "-", "4.00 TFLOP",
-                                      "50.0 GFLOP", "0 FLOP", "4.05 TFLOP", "50.0"]
+                                      "4.00 TFLOP", "0 FLOP", "50.0 GFLOP", "4.05 TFLOP", "50.0"]
     assert _row(table, "msft_run") == ["msft_run", "msft", "1.8000", "1.4000", "1.9000", "2.1000", "9.00 TFLOP",
-                                       "120 GFLOP", "4.00 TFLOP", "9.12 TFLOP", "100.0"]
+                                       "5.00 TFLOP", "4.00 TFLOP (44.4%)", "120 GFLOP", "9.12 TFLOP", "100.0"]
     assert _row(table, "running_run") == ["running_run", "msft (running)", "-", "-", "-", "-", "-", "-", "-",
-                                          "-", "-"]
+                                          "-", "-", "-"]
 
 
 def test_missing_or_bad_history(tmp_path):
@@ -275,8 +278,116 @@ def test_stage_numbers_derived_without_restart_evals(tmp_path):
     assert _png_size(png) == (1400, 600)
     md = open(md_path, encoding="utf-8").read()
     assert "3 of them on rolled-back (discarded) states" in md
-    assert "(of which discarded by roll-backs 3.00 TFLOP, 33.3%)" in md
+    # The final state (eval 8, 8 TF spent, 3 TF of it rolled back) descends from 5 TF; the 1 TF after
+    # it (eval 9) is discarded too, though no roll-back threw it away.
+    assert ("train 9.00 TFLOP: 5.00 TFLOP (55.6%) kept in the final model, 4.00 TFLOP (44.4%) discarded, "
+            "of which 3.00 TFLOP rolled back by roll-backs") in md
     assert _row(md, "0") == ["0", "a", "1", "2", "20", "20", "4.00 TFLOP", "2.00 TFLOP"]
     assert _row(md, "1") == ["1", "b", "2", "6", "20", "10", "3.00 TFLOP", "1.00 TFLOP"]
     assert _row(md, "2") == ["2", "none", "-", "-", "20", "0", "2.00 TFLOP", "0 FLOP"]
-    assert _row(compare([str(d)]), "derived")[-3] == "3.00 TFLOP"  # discarded, summed over stages
+    assert _row(compare([str(d)]), "derived")[-5:-3] == ["5.00 TFLOP", "4.00 TFLOP (44.4%)"]  # kept, discarded
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute: total, kept in the final model, discarded, alike in report.md, compare and the console
+
+
+def test_compute_after_the_final_state_counts_as_discarded_everywhere(tmp_path):
+    """The issue's run: 489 GFLOP trained, the final model from early on, 21 GFLOP rolled back.
+    Every view must say that 47% of the training compute is not in the final model, not 4.3%."""
+    from msft_fast.report import describe_compute
+
+    h = msft_history()
+    h["totals"].update(train_flops=489e9, discarded_flops=21e9, final_kept_train_flops=259e9, eval_flops=56e9,
+                       epochs_trained=19.35)
+    h["compute_bound"] = {"max_epochs": 8.0, "stop_reason": "max_epochs"}
+    d = _write(tmp_path, "issue_run", h)
+    want = "train 489 GFLOP: 259 GFLOP (53.0%) kept in the final model, 230 GFLOP (47.0%) discarded, " \
+           "of which 21.0 GFLOP rolled back by roll-backs; eval 56.0 GFLOP; total 545 GFLOP"
+    assert describe_compute(h) == want  # the run's last console line
+    _, md_path = write_report(str(d))
+    md = open(md_path, encoding="utf-8").read()
+    assert f"- compute: {want}" in md
+    assert ("- epochs trained over all stages (kept and discarded): 19.35 (bound: msft.max_epochs 8); the loop "
+            "stopped because the compute bound msft.max_epochs was reached") in md
+    row = _row(compare([str(d)]), "issue_run")
+    assert row[-6:-3] == ["489 GFLOP", "259 GFLOP", "230 GFLOP (47.0%)"]
+
+
+class _Axes:
+    """Records what `_draw_curve` plots: (xs, ys, linestyle) per call."""
+
+    def __init__(self):
+        self.lines = []
+
+    def plot(self, xs, ys, *args, **kw):
+        self.lines.append((list(xs), list(ys), kw.get("ls", kw.get("linestyle", "-"))))
+
+
+def sro_history(second_pass=True):
+    """SRO: pass 1 (evals 0-4, epochs 0-2) on a and b; b peaked at epoch 1 in it. Pass 2 restarts from
+    eval 0, excludes b at epoch 1 (evals 5-6), and a trains to the end (evals 7-8)."""
+    rows = [(0, 0, 0.0, 0, 0, (3.0, 3.0), "ab"), (1, 10, 0.5, 0, 1, (2.5, 2.0), "ab"),
+            (2, 20, 1.0, 0, 2, (2.0, 1.5), "ab"), (3, 30, 1.5, 0, 3, (1.8, 1.7), "ab"),
+            (4, 40, 2.0, 0, 4, (1.6, 1.9), "ab")]
+    stages = [{"stage": 0, "phase": "probe", "excluded": None, "rollback_to_eval": None, "start_eval": 0,
+               "end_eval": 4, "peak_evals": {"a": 4, "b": 2}}]
+    if second_pass:
+        rows += [(5, 10, 0.5, 1, 5, (2.5, 2.0), "ab"), (6, 20, 1.0, 1, 6, (2.0, 1.5), "ab"),
+                 (7, 25, 1.5, 2, 7, (1.7, 1.6), "a"), (8, 30, 2.0, 2, 8, (1.5, 1.7), "a")]
+        stages += [{"stage": 1, "phase": "schedule", "excluded": "b", "rollback_to_eval": None, "start_eval": 0,
+                    "end_eval": 6, "peak_evals": {"b": 2}},
+                   {"stage": 2, "phase": "schedule", "excluded": None, "rollback_to_eval": None, "start_eval": 6,
+                    "end_eval": 8, "peak_evals": {}}]
+    evals = [_eval(i, step, ep, st, tf * TF, 1e9, dict(zip("ab", ls)), set(act))
+             for i, step, ep, st, tf, ls, act in rows]
+    final = 8 if second_pass else 4
+    return {"format_version": 1, "status": "finished", "method": "sro", "tasks": ["a", "b"], "evals": evals,
+            "stages": stages, "final": {"eval_id": final, "pooled_val_loss": evals[final]["pooled_val_loss"]},
+            "totals": {"train_flops": (8 if second_pass else 4) * TF, "eval_flops": 1e10, "wall_seconds": 1.0},
+            "sro": {"second_pass": second_pass, "summary": "pass 2 restarted" if second_pass else "pass 2 skipped"}}
+
+
+def _epoch_lines(history, task):
+    from msft_fast.report import _draw_curve, _Run
+
+    run, ax = _Run(history), _Axes()
+    _draw_curve(ax, run, lambda e: run.task_value(e, task), lambda e: run.active(e, task),
+                lambda e: e["epoch"], lambda r, e: r["epoch"], "red", lw=1.0, marker_size=0)
+    return ax.lines
+
+
+def test_sro_passes_are_two_curves_never_joined(tmp_path):
+    for task in ("a", "b"):
+        lines = _epoch_lines(sro_history(), task)
+        segments = [(line[2], (x0, x1)) for line in lines for x0, x1 in zip(line[0], line[0][1:])]
+        # No line goes back in epoch: pass 1 ends at epoch 2, pass 2 starts again at 0.
+        assert all(x1 >= x0 for _, (x0, x1) in segments), segments
+        assert any(style == "-." for style, _ in segments)  # pass 1 is drawn as the probe
+        probe = [line for line in lines if line[2] == "-."]
+        assert [x for line in probe for x in line[0]] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    # Without a second pass the probe is the run itself: one plain curve.
+    lines = _epoch_lines(sro_history(second_pass=False), "a")
+    assert [line[2] for line in lines] == ["-"] and lines[0][0] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    d = _write(tmp_path, "sro_run", sro_history())
+    png, md_path = write_report(str(d))
+    assert _png_size(png) == (1400, 600)
+    md = open(md_path, encoding="utf-8").read()
+    assert "- SRO: pass 2 restarted" in md
+    # stage, phase, excluded, peak epoch (b's peak in the probe), rolled back to, ...
+    assert _row(md, "1")[:5] == ["1", "schedule", "b", "1", "-"]
+    assert _row(md, "2")[:3] == ["2", "schedule", "none"]
+    assert _row(md, "a")[:3] == ["a", "yes", "-"] and _row(md, "b")[:3] == ["b", "no", "1"]
+
+
+def test_a_final_model_from_a_rolled_back_branch_keeps_that_compute(tmp_path):
+    """The best pooled evaluation can be a state its stage later rolled back from (eval 3: stage 0
+    rolled back to eval 2). The training from eval 2 to eval 3 is in the final model: it is neither
+    discarded nor counted among the roll-backs' discarded compute."""
+    from msft_fast.report import describe_compute
+
+    h = msft_history()
+    h["final"] = {"eval_id": 3, "pooled_val_loss": h["evals"][3]["pooled_val_loss"]}
+    h["totals"]["final_kept_train_flops"] = 3 * TF
+    assert ("train 9.00 TFLOP: 3.00 TFLOP (33.3%) kept in the final model, 6.00 TFLOP (66.7%) discarded, of which "
+            "3.00 TFLOP rolled back by roll-backs") in describe_compute(h)

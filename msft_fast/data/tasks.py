@@ -21,8 +21,11 @@ from msft_fast.errors import DataError
 TOKENIZE_VERSION = 2  # bump when the encoding changes, so cached tokenizations are not reused
 
 # Row status written by tokenization. Dropped rows stay in the cache (so counts survive caching)
-# and are filtered out in numpy afterwards.
-OK, TRUNCATED, DROPPED_OVERLONG, NO_TRAINED_TOKENS = 0, 1, 2, 3
+# and are filtered out in numpy afterwards. TRUNCATED_EMPTY: truncation left no trained token (a
+# prompt longer than max_seq_len), so the row is lost to the length limit, not to its content.
+OK, TRUNCATED, DROPPED_OVERLONG, NO_TRAINED_TOKENS, TRUNCATED_EMPTY = 0, 1, 2, 3, 4
+# A task losing more than this share of a split's rows to data.max_seq_len gets a warning.
+LOST_ROWS_WARNING = 0.10
 
 
 @dataclass
@@ -48,7 +51,10 @@ class TaskData:
     task_id: int
     train: DocSet
     val: DocSet
-    counts: dict[str, int] = field(default_factory=dict)  # rows read, truncated, dropped, ...
+    # Per split: rows read from the file, truncated, dropped (and why), tokens the tokenizer could
+    # not encode; documents trained on and evaluated (train_docs, val_docs; val_held_out when the
+    # validation split was held out of the train file). Recorded in history.json under `data`.
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 def load_tasks(cfg: DataConfig, tokenizer: Any) -> list[TaskData]:
@@ -68,6 +74,8 @@ def load_tasks(cfg: DataConfig, tokenizer: Any) -> list[TaskData]:
             counts.update({f"val_{k}": v for k, v in val_counts.items()})
         else:
             train_docs, val_docs = _hold_out(train[0], task.val_fraction, cfg.split_seed)
+            counts["val_held_out"] = len(val_docs)
+        counts.update(train_docs=len(train_docs), val_docs=len(val_docs))
         if len(train_docs) == 0:
             raise DataError(f"task '{task.name}' has no usable training rows in {task.train} "
                             f"({_why_empty(counts, 'train')}){_overlong_hint(counts, 'train')}")
@@ -82,7 +90,8 @@ def load_tasks(cfg: DataConfig, tokenizer: Any) -> list[TaskData]:
 
 
 def _why_empty(counts: dict[str, int], split: str) -> str:
-    return ", ".join(f"{k.removeprefix(split + '_')}: {v}" for k, v in counts.items() if k.startswith(split + "_"))
+    keys = ("rows", "truncated", "dropped_overlong", "dropped_no_trained_tokens")
+    return ", ".join(f"{k}: {counts[f'{split}_{k}']}" for k in keys if f"{split}_{k}" in counts)
 
 
 def _overlong_hint(counts: dict[str, int], split: str) -> str:
@@ -135,7 +144,7 @@ def _tokenize_file(task: TaskConfig, split: str, key: str, path: str, cfg: DataC
                 ids, mask = ids[:max_len], mask[:max_len]
             labels = labels_from_mask(ids, mask)
             if status != DROPPED_OVERLONG and all(lab == IGNORE_INDEX for lab in labels):
-                status = NO_TRAINED_TOKENS
+                status = TRUNCATED_EMPTY if status == TRUNCATED else NO_TRAINED_TOKENS
             ids_out.append(ids)
             labels_out.append(labels)
             status_out.append(status)
@@ -164,10 +173,10 @@ def _tokenize_file(task: TaskConfig, split: str, key: str, path: str, cfg: DataC
             }
         ),
     )
-    return _to_docset(tokenized)
+    return _to_docset(tokenized, getattr(tokenizer, "unk_token_id", None))
 
 
-def _to_docset(tokenized: Any) -> tuple[DocSet, dict[str, int]]:
+def _to_docset(tokenized: Any, unk_id: Optional[int] = None) -> tuple[DocSet, dict[str, int]]:
     """Flat numpy views of the tokenized arrow table (memory-mapped, no per-row Python objects)."""
     table = tokenized.data
     status = table.column("status").to_numpy()
@@ -182,9 +191,50 @@ def _to_docset(tokenized: Any) -> tuple[DocSet, dict[str, int]]:
         "rows": int(len(status)),
         "truncated": int((status == TRUNCATED).sum()),
         "dropped_overlong": int((status == DROPPED_OVERLONG).sum()),
-        "dropped_no_trained_tokens": int((status == NO_TRAINED_TOKENS).sum()),
+        "dropped_no_trained_tokens": int(((status == NO_TRAINED_TOKENS) | (status == TRUNCATED_EMPTY)).sum()),
+        # Rows the length limit cost: dropped as over-long, or truncated down to no trained token.
+        "lost_to_max_seq_len": int(((status == DROPPED_OVERLONG) | (status == TRUNCATED_EMPTY)).sum()),
     }
+    if unk_id is not None:  # characters the tokenizer cannot encode, in the rows that are kept
+        unk = np.concatenate([[0], np.cumsum(ids == unk_id, dtype=np.int64)])
+        per_row = (unk[offsets[1:]] - unk[offsets[:-1]])[keep]
+        counts.update(unk_tokens=int(per_row.sum()), rows_with_unk=int((per_row > 0).sum()))
     return DocSet(ids, labels, starts[keep], lengths[keep], loss_tokens[keep]), counts
+
+
+def data_warnings(tasks: list[TaskData], cfg: DataConfig, tokenizer: Any) -> list[str]:
+    """What a run may go on with but the user should hear about: a task losing more than 10% of a
+    split's rows to data.max_seq_len (or having them truncated), and text the tokenizer turned into
+    its unknown token (the built-in tokenizer knows printable ASCII and newlines only)."""
+    out = []
+    unk = getattr(tokenizer, "unk_token", None) or "<unk>"
+    for t in tasks:
+        c = t.counts
+        for split, what in (("train", "train"), ("val", "validation")):
+            rows = c.get(f"{split}_rows")
+            if not rows:
+                continue
+            lost, cut = c.get(f"{split}_lost_to_max_seq_len", 0), c.get(f"{split}_truncated", 0)
+            if lost > LOST_ROWS_WARNING * rows:
+                how = ("longer than data.max_seq_len and dropped (data.overlong=drop)" if cfg.overlong == "drop" else
+                       "truncated by data.max_seq_len to no trained token, and dropped")
+                out.append(f"task '{t.name}': {lost} of {rows} {what} rows ({100 * lost / rows:.0f}%) are lost: {how}; "
+                           f"raise data.max_seq_len (now {cfg.max_seq_len})")
+            if cut > LOST_ROWS_WARNING * rows:
+                out.append(f"task '{t.name}': {cut} of {rows} {what} rows ({100 * cut / rows:.0f}%) are truncated to "
+                           f"data.max_seq_len={cfg.max_seq_len} tokens (their ends are not trained on or evaluated)")
+            if c.get(f"{split}_unk_tokens"):
+                out.append(f"task '{t.name}': {c[f'{split}_rows_with_unk']} of {rows} {what} rows hold "
+                           f"{c[f'{split}_unk_tokens']} character(s) the tokenizer cannot encode; they became {unk}"
+                           + (" (the built-in tokenizer knows printable ASCII and newlines only)"
+                              if _is_builtin(tokenizer) else ""))
+    return out
+
+
+def _is_builtin(tokenizer: Any) -> bool:
+    from msft_fast.builtin import CHAT_TEMPLATE
+
+    return getattr(tokenizer, "chat_template", None) == CHAT_TEMPLATE
 
 
 def _flat(column: Any) -> tuple[np.ndarray, np.ndarray]:

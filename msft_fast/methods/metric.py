@@ -13,7 +13,7 @@ import math
 from typing import Callable, Optional
 
 from msft_fast.distributed import broadcast_object
-from msft_fast.errors import ConfigError
+from msft_fast.errors import ConfigError, on_every_rank
 from msft_fast.trainer import EvalResult, Trainer
 
 
@@ -40,7 +40,8 @@ class Metric:
         raw = broadcast_object(raw)
         missing = [n for n in trainer.task_names if n not in (raw or {})]
         if missing:
-            raise ConfigError(f"config key 'msft.metric': '{self.name}' returned no score for tasks {missing}")
+            raise on_every_rank(ConfigError(f"config key 'msft.metric': '{self.name}' returned no score for tasks "
+                                            f"{missing}"))  # rank 0's scores, broadcast: the same on every rank
         per_task = {n: float(raw[n]) for n in trainer.task_names}
         return per_task, sum(per_task.values()) / len(per_task)
 

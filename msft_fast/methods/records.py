@@ -1,12 +1,16 @@
 """Evaluate, score, record in history.json and log: the same for every method."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from msft_fast.history import History
 from msft_fast.methods.metric import Metric
+from msft_fast.progress import above_progress
 from msft_fast.trainer import Trainer
+
+log = logging.getLogger("msft_fast")
 
 
 @dataclass
@@ -65,3 +69,10 @@ def _log(trainer: Trainer, record: dict, metric: Metric) -> None:
         trainer.progress.write(message)
     else:
         print(message, flush=True)
+
+
+def announce(trainer: Trainer, message: str, level: int = logging.INFO) -> None:
+    """A method's decision or warning, logged by rank 0 (console and log), above a live progress bar."""
+    if trainer.ctx.is_main:
+        with above_progress(trainer.progress):
+            log.log(level, "%s", message)

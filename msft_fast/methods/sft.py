@@ -42,7 +42,8 @@ def run_sft(trainer: Trainer, history: History, metric: Metric) -> dict:
         if st.best is None or st.last.pooled_cost < st.best.pooled_cost:
             pool.release(st.best_state)  # first, so its buffers serve the new capture
             st.best, st.best_state = st.last, trainer.capture()
-    history.add_stage(0, excluded=None, rollback_to_eval=None, **ledger.close(start_eval=0, end_eval=st.last.eval_id))
+    history.add_stage(0, excluded=None, rollback_to_eval=None, epochs_trained=round(trainer.epoch_position, 6),
+                      **ledger.close(start_eval=0, end_eval=st.last.eval_id))
     trainer.restore(st.best_state, weights_only=True)
     return final_record(st.best)
 
