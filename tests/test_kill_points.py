@@ -24,6 +24,8 @@ from test_resume import _assert_same_run, _overrides
 pytestmark = pytest.mark.slow
 
 EVERY = 3  # train.checkpoint_every in _overrides
+# A decaying lr after a warm-up, so that a resume that loses the schedule's position shows.
+SETTINGS = ("method=msft", "train.schedule=cosine", "train.warmup_steps=2")
 RESUMED = re.compile(r"resuming the unfinished run in (\S+) from (\S+) \(step (\d+)\)")
 IGNORED = re.compile(r"ignoring the incomplete checkpoint (\S+) \((.+)\)")
 # One kill at each point, in the order the chain meets them.
@@ -41,7 +43,7 @@ def reference(tmp_path_factory, demo_dir):
     """An uninterrupted mSFT run and its trace of fault points."""
     base = tmp_path_factory.mktemp("kill_points")
     out, trace = base / "whole", base / "whole.trace"
-    done = forked_cli.run(["train", *_overrides(base, demo_dir, out, "method=msft")], base / "whole.log",
+    done = forked_cli.run(["train", *_overrides(base, demo_dir, out, *SETTINGS)], base / "whole.log",
                           {TRACE_ENV: str(trace)})
     assert done.exitcode == 0, done.log[-3000:]
     points = _read_trace(trace)
@@ -67,7 +69,7 @@ class KilledAndRerun:
         self.dir = base / name
         self.dir.mkdir()
         self.out = str(self.dir / "run")
-        self.argv = ["train", *_overrides(base, demo_dir, self.out, "method=msft")]
+        self.argv = ["train", *_overrides(base, demo_dir, self.out, *SETTINGS)]
         self.trace = trace
         self.start = 0  # index into the trace where the next process begins its work
         # When the last kill happened: {complete checkpoint folder: its step}, [(incomplete folder, why)]
@@ -138,6 +140,7 @@ def test_a_kill_at_each_point_then_a_rerun_resumes_from_a_named_checkpoint_and_e
     runs.run()
     _assert_same_run(whole, runs.out)
     assert not os.path.exists(os.path.join(runs.out, "final.tmp"))
+    assert not incomplete_checkpoints(runs.out)  # removed once a later checkpoint was complete
 
 
 def test_soak_three_random_kills_and_reruns_end_like_an_uninterrupted_run(reference, demo_dir):
