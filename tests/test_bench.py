@@ -37,7 +37,9 @@ def test_bench_msft_quick(tmp_path):
     run = e["msft_runs"][0]
     assert run["snapshots"] > 0 and run["snapshot_bytes"] > 0
     # The bench times each part around the trainer's calls; the trainer clocks the same work inside
-    # them (history.json of the run): the outside figure is never less, and only a little more.
+    # them (history.json of the run): the outside figure is never less, and only a little more (a
+    # train_step writes its metrics.jsonl line outside its own clock: about 2 ms, against about
+    # 12 ms for its data and optimizer parts, which a clock of forward/backward alone would miss).
     with open(tmp_path / "work" / "runs" / "bench_msft" / "history.json") as f:
         history = json.load(f)
     totals, calls = history["totals"], run["calls"]
@@ -48,7 +50,7 @@ def test_bench_msft_quick(tmp_path):
                                (run["eval_pass_seconds"], totals["eval_seconds"], len(history["evals"])),
                                (run["snapshot_seconds"], totals["snapshot_seconds"], run["snapshots"]),
                                (run["restore_seconds"], totals["restore_seconds"], restores)):
-        assert inside <= outside + 1e-6 and outside <= 1.25 * inside + 0.005 * n, (outside, inside, n)
+        assert inside <= outside + 1e-6 and outside <= 1.03 * inside + 0.004 * n, (outside, inside, n)
     # Bookkeeping is what the method's wall time holds besides those parts, and its named parts
     # are within it: neither can be negative unless some time was counted twice.
     assert 0 <= run["bookkeeping_seconds"] < run["method_wall_seconds"] <= totals["wall_seconds"]
