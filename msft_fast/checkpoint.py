@@ -17,6 +17,7 @@ Resuming needs the same world size: snapshot states are per-rank shards.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -230,8 +231,9 @@ def _prune(output_dir: str, keep: int) -> None:
 
 
 def _remove(path: str) -> None:
-    """Delete a complete checkpoint, meta.json first: a half-deleted folder is never taken for complete."""
-    os.unlink(os.path.join(path, META_FILE))
+    """Delete a checkpoint, meta.json first: a half-deleted folder is never taken for complete."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(path, META_FILE))
     fault_point("checkpoint_prune")
     shutil.rmtree(path, ignore_errors=True)
 

@@ -57,11 +57,3 @@ def fault_point(name: str) -> None:
         if _state is False:
             return
     _state.hit(name)
-
-
-def reset() -> None:
-    """Read the environment again at the next fault_point (tests that change it in one process)."""
-    global _state
-    if isinstance(_state, _Armed) and _state.trace is not None:
-        _state.trace.close()
-    _state = None
