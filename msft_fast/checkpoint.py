@@ -9,12 +9,15 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN` (optimizer steps ever taken
 - `meta.json`, written last: a folder without it is incomplete and never loaded.
 Every rank writes into `step-N.tmp`; once all have finished, rank 0 renames it, so a crash while
 writing leaves the previous checkpoint the newest complete one. Older checkpoints beyond
-`train.keep_checkpoints` are deleted, their `meta.json` first.
+`train.keep_checkpoints` are deleted, their `meta.json` first. What a crash leaves behind (a
+`step-N.tmp`, a `step-N` without `meta.json`) is never loaded: it is logged by name when the newest
+checkpoint is looked up, and removed after the next checkpoint is complete.
 
 Resuming needs the same world size: snapshot states are per-rank shards.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -34,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from msft_fast.atomic_io import write_json_atomic
 from msft_fast.distributed import DistContext, all_gather_object
 from msft_fast.errors import OutputError
+from msft_fast.fault_injection import fault_point
 from msft_fast.snapshot import Snapshot
 
 log = logging.getLogger("msft_fast")
@@ -42,6 +46,7 @@ CHECKPOINT_DIR = "checkpoints"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8,})$")
+_UNFINISHED = re.compile(r"^step-(\d{8,})\.tmp$")
 
 
 class CheckpointError(OSError):
@@ -65,7 +70,26 @@ def complete_checkpoints(output_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
+def incomplete_checkpoints(output_dir: str) -> list[tuple[str, str]]:
+    """(folder, why) of what a crash left behind: a write or a deletion that did not finish."""
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if _UNFINISHED.match(name):
+            found.append((path, "its write did not finish"))
+        elif _NAME.match(name) and not os.path.exists(os.path.join(path, META_FILE)):
+            found.append((path, f"it has no {META_FILE}"))
+    return found
+
+
 def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest complete checkpoint, or None; incomplete folders are skipped and logged by name."""
+    if _rank() == 0:
+        for path, why in incomplete_checkpoints(output_dir):
+            log.warning("ignoring the incomplete checkpoint %s (%s)", path, why)
     done = complete_checkpoints(output_dir)
     return done[-1] if done else None
 
@@ -153,6 +177,7 @@ def save_checkpoint(ctx: DistContext, output_dir: str, steps_trained: int, model
             future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         else:
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        fault_point("checkpoint_write")  # shards written; rank state, method state and meta.json not yet
         torch.save(rank_state, os.path.join(tmp, f"rank-{ctx.rank}.pt"))
         if ctx.is_main:
             with open(os.path.join(tmp, "state.pkl"), "wb") as f:
@@ -190,7 +215,7 @@ def _complete(ctx: DistContext, pending: PendingCheckpoint, error: Optional[str]
         write_json_atomic(os.path.join(pending.tmp, META_FILE),
                           {**pending.meta, "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
         if os.path.exists(pending.final):  # a checkpoint of the same step from a run that was cut short
-            shutil.rmtree(pending.final)
+            _remove(pending.final)
         os.replace(pending.tmp, pending.final)
         _fsync_dir(os.path.dirname(pending.final))
         _prune(pending.output_dir, pending.keep)
@@ -200,12 +225,17 @@ def _complete(ctx: DistContext, pending: PendingCheckpoint, error: Optional[str]
 
 def _prune(output_dir: str, keep: int) -> None:
     for path in complete_checkpoints(output_dir)[:-keep]:
-        os.unlink(os.path.join(path, META_FILE))  # first: a half-deleted folder is never taken for complete
+        _remove(path)
+    for path, _ in incomplete_checkpoints(output_dir):  # left by a crash mid-write or mid-deletion
         shutil.rmtree(path, ignore_errors=True)
-    root = checkpoint_root(output_dir)
-    for name in os.listdir(root):
-        if name.endswith(".tmp"):  # left by a crash mid-write
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _remove(path: str) -> None:
+    """Delete a checkpoint, meta.json first: a half-deleted folder is never taken for complete."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(path, META_FILE))
+    fault_point("checkpoint_prune")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: str) -> None:
@@ -219,6 +249,10 @@ def _fsync_dir(path: str) -> None:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +278,11 @@ def load_checkpoint(ctx: DistContext, path: str, model, optimizer) -> LoadedChec
         raise OutputError(f"checkpoint {path} has format {meta.get('format_version')}, this release reads "
                           f"{FORMAT_VERSION}; pass --overwrite to start over")
     if meta["world_size"] != ctx.world_size:
-        raise OutputError(f"checkpoint {path} was written by {meta['world_size']} ranks; resume it with "
-                          f"{meta['world_size']} ranks, or pass --overwrite to start over with {ctx.world_size}")
+        error = OutputError(f"checkpoint {path} was written by {_ranks(meta['world_size'])} and this run has "
+                            f"{_ranks(ctx.world_size)}: resume it with {_ranks(meta['world_size'])} (snapshot states "
+                            f"are per-rank shards), or pass --overwrite to start over")
+        error.all_ranks = True  # every rank read the same meta.json: one line, printed by rank 0
+        raise error
     load_weights_and_optimizer(path, model, optimizer)
     rank_state = torch.load(os.path.join(path, f"rank-{ctx.rank}.pt"), weights_only=False)
     with open(os.path.join(path, "state.pkl"), "rb") as f:
@@ -253,6 +290,10 @@ def load_checkpoint(ctx: DistContext, path: str, model, optimizer) -> LoadedChec
     with open(os.path.join(path, "history.json"), encoding="utf-8") as f:
         history = json.load(f)
     return LoadedCheckpoint(path, meta, state, rank_state, history)
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
 def load_weights_and_optimizer(path: str, model, optimizer) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from msft_fast.atomic_io import apply_default_mode, replace_dir_atomic
+from msft_fast.fault_injection import fault_point
 
 WRAPPER_PREFIX = "lm."  # CausalLMWithTaskLoss keeps the HF model as `.lm`
 
@@ -37,6 +38,7 @@ def export_hf_folder(wrapper: nn.Module, tokenizer: Any, out_dir: str, is_main: 
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     _save_safetensors(state, tmp)
+    fault_point("export")  # weights written, config and tokenizer not yet
     lm.config.save_pretrained(tmp)
     if getattr(lm, "generation_config", None) is not None and lm.can_generate():
         lm.generation_config.save_pretrained(tmp)

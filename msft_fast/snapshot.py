@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from msft_fast.distributed import reshard_all
 from msft_fast.errors import ConfigError
+from msft_fast.fault_injection import fault_point
 
 
 def sharded_params(model: nn.Module) -> list[torch.Tensor]:
@@ -122,6 +123,7 @@ class SnapshotPool:
         snap.extra = extra
         snap.uid, self._next_uid = self._next_uid, self._next_uid + 1
         self._copy([(dst, src) for dst, src in zip(snap.params, params)] + self._optim_pairs(snap.optim, optim))
+        fault_point("snapshot_capture")
         self.alive.append(snap)
         self.capture_seconds.append(time.perf_counter() - t0)
         return snap
@@ -148,6 +150,7 @@ class SnapshotPool:
         with torch.no_grad():
             for dst, src in pairs:
                 dst.copy_(src, non_blocking=self.pin)
+        fault_point("snapshot_restore")  # weights back, the trainer's position not yet
         if self.pin:
             torch.cuda.current_stream().synchronize()
         self.restore_seconds.append(time.perf_counter() - t0)

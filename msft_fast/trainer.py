@@ -25,6 +25,7 @@ from msft_fast.data.loader import MixtureLoader
 from msft_fast.data.tasks import TaskData
 from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all
 from msft_fast.errors import StopRequested, UserError
+from msft_fast.fault_injection import fault_point
 from msft_fast.flops import FlopCounter, device_peak_flops
 from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, decoder_blocks
 from msft_fast.optim import build_optimizer, build_scheduler
@@ -185,6 +186,7 @@ class Trainer:
         # The gradient norm is global and the loss is reduced, so every rank takes the same decision.
         finite = math.isfinite(float(grad_norm)) and math.isfinite(float(stats[0].sum()))
         lr = self.scheduler.get_last_lr()[0]
+        fault_point("train_step")  # gradients computed, weights not yet updated
         if self.pool is not None:
             self.pool.wait()  # a snapshot still copying must read the weights before they change
         if finite:
@@ -297,6 +299,7 @@ class Trainer:
             stats[0] += s.loss_sum.double()
             stats[1] += s.tokens.double()
             stats[2] += s.correct.double()
+        fault_point("evaluate")
         self.model.train()
         reshard_all(self.model)  # a forward without backward leaves the root (and the last block) unsharded
         all_reduce_sum(stats)

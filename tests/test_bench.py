@@ -36,9 +36,25 @@ def test_bench_msft_quick(tmp_path):
     assert o["snapshot"] >= 0 and o["restore"] >= 0
     run = e["msft_runs"][0]
     assert run["snapshots"] > 0 and run["snapshot_bytes"] > 0
-    # The parts add up to the method's wall time.
-    total = run["train_step_seconds"] + run["eval_pass_seconds"] + run["snapshot_seconds"] + run["restore_seconds"]
-    assert total + run["bookkeeping_seconds"] == pytest.approx(run["method_wall_seconds"])
+    # The bench times each part around the trainer's calls; the trainer clocks the same work inside
+    # them (history.json of the run): the outside figure is never less, and only a little more (a
+    # train_step writes its metrics.jsonl line outside its own clock: about 2 ms, against about
+    # 12 ms for its data and optimizer parts, which a clock of forward/backward alone would miss).
+    with open(tmp_path / "work" / "runs" / "bench_msft" / "history.json") as f:
+        history = json.load(f)
+    totals, calls = history["totals"], run["calls"]
+    restores = sum(1 for s in history["stages"] if s["excluded"]) + 1  # each roll-back, then final
+    assert (calls["train_steps"], calls["eval_passes"], calls["restore"]) == \
+        (totals["steps"], len(history["evals"]), restores)
+    for outside, inside, n in ((run["train_step_seconds"], totals["train_seconds"], totals["steps"]),
+                               (run["eval_pass_seconds"], totals["eval_seconds"], len(history["evals"])),
+                               (run["snapshot_seconds"], totals["snapshot_seconds"], run["snapshots"]),
+                               (run["restore_seconds"], totals["restore_seconds"], restores)):
+        assert inside <= outside + 1e-6 and outside <= 1.03 * inside + 0.004 * n, (outside, inside, n)
+    # Bookkeeping is what the method's wall time holds besides those parts, and its named parts
+    # are within it: neither can be negative unless some time was counted twice.
+    assert 0 <= run["bookkeeping_seconds"] < run["method_wall_seconds"] <= totals["wall_seconds"]
+    assert min(run["bookkeeping_parts_seconds"].values()) >= 0, run["bookkeeping_parts_seconds"]
     # The plain run trained at least mSFT's tokens, and no more than one step beyond them.
     plain = e["plain_runs"][0]
     assert run["trained_tokens"] <= plain["trained_tokens"] <= run["trained_tokens"] + 256
@@ -98,18 +114,18 @@ def test_bench_ce_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_quick(tmp_path):
-    """Ours vs HF Trainer; without accelerate the HF side says so and ours is still measured."""
+    """Ours vs HF Trainer, both sides run (accelerate is pinned in requirements/dev-cpu.txt)."""
     run_bench("bench_train.py", tmp_path, "--quick")
     r = load(tmp_path, "train_cpu_quick.json")
     ours, hf = r["results"]["msft_fast"], r["results"]["hf_trainer"]
     assert ours["status"] == "ok" and ours["train_tokens_per_s"] > 0 and ours["peak_mem_gib"] > 0
     assert ours["memory_kind"] == "max RSS"
-    if hf["status"] == "ok":
-        assert hf["useful_tokens"] == ours["useful_tokens"]  # the same documents, once each
-        assert hf["padded_tokens"] > hf["useful_tokens"]
-        assert {"tokens_per_s_ours_over_hf", "peak_memory_ours_over_hf"} <= r["ratios"].keys()
-    else:
-        assert hf["status"] == "not available" and "pip install accelerate" in hf["why"]
+    assert hf["status"] == "ok", hf
+    assert r["machine"]["accelerate_for_hf"]
+    assert hf["useful_tokens"] == ours["useful_tokens"]  # the same documents, once each
+    assert hf["padded_tokens"] > hf["useful_tokens"] and hf["train_tokens_per_s"] > 0
+    assert r["ratios"]["same_useful_tokens"]
+    assert r["ratios"]["tokens_per_s_ours_over_hf"] > 0 and r["ratios"]["peak_memory_ours_over_hf"] > 0
 
 
 def test_gpu_check_scripts_parse():

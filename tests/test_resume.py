@@ -1,6 +1,8 @@
 """Checkpoints, resume and faults: an interrupted run continues exactly as if it had not stopped
 (CPU, fp32: bitwise), a stop signal writes a checkpoint first, a failed checkpoint write leaves the
-previous one usable, and non-finite steps are skipped, counted and acted on."""
+previous one usable, half-written checkpoints are skipped by name, another number of ranks is
+refused, and non-finite steps are skipped, counted and acted on. SIGKILLs at every fault point, and
+a soak of random ones, are in test_kill_points.py."""
 from __future__ import annotations
 
 import errno
@@ -8,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,12 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import forked_cli
 from conftest import kill_process_tree
 
 from msft_fast.checkpoint import complete_checkpoints, latest_checkpoint, read_meta
 from msft_fast.config import load_config
+from msft_fast.fault_injection import KILL_AT_ENV
 from msft_fast.trainer import Trainer
 
+RESUMED = re.compile(r"resuming the unfinished run in (\S+) from (\S+) \(step (\d+)\)")
 TIMING_KEYS = {"train_seconds", "eval_seconds", "snapshot_seconds", "restore_seconds", "checkpoint_seconds",
                "spill_seconds", "wall_seconds", "seconds", "host_available", "tokens_per_s", "step_seconds",
                "tokens_per_s_per_device", "time", "peak_mem_gib", "mfu"}
@@ -112,7 +118,7 @@ def uninterrupted(tmp_path_factory, demo_dir):
     ("msft", 20, ("train.checkpoint_async=true",)), ("sft", 8, ()), ("sro", 25, ()),
 ])
 def test_a_crashed_run_resumes_to_the_same_history_and_weights(tmp_path, demo_dir, uninterrupted, monkeypatch,
-                                                               method, crash_at, options):
+                                                               caplog, method, crash_at, options):
     whole = uninterrupted(method)
     out = str(tmp_path / "run")
     _crash_after(monkeypatch, crash_at)
@@ -125,7 +131,9 @@ def test_a_crashed_run_resumes_to_the_same_history_and_weights(tmp_path, demo_di
     # An asynchronous checkpoint completes when the next one starts: a crash loses the newest.
     expect = crash_at - crash_at % 3 - (3 if options else 0)
     assert read_meta(newest)["steps_trained"] == expect
-    history = _train(tmp_path, demo_dir, out, f"method={method}", *options)
+    with caplog.at_level(logging.INFO, logger="msft_fast"):
+        history = _train(tmp_path, demo_dir, out, f"method={method}", *options)
+    assert RESUMED.findall(caplog.text) == [(out, newest, str(expect))]
     assert history["status"] == "finished"
     _assert_same_run(whole, out)
     assert len(complete_checkpoints(out)) == 2  # train.keep_checkpoints
@@ -143,6 +151,20 @@ def test_resuming_with_another_config_is_refused_and_names_the_key(tmp_path, dem
     assert main(["train", *_overrides(tmp_path, demo_dir, out, "method=sft", "train.lr=1e-3")]) == 2
     err = capsys.readouterr().err
     assert "unfinished run" in err and "'train.lr'" in err and "Traceback" not in err
+
+
+def test_half_written_checkpoints_are_skipped_and_named_in_the_log(tmp_path, caplog):
+    """What a crash leaves behind (step-N.tmp: a write that did not finish; step-N without meta.json:
+    a deletion that did not finish) is never taken for the newest checkpoint, and the log names it."""
+    root = tmp_path / "checkpoints"
+    for name in ("step-00000003", "step-00000006", "step-00000009.tmp"):
+        (root / name).mkdir(parents=True)
+    (root / "step-00000003" / "meta.json").write_text("{}")
+    (root / "step-00000009.tmp" / "meta.json").write_text("{}")  # meta.json is written before the rename
+    with caplog.at_level(logging.INFO, logger="msft_fast"):
+        assert latest_checkpoint(str(tmp_path)) == str(root / "step-00000003")
+    assert f"ignoring the incomplete checkpoint {root / 'step-00000006'} (it has no meta.json)" in caplog.text
+    assert f"ignoring the incomplete checkpoint {root / 'step-00000009.tmp'} (its write did not finish)" in caplog.text
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_and_training_goes_on(tmp_path, demo_dir, monkeypatch,
@@ -265,10 +287,11 @@ def _cli(config_overrides, tmp_path, launcher=()):
 
 
 def _wait_for_steps(proc, out, steps: int, timeout: float = 240):
+    """Until metrics.jsonl has `steps` lines; `proc` is a subprocess.Popen or a forked_cli process."""
     path, t0 = os.path.join(out, "metrics.jsonl"), time.time()
     while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended early: {proc.communicate()[1][-2000:]}")
+        if (proc.poll() is not None) if hasattr(proc, "poll") else not proc.is_alive():
+            raise AssertionError("the run ended early")
         if os.path.exists(path):
             with open(path) as f:
                 if sum(1 for _ in f) >= steps:
@@ -291,53 +314,72 @@ def _finish(proc, timeout: float = 300):
 def test_sigterm_checkpoints_and_stops_then_the_rerun_finishes_the_same(tmp_path, demo_dir, uninterrupted):
     whole = uninterrupted("msft")
     out = str(tmp_path / "run")
-    args = _overrides(tmp_path, demo_dir, out, "method=msft")
-    proc = _cli(args, tmp_path)
+    argv = ["train", *_overrides(tmp_path, demo_dir, out, "method=msft")]
+    proc = forked_cli.start(argv, tmp_path / "stopped.log")
     _wait_for_steps(proc, out, 5)
-    proc.send_signal(signal.SIGTERM)
-    code, err = _finish(proc)
-    assert code == 143, err[-2000:]
+    os.kill(proc.pid, signal.SIGTERM)
+    stopped = forked_cli.wait(proc, tmp_path / "stopped.log")
+    assert stopped.exitcode == 143, stopped.log[-2000:]
+    err = stopped.log
     assert "stopped by SIGTERM" in err and "rerun the same command to resume" in err and "Traceback" not in err
-    stopped_at = read_meta(latest_checkpoint(out))["steps_trained"]
+    newest = latest_checkpoint(out)
+    stopped_at = read_meta(newest)["steps_trained"]
     assert stopped_at >= 5  # written at the step the signal arrived in, not only every 3 steps
     with open(os.path.join(out, "history.json")) as f:
         assert json.load(f)["status"] == "stopped"
-    code, err = _finish(_cli(args, tmp_path))
-    assert code == 0, err[-2000:]
-    assert "resuming the unfinished run" in err
+    rerun = forked_cli.run(argv, tmp_path / "rerun.log")
+    assert rerun.exitcode == 0, rerun.log[-2000:]
+    assert RESUMED.findall(rerun.log) == [(out, newest, str(stopped_at))]
     _assert_same_run(whole, out)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kill_after", [7])
-def test_sigkill_anywhere_then_rerun_ends_like_an_uninterrupted_run(tmp_path, demo_dir, uninterrupted, kill_after):
-    whole = uninterrupted("msft")
-    out = str(tmp_path / "run")
-    args = _overrides(tmp_path, demo_dir, out, "method=msft", "train.checkpoint_every=2")
-    proc = _cli(args, tmp_path)
-    _wait_for_steps(proc, out, kill_after)
-    kill_process_tree(proc.pid)
-    proc.communicate()
-    code, err = _finish(_cli(args, tmp_path))
-    assert code == 0, err[-2000:]
-    _assert_same_run(whole, out)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if "msft-fast: error:" in line]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
 
 
 @pytest.mark.slow
 def test_two_ranks_killed_and_rerun_end_like_two_ranks_uninterrupted(tmp_path, demo_dir):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     whole, out = str(tmp_path / "whole"), str(tmp_path / "run")
     common = ("method=msft", "train.grad_accum=1", "msft.max_stages=2")
-    code, err = _finish(_cli(_overrides(tmp_path, demo_dir, whole, *common), tmp_path, launcher))
+    code, err = _finish(_cli(_overrides(tmp_path, demo_dir, whole, *common), tmp_path, TORCHRUN))
     assert code == 0, err[-2000:]
     args = _overrides(tmp_path, demo_dir, out, *common, "train.checkpoint_every=2")
-    proc = _cli(args, tmp_path, launcher)
+    proc = _cli(args, tmp_path, TORCHRUN)
     _wait_for_steps(proc, out, 5)
     kill_process_tree(proc.pid)
     proc.communicate()
-    assert latest_checkpoint(out) is not None
+    newest = latest_checkpoint(out)
+    steps = read_meta(newest)["steps_trained"]
     with open(os.path.join(out, "history.json")) as f:
         assert json.load(f)["status"] == "running"  # really killed mid-run
-    code, err = _finish(_cli(args, tmp_path, launcher))
+    # One rank cannot resume it (snapshot states are per-rank shards): one line, exit 2, nothing changed.
+    one = forked_cli.run(["train", *args], tmp_path / "one-rank.log")
+    assert one.exitcode == 2 and "Traceback" not in one.log, one.log[-3000:]
+    line = _one_error_line(one.log)
+    assert f"checkpoint {newest} was written by 2 ranks and this run has 1 rank" in line
+    assert latest_checkpoint(out) == newest
+    code, err = _finish(_cli(args, tmp_path, TORCHRUN))
     assert code == 0, err[-2000:]
+    assert RESUMED.findall(err) == [(out, newest, str(steps))]
     _assert_same_run(whole, out)
+
+
+@pytest.mark.slow
+def test_a_one_rank_checkpoint_is_refused_on_two_ranks_in_one_line(tmp_path, demo_dir):
+    out = str(tmp_path / "run")
+    args = _overrides(tmp_path, demo_dir, out, "method=sft", "train.epochs=0.5")
+    killed = forked_cli.run(["train", *args], tmp_path / "killed.log", {KILL_AT_ENV: "train_step:4"})
+    assert killed.exitcode == -9, killed.log[-3000:]
+    newest = latest_checkpoint(out)
+    assert read_meta(newest)["steps_trained"] == 3
+    code, err = _finish(_cli(args, tmp_path, TORCHRUN))
+    assert code != 0
+    line = _one_error_line(err)  # printed once, by rank 0, though both ranks stop on it
+    assert f"checkpoint {newest} was written by 1 rank and this run has 2 ranks: resume it with 1 rank" in line
+    assert "--overwrite" in line
+    assert latest_checkpoint(out) == newest

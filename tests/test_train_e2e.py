@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import write_jsonl
+from hf_reference import assert_reproduces_evaluation
 
 from msft_fast.config import load_config
-from msft_fast.data.formats import IGNORE_INDEX
 from msft_fast.data.tasks import load_tasks
 from msft_fast.errors import OutputError
 
@@ -83,13 +82,73 @@ def test_history_has_every_contract_field(finished_run):
     metrics = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == list(range(1, totals["steps"] + 1))
     assert sum(m["tokens"] for m in metrics) == totals["trained_tokens"]
-    # Throughput and its breakdown; no MFU on a CPU (no peak to compare with).
+    # Throughput and its breakdown (checked against known delays below); no MFU on a CPU (no peak).
     for m in metrics:
-        assert sum(m["time"].values()) == pytest.approx(m["step_seconds"], rel=1e-6)
+        assert set(m["time"]) == {"data", "fwd_bwd", "optimizer"} and min(m["time"].values()) >= 0
+        assert m["tokens"] / m["step_seconds"] == pytest.approx(m["tokens_per_s"])
         assert m["tokens_per_s_per_device"] == pytest.approx(m["tokens_per_s"]) and "mfu" not in m
         assert m["peak_mem_gib"] > 0
     assert totals["tokens_per_s"] == pytest.approx(totals["trained_tokens"] / totals["train_seconds"])
     assert totals["mfu"] is None and totals["bad_steps"] == 0
+
+
+def test_the_step_time_split_puts_each_known_delay_in_its_own_part(tmp_path, demo_dir, monkeypatch):
+    """Sleeps of known length in the data loading, in every training forward (2 micro-batches a
+    step) and in the optimizer step land each in its own part of metrics.jsonl's time split, and
+    step_seconds holds them all within the call to train_step timed from outside."""
+    import time
+
+    import torch
+
+    from msft_fast.data.loader import MixtureLoader
+    from msft_fast.model import CausalLMWithTaskLoss
+    from msft_fast.run import train
+    from msft_fast.trainer import Trainer
+
+    # Each delay is larger than the real work of any part on micro-batches of 128 tokens (a few ms
+    # for data and optimizer, about 0.1 s for forward + backward on a loaded machine), so a delay
+    # counted in the wrong part shows.
+    delay = {"data": 0.4, "fwd_bwd": 2 * 0.3, "optimizer": 1.0}
+
+    def slowed(owner, name, seconds, when=lambda: True):
+        original = getattr(owner, name)
+
+        def slow(*args, **kwargs):
+            if when():
+                time.sleep(seconds)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, slow)
+
+    slowed(MixtureLoader, "step_batches", delay["data"])
+    slowed(CausalLMWithTaskLoss, "forward", delay["fwd_bwd"] / 2, when=torch.is_grad_enabled)  # per micro-batch
+    slowed(torch.optim.AdamW, "step", delay["optimizer"])
+    outside = []
+    original_step = Trainer.train_step
+
+    def timed_step(self):
+        t0 = time.perf_counter()
+        record = original_step(self)
+        outside.append(time.perf_counter() - t0)
+        return record
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    cfg = _config(tmp_path, demo_dir, "builtin:tiny-llama", "data.tokens_per_batch=128", "train.epochs=0.04",
+                  "train.grad_accum=2", "msft.evals_per_epoch=1")
+    train(cfg)
+    metrics = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    assert len(metrics) == len(outside) >= 3
+    for m, whole in zip(metrics, outside):
+        assert sum(m["time"].values()) <= m["step_seconds"] + 1e-6  # the parts do not overlap
+        assert sum(delay.values()) <= m["step_seconds"] <= whole + 1e-6
+        for part, seconds in delay.items():
+            assert m["time"][part] >= seconds - 1e-3, (part, m["time"])
+    # What a part holds beyond its own delay is real work: on its quickest step less than any other
+    # part's delay, so no part also holds another's delay.
+    for part, seconds in delay.items():
+        others = min(v for k, v in delay.items() if k != part)
+        assert min(m["time"][part] - seconds for m in metrics) < others, (part, [m["time"] for m in metrics])
+    assert min(whole - m["step_seconds"] for m, whole in zip(metrics, outside)) < min(delay.values())
 
 
 def test_mfu_uses_the_dense_peak_of_the_device(monkeypatch):
@@ -122,22 +181,9 @@ def _assert_final_reproduces_history(cfg, history):
 
     final_dir = os.path.join(cfg.output_dir, "final")
     assert os.path.isfile(os.path.join(final_dir, "model.safetensors"))
-    model = AutoModelForCausalLM.from_pretrained(final_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(final_dir)
-    tasks = load_tasks(cfg.data, tokenizer)
-    recorded = history["evals"][history["final"]["eval_id"]]["tasks"]
-    for task in tasks:
-        loss_sum, tokens = 0.0, 0
-        with torch.no_grad():
-            for s, n in zip(task.val.starts, task.val.lengths):
-                ids = torch.from_numpy(task.val.input_ids[s : s + n].astype("int64"))[None]
-                labels = torch.from_numpy(task.val.labels[s : s + n].astype("int64"))
-                logits = model(input_ids=ids, use_cache=False).logits[0].double()
-                loss_sum += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
-                tokens += int((labels != IGNORE_INDEX).sum())
-        assert tokens == recorded[task.name]["val_tokens"]
-        assert loss_sum / tokens == pytest.approx(recorded[task.name]["val_loss"], rel=1e-5)
-    return model, tokenizer
+    assert_reproduces_evaluation(final_dir, load_tasks(cfg.data, tokenizer), history["evals"][history["final"]["eval_id"]])
+    return AutoModelForCausalLM.from_pretrained(final_dir), tokenizer
 
 
 def test_final_folder_loads_in_hf_and_reproduces_the_recorded_validation_loss(finished_run):
