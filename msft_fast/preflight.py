@@ -238,7 +238,21 @@ def free_memory(device: torch.device) -> int:
     return host_available_memory()
 
 
+HOST_MEMORY_ENV = "MSFT_FAST_HOST_MEMORY_GIB"
+
+
 def host_available_memory() -> int:
+    """Host memory available to this run, in bytes: $MSFT_FAST_HOST_MEMORY_GIB when set (a virtual
+    machine whose memory grows as it is used reports far less than it can give), else MemAvailable."""
+    override = os.environ.get(HOST_MEMORY_ENV)
+    if override is not None:
+        try:
+            gib = float(override)
+        except ValueError:
+            gib = float("nan")
+        if not gib > 0 or gib == float("inf"):
+            raise ConfigError(f"environment variable {HOST_MEMORY_ENV} must be a positive number of GiB, got {override!r}")
+        return int(gib * GIB)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:

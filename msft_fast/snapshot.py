@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from msft_fast.copy_engine import CopyEngine, copy_engine_for
 from msft_fast.distributed import reshard_all
 from msft_fast.errors import ConfigError
+from msft_fast.preflight import host_available_memory
 
 
 def sharded_params(model: nn.Module) -> list[torch.Tensor]:
@@ -247,15 +248,9 @@ def _same_layout(snap: Snapshot, params, optim) -> bool:
 
 
 def host_memory_available() -> Optional[int]:
-    """MemAvailable from /proc/meminfo (bytes), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """Host memory available to the run (bytes): the preflight's reading, which honours
+    $MSFT_FAST_HOST_MEMORY_GIB."""
+    return host_available_memory()
 
 
 def plan_pool(model: nn.Module, states: int, with_optimizer: bool, ranks_per_host: int,

@@ -191,7 +191,7 @@ class Trainer:
         timer.mark("fwd_bwd")
         # The step's one host-device sync: forward, backward, clipping and the reduction are done.
         host = read_to_host(reduced, grad_norm)
-        self._log_finished_steps()  # the previous step's marks have passed by now
+        self.log_finished_steps()  # the previous step's marks have passed by now
         loss_sums, token_counts, correct = host[:T], host[T:2 * T], host[2 * T:3 * T]
         stop, grad_norm_value = host[3 * T] > 0, host[3 * T + 1]
         # The gradient norm is global and the loss is reduced, so every rank takes the same decision.
@@ -277,7 +277,7 @@ class Trainer:
         if self.ctx.is_main:
             log.warning("restored weights and optimizer state from %s after %d non-finite steps", path, t.max_bad_steps)
 
-    def _log_finished_steps(self, wait: bool = False) -> None:
+    def log_finished_steps(self, wait: bool = False) -> None:
         """Complete and log the records of steps whose time marks have passed (all of them, waiting
         for the device if needed, when `wait`). Called at sync points, so it never adds one."""
         while self._unlogged and (wait or self._unlogged[0].timer.ready()):
@@ -315,7 +315,7 @@ class Trainer:
         reshard_all(self.model)  # a forward without backward leaves the root (and the last block) unsharded
         all_reduce_sum(stats)
         stats = stats.cpu()
-        self._log_finished_steps()  # the training steps before this pass are done on the device
+        self.log_finished_steps()  # the training steps before this pass are done on the device
         c = self.counters
         c.eval_flops += self._eval_flops_per_pass
         c.eval_tokens += self._eval_tokens_per_pass
@@ -401,7 +401,7 @@ class Trainer:
         if asynchronous is None:
             asynchronous = self.cfg.train.checkpoint_async
         self.finish_checkpoint()  # one in flight at a time: the previous one completes first
-        self._log_finished_steps(wait=True)  # metrics.jsonl up to this step belongs to the checkpoint
+        self.log_finished_steps(wait=True)  # metrics.jsonl up to this step belongs to the checkpoint
         c, t0 = self.counters, time.perf_counter()
         trainer_state = {
             "counters": dataclasses.asdict(c),
@@ -481,7 +481,7 @@ class Trainer:
 
     def close(self) -> None:
         try:
-            self._log_finished_steps(wait=True)
+            self.log_finished_steps(wait=True)
         except RuntimeError as e:  # a device in a failed state must not hide the error that ended the run
             log.warning("the timings of the last %d step(s) could not be read: %s", len(self._unlogged), e)
         if self.progress is not None:

@@ -200,3 +200,20 @@ def test_the_run_estimate_reads_accumulation_and_checkpointing_from_the_config()
     cfg.train.activation_checkpointing, cfg.train.grad_sync = "selective", "micro_batch"  # selective: costed as off
     assert estimate_run(cfg, _tiny(), 2, torch.bfloat16) == estimate_memory(_tiny(), 2048, 2, grad_accum=3,
                                                                            grad_sync="micro_batch")
+
+
+def test_host_memory_can_be_given_for_machines_whose_memory_grows_on_demand(monkeypatch):
+    from msft_fast.preflight import HOST_MEMORY_ENV, host_available_memory
+    from msft_fast.snapshot import host_memory_available
+
+    est = estimate_memory(_tiny(), tokens_per_batch=1024, world_size=1, device_type="cpu")
+    monkeypatch.setenv(HOST_MEMORY_ENV, str(0.5 * est.host / GIB))
+    assert host_available_memory() == host_memory_available() == int(0.5 * est.host)
+    with pytest.raises(ConfigError, match="host memory"):
+        check_memory(est, CPU)
+    monkeypatch.setenv(HOST_MEMORY_ENV, "120")
+    check_memory(est, CPU)
+    for bad in ("lots", "-1", "0", "inf"):
+        monkeypatch.setenv(HOST_MEMORY_ENV, bad)
+        with pytest.raises(ConfigError, match=f"environment variable {HOST_MEMORY_ENV} must be a positive number"):
+            host_available_memory()
