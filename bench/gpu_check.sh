@@ -9,12 +9,12 @@
 #                     split, pinned snapshots restored bitwise (weights + Adam) with capture/restore cost
 #                     and s/GB, the memory preflight against torch.cuda.max_memory_allocated
 #                     (bench/trainer_check.py: Llama-3.2-1B shape, rows of 8192 packed tokens, bf16)
-#   msft_rollout      a 2-task mSFT roll-out with one roll-back on that model: snapshot and restore share
-#                     of training time (bench/bench_train_gpu.py --rollout)
 #   train_throughput  tokens/s, MFU, peak memory and the preflight per variant: FlexAttention with
 #                     torch.compile off/on and activation checkpointing off/selective, flash-attn when
 #                     carried (bench/bench_train_gpu.py --variants; variants that do not fit what is left
-#                     of the budget are recorded as skipped)
+#                     of the budget, less the roll-out's share, are recorded as skipped)
+#   msft_rollout      a 2-task mSFT roll-out with one roll-back on that model: snapshot and restore share
+#                     of training time (bench/bench_train_gpu.py --rollout)
 # Output: $OUT/gpu_check.json and gpu_check.md (machine, GPU, driver, versions, every figure) and
 # gpu_check_logs.txt (default OUT: bench/results/gpu; with --cpu /tmp/bench_work/gpu_check_cpu).
 # The loss benchmark against Liger/CCE is bench/gpu_check_ce.sh's.
@@ -52,20 +52,22 @@ fi
 part trainer_check 150 "$PYTHON" bench/trainer_check.py "${DEVICE[@]}" --workdir "$WORK/train" \
     --out "$PARTS/trainer_check.json"
 
-part msft_rollout 110 "$PYTHON" bench/bench_train_gpu.py "${DEVICE[@]}" --rollout --attn "$ATTN" --steps 24 \
-    --skip 3 --timeout 100 --workdir "$WORK/train" --out "$PARTS"
-
 # Most valuable first: the default backend without flash-attn (FlexAttention) eager, then compiled,
-# then with selective activation checkpointing, then flash-attn (when carried).
+# then with selective activation checkpointing, then flash-attn (when carried). The roll-out after
+# them keeps ROLLOUT seconds of the budget.
+ROLLOUT=130
 if [ "$MODE" = gpu ]; then
     VARIANTS=("$ATTN:off:off" "$ATTN:on:off" "$ATTN:off:selective" "flash_attention_2:off:off" "$ATTN:on:selective"
               "flash_attention_2:on:off")
 else
     VARIANTS=("$ATTN:off:off" "$ATTN:off:selective" "flash_attention_2:off:off" "flex_attention:off:off")
 fi
-LEFT=$(( BUDGET - (SECONDS - START) - PART_RESERVE - 5 ))
-part train_throughput "$LEFT" "$PYTHON" bench/bench_train_gpu.py "${DEVICE[@]}" --steps 12 --skip 4 --timeout 120 \
+LEFT=$(( BUDGET - (SECONDS - START) - PART_RESERVE - ROLLOUT ))
+part train_throughput "$LEFT" "$PYTHON" bench/bench_train_gpu.py "${DEVICE[@]}" --steps 10 --skip 3 --timeout 150 \
     --budget $((LEFT - 10)) --workdir "$WORK/train" --out "$PARTS" --variants "${VARIANTS[@]}"
+
+part msft_rollout "$ROLLOUT" "$PYTHON" bench/bench_train_gpu.py "${DEVICE[@]}" --rollout --attn "$ATTN" --steps 16 \
+    --skip 3 --timeout $((ROLLOUT - 10)) --workdir "$WORK/train" --out "$PARTS"
 
 "$PYTHON" bench/gpu_check_report.py --mode "$MODE" --work "$WORK" --status "$STATUS" --out "$OUT" \
     --budget "$BUDGET" --wall $((SECONDS - START))

@@ -9,8 +9,6 @@ read the host clock, and the step loop runs the same code.
 from __future__ import annotations
 
 import time
-from typing import Optional
-
 import torch
 
 
@@ -94,9 +92,3 @@ class CudaEventTimer(PhaseTimer):
     def seconds(self) -> dict[str, float]:
         return {name: a.elapsed_time(b) / 1e3 for name, a, b in zip(self.names, self.events, self.events[1:])}
 
-
-def ready_or_wait(timer: PhaseTimer, wait: bool) -> Optional[dict[str, float]]:
-    """The timer's phase seconds if they can be read now (waiting for them if `wait`), else None."""
-    if wait:
-        timer.wait()
-    return timer.seconds() if timer.ready() else None

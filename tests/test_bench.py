@@ -80,7 +80,7 @@ def test_gpu_check_dry_run_runs_every_part(tmp_path):
     assert sorted(os.listdir(out)) == ["gpu_check.json", "gpu_check.md", "gpu_check_logs.txt"]
     r = json.loads((out / "gpu_check.json").read_text())
     parts = {p["part"]: p for p in r["parts"]}
-    assert list(parts) == ["setup", "loss_check", "trainer_check", "msft_rollout", "train_throughput"]
+    assert list(parts) == ["setup", "loss_check", "trainer_check", "train_throughput", "msft_rollout"]
     assert all(p["status"] == "ok" for p in parts.values()), r["parts"]
     assert r["mode"] == "cpu" and r["machine"]["versions"]["flash-attn"] == "not available"
     assert {"gpu", "driver", "torch_cuda", "cores"} <= r["machine"].keys()
