@@ -203,6 +203,17 @@ def train_subprocess(a, config: dict, name: str, extra_pythonpath: str = "") -> 
     return proc, time.time() - t0, path
 
 
+def finished_run(out: str) -> tuple[list[dict], dict]:
+    """A finished run's metrics.jsonl records and history.json; its final/ is removed (2.5 GB for the
+    1B model: a check's runs would fill the disk)."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        steps = [json.loads(line) for line in f]
+    with open(os.path.join(out, "history.json")) as f:
+        history = json.load(f)
+    shutil.rmtree(os.path.join(out, "final"), ignore_errors=True)
+    return steps, history
+
+
 def failure(name: str, proc, wall: float) -> dict:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"variant": name, "status": "failed", "why": " | ".join(tail)[-400:], "wall_seconds": wall}
@@ -219,12 +230,7 @@ def run_variant(a, model_dir: str, tasks: list[dict], attn: str, compile_: bool,
     proc, wall, path = train_subprocess(a, config, name)
     if proc.returncode != 0:
         return failure(name, proc, wall)
-    out = config["output_dir"]
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        steps = [json.loads(line) for line in f]
-    with open(os.path.join(out, "history.json")) as f:
-        history = json.load(f)
-    shutil.rmtree(os.path.join(out, "final"), ignore_errors=True)  # 2.5 GB per 1B variant: the disk is not endless
+    steps, history = finished_run(config["output_dir"])
     device = "cpu" if a.cpu else "cuda"
     figures = step_figures(steps, a.skip, a.gpu_name)
     memory = memory_vs_preflight(preflight_for(path, model_dir, attention_for(attn, a.cpu, a.precision), device),
@@ -276,12 +282,7 @@ def run_rollout(a, model_dir: str, tasks: list[dict]) -> dict:
     proc, wall, path = train_subprocess(a, config, name, extra_pythonpath=os.path.dirname(os.path.abspath(__file__)))
     if proc.returncode != 0:
         return failure(name, proc, wall)
-    out = config["output_dir"]
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        steps = [json.loads(line) for line in f]
-    with open(os.path.join(out, "history.json")) as f:
-        h = json.load(f)
-    shutil.rmtree(os.path.join(out, "final"), ignore_errors=True)
+    steps, h = finished_run(config["output_dir"])
     t = h["totals"]
     # Captures follow evaluations and overlap the next step: compare those steps with the others
     # (the first `skip` steps, warm-up, left out of both).

@@ -49,25 +49,34 @@ else
     part loss_check 150 env TRITON_INTERPRET=1 "$PYTHON" bench/bench_loss.py --device cpu --check
 fi
 
-part trainer_check 150 "$PYTHON" bench/trainer_check.py "${DEVICE[@]}" --workdir "$WORK/train" \
-    --out "$PARTS/trainer_check.json"
+trainer_parts() {
+    part trainer_check 150 "$PYTHON" bench/trainer_check.py "${DEVICE[@]}" --workdir "$WORK/train" \
+        --out "$PARTS/trainer_check.json"
+    # Most valuable first: the default backend without flash-attn (FlexAttention) eager, then compiled,
+    # then with selective activation checkpointing, then flash-attn (when carried). The roll-out after
+    # them keeps ROLLOUT seconds of the budget.
+    local ROLLOUT=130 VARIANTS
+    if [ "$MODE" = gpu ]; then
+        VARIANTS=("$ATTN:off:off" "$ATTN:on:off" "$ATTN:off:selective" "flash_attention_2:off:off"
+                  "$ATTN:on:selective" "flash_attention_2:on:off")
+    else
+        VARIANTS=("$ATTN:off:off" "$ATTN:off:selective" "flash_attention_2:off:off" "flex_attention:off:off")
+    fi
+    local left=$(( BUDGET - (SECONDS - START) - PART_RESERVE - ROLLOUT ))
+    part train_throughput "$left" "$PYTHON" bench/bench_train_gpu.py "${DEVICE[@]}" --steps 10 --skip 3 \
+        --timeout 150 --budget $((left - 10)) --workdir "$WORK/train" --out "$PARTS" --variants "${VARIANTS[@]}"
+    part msft_rollout "$ROLLOUT" "$PYTHON" bench/bench_train_gpu.py "${DEVICE[@]}" --rollout --attn "$ATTN" \
+        --steps 16 --skip 3 --timeout $((ROLLOUT - 10)) --workdir "$WORK/train" --out "$PARTS"
+}
 
-# Most valuable first: the default backend without flash-attn (FlexAttention) eager, then compiled,
-# then with selective activation checkpointing, then flash-attn (when carried). The roll-out after
-# them keeps ROLLOUT seconds of the budget.
-ROLLOUT=130
-if [ "$MODE" = gpu ]; then
-    VARIANTS=("$ATTN:off:off" "$ATTN:on:off" "$ATTN:off:selective" "flash_attention_2:off:off" "$ATTN:on:selective"
-              "flash_attention_2:on:off")
+# msft-fast train reads tasks with HF datasets, which the GPU machine lacks unless its wheels are carried.
+if "$PYTHON" -c 'import datasets, yaml' > /dev/null 2>&1; then
+    trainer_parts
 else
-    VARIANTS=("$ATTN:off:off" "$ATTN:off:selective" "flash_attention_2:off:off" "flex_attention:off:off")
+    for name in trainer_check train_throughput msft_rollout; do
+        note "$name" "not available" "msft-fast train needs the datasets package: bench/gather_wheels.sh, then carry .whl"
+    done
 fi
-LEFT=$(( BUDGET - (SECONDS - START) - PART_RESERVE - ROLLOUT ))
-part train_throughput "$LEFT" "$PYTHON" bench/bench_train_gpu.py "${DEVICE[@]}" --steps 10 --skip 3 --timeout 150 \
-    --budget $((LEFT - 10)) --workdir "$WORK/train" --out "$PARTS" --variants "${VARIANTS[@]}"
-
-part msft_rollout "$ROLLOUT" "$PYTHON" bench/bench_train_gpu.py "${DEVICE[@]}" --rollout --attn "$ATTN" --steps 16 \
-    --skip 3 --timeout $((ROLLOUT - 10)) --workdir "$WORK/train" --out "$PARTS"
 
 "$PYTHON" bench/gpu_check_report.py --mode "$MODE" --work "$WORK" --status "$STATUS" --out "$OUT" \
     --budget "$BUDGET" --wall $((SECONDS - START))

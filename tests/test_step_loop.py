@@ -178,3 +178,27 @@ def test_host_timer_splits_a_step_into_its_phases():
     t.mark("data")
     t.mark("fwd_bwd")
     assert t.ready() and list(t.seconds()) == ["data", "fwd_bwd"] and min(t.seconds().values()) >= 0
+
+
+def test_on_cuda_the_audit_records_each_sync_warning_with_its_call_site(monkeypatch):
+    """The CUDA path of HostSyncAudit, on a CPU: PyTorch's sync debug mode is stubbed, and a
+    synchronising call is stood in for by the warning it makes."""
+    import warnings
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def reads_the_device():
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+
+    with warnings.catch_warnings(record=True) as passed_on:
+        warnings.simplefilter("always")
+        with HostSyncAudit(torch.device("cuda", 0)) as audit:
+            reads_the_device()
+            reads_the_device()
+            warnings.warn("an unrelated warning")
+    assert modes == ["warn", 0]  # on, then back to what it was
+    assert [e.stack[-1].rsplit(" in ", 1)[1] for e in audit.events] == ["reads_the_device"] * 2
+    assert all(e.in_files("tests/test_step_loop.py") for e in audit.events)
+    assert [str(w.message) for w in passed_on] == ["an unrelated warning"]
