@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_msft import machine_info  # noqa: E402
@@ -53,8 +54,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the JSON to write")
     a = p.parse_args(argv)
     cpu_shapes(a)
-    import torch
-
     from msft_fast import run
     from msft_fast.config import load_config
 
@@ -80,15 +79,17 @@ def main(argv=None) -> int:
         run.train(cfg, overwrite=True)
     except ChecksDone:
         pass
+    except Exception as e:  # noqa: BLE001 - the JSON says what broke, with what was measured before
+        fail(result, "run", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        traceback.print_exc()
     finally:
         run.METHODS["sft"] = original
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2, default=str)
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
     for name, c in result["checks"].items():
         print(f"{name:>22}: {c.get('summary', '')}")
     print("failed: " + (", ".join(result["failed"]) or "none"))
-    del torch
     return 1 if result["failed"] else 0
 
 
@@ -96,8 +97,7 @@ def checks(trainer, a, result: dict) -> dict:
     import torch
 
     device = trainer.ctx.device
-    cuda = device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(a.warmup):  # the memory peak counts these too: the preflight must cover the whole run
         step(trainer)
     result["checks"]["host_syncs"] = check_host_syncs(trainer, a.audit_steps, result)
@@ -105,7 +105,7 @@ def checks(trainer, a, result: dict) -> dict:
     result["checks"]["grad_reductions"], result["checks"]["time_split"] = reductions, timing
     result["checks"]["memory"] = check_memory(trainer, a, result)
     result["checks"]["snapshot"] = check_snapshots(trainer, a.pairs, sync, result)
-    raise ChecksDone
+    raise ChecksDone  # the run stops here: no export of the model
 
 
 def step(trainer) -> None:
