@@ -465,7 +465,7 @@ def synthetic_pool(mparams: float, repeats: int) -> dict:
         best_restore = min(restores)
         return {
             "params": sum(p.numel() for p in model.parameters()), "layers": layers, "width": width,
-            "device": ctx.device.type, "world_size": ctx.world_size, "pinned_host_buffers": pool.pin,
+            "device": ctx.device.type, "world_size": ctx.world_size, "pinned_host_buffers": pool.engine.pinned,
             "bytes_per_snapshot": nbytes, "gb_per_snapshot": gb,
             "first_capture_seconds": first_done, "first_capture_returned_seconds": first_returned,
             "capture_seconds": [d for _, d in captures], "capture_returned_seconds": [r for r, _ in captures],

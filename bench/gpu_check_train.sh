@@ -8,7 +8,8 @@
 #      (bench/bench_train_gpu.py --variants, most valuable first; the ones that do not fit the budget are
 #      recorded as skipped).
 # msft-fast train needs `datasets`, HF Trainer `accelerate` (Liger and flash-attn are optional); what the
-# device machine lacks must be carried as wheels in $PEER_WHEELS, installed with --no-deps first. A missing
+# device machine lacks must be carried as wheels in $PEER_WHEELS (default .whl: bench/gather_wheels.sh),
+# installed with --no-deps into a folder put first on PYTHONPATH (gpu_check_lib.sh). A missing
 # one prints "not available". $HF_PYTHONPATH: an extra import path for the HF side only. JSON goes under $OUT (default bench/results/gpu, /tmp/bench_work/gpu_check_train_cpu for
 # --cpu); scratch (a 2.5 GB model folder): $BENCH_WORK.
 #

@@ -55,6 +55,7 @@ class TrainConfig:
     epochs: float = 3.0
     seed: int = 0
     grad_accum: int = 1
+    grad_sync: Literal["step", "micro_batch"] = "step"  # gradient reduce-scatter once per step, or per micro-batch
     warmup_steps: int = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio for cosine/linear

@@ -103,6 +103,24 @@ def reshard_all(model: nn.Module) -> None:
             module.reshard()
 
 
+def set_gradient_sync(model: nn.Module, last_micro_batch: bool, mode: str = "step") -> None:
+    """Choose the gradient reductions FSDP2 runs after the backward of the coming micro-batch.
+
+    mode "step" (train.grad_sync): none until the last micro-batch of the optimizer step; until then
+        each rank accumulates its unsharded gradients in fp32 (4 bytes per parameter of the whole
+        model per rank: memory the preflight counts), then every FSDP unit reduce-scatters once per step.
+    mode "micro_batch": reduce-scatter after every micro-batch, so gradients stay sharded; with HSDP
+        the all-reduce across replicas still runs once per step.
+    """
+    if not isinstance(model, FSDPModule):
+        return
+    if mode == "step":
+        model.set_requires_gradient_sync(last_micro_batch)
+    else:
+        model.set_requires_gradient_sync(True)
+        model.set_requires_all_reduce(last_micro_batch)  # only HSDP has an all-reduce to defer
+
+
 def _checkpoint_forward(block: nn.Module) -> None:
     forward = block.forward
 

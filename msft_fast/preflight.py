@@ -4,7 +4,11 @@ cannot fit with one ConfigError naming the setting to change.
 Per rank, for P parameters, W ranks (FSDP2 shards), N = data.tokens_per_batch tokens per micro-batch
 and c bytes per compute-dtype value (2 for bf16, 4 for fp32):
 
-    weights, gradients     4P/W + 4P/W   fp32 masters and their gradients, sharded
+    weights, gradients     4P/W + 4P/W   fp32 masters and their gradients, sharded; with gradient
+                                         accumulation (train.grad_accum > 1) and train.grad_sync=step,
+                                         gradients 4P: each rank accumulates the unsharded fp32
+                                         gradients of the whole model until the step's last
+                                         micro-batch reduce-scatters them
     optimizer              8P/W          AdamW exp_avg and exp_avg_sq, fp32, sharded
     gathered               c(P_root + 2 P_block) + (c+4) P_block
                                          all-gathered compute copies of the root (embeddings, head,
@@ -133,6 +137,8 @@ class MemoryEstimate:
     activation_checkpointing: bool
     device_type: str
     num_params: int
+    grad_accum: int
+    grad_sync: str
     weights: int
     grads: int
     optimizer: int
@@ -148,10 +154,17 @@ class MemoryEstimate:
 
     def again(self, tokens_per_batch: int, world_size: int) -> "MemoryEstimate":
         """The same run with another micro-batch size or world size."""
-        return estimate_memory(self.shape, tokens_per_batch, world_size, self.compute_dtype, attention=self.attention,
-                               activation_checkpointing=self.activation_checkpointing,
-                               num_params=self.num_params if self.num_params != self.shape.num_params else None,
-                               device_type=self.device_type)
+        return self.changed(tokens_per_batch=tokens_per_batch, world_size=world_size)
+
+    def changed(self, **settings) -> "MemoryEstimate":
+        """The same run with some of estimate_memory's settings changed (e.g. grad_sync="micro_batch")."""
+        args = dict(tokens_per_batch=self.tokens_per_batch, world_size=self.world_size,
+                    compute_dtype=self.compute_dtype, attention=self.attention,
+                    activation_checkpointing=self.activation_checkpointing,
+                    num_params=self.num_params if self.num_params != self.shape.num_params else None,
+                    device_type=self.device_type, grad_accum=self.grad_accum, grad_sync=self.grad_sync)
+        args.update(settings)
+        return estimate_memory(self.shape, **args)
 
     @property
     def model_state(self) -> int:
@@ -172,13 +185,15 @@ class MemoryEstimate:
 def estimate_memory(model_config: Any, tokens_per_batch: int, world_size: int,
                     compute_dtype: torch.dtype = torch.bfloat16, *, attention: str = "sdpa",
                     activation_checkpointing: bool = False, num_params: Optional[int] = None,
-                    device_type: str = "cuda") -> MemoryEstimate:
+                    device_type: str = "cuda", grad_accum: int = 1, grad_sync: str = "step") -> MemoryEstimate:
     """Estimate one rank's memory for a training step (see the module docstring for the formulas).
 
     model_config: an HF config (or a ModelShape); attention: the attn_implementation the model
     runs with ("flash_attention_2" keeps no mask; anything else is costed as SDPA with a packed
     mask); num_params: the exact count when the model is at hand (else counted from the config);
-    device_type: "cuda" or "cpu" (a CPU run keeps everything in host memory).
+    device_type: "cuda" or "cpu" (a CPU run keeps everything in host memory);
+    grad_accum, grad_sync: train.grad_accum and train.grad_sync (accumulating micro-batches without
+    a reduction in between keeps the whole model's gradients unsharded).
     """
     shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
     P = num_params if num_params is not None else shape.num_params
@@ -187,6 +202,8 @@ def estimate_memory(model_config: Any, tokens_per_batch: int, world_size: int,
     H, V, L = shape.hidden, shape.vocab, shape.layers
 
     weights = grads = math.ceil(4 * P / W)
+    if grad_accum > 1 and grad_sync == "step":
+        grads = 4 * P  # the unsharded fp32 accumulation; the sharded gradients come from it block by block
     optimizer = 2 * weights
     gathered = c * (shape.root_params + 2 * shape.block_params) + (c + 4) * shape.block_params
 
@@ -207,7 +224,7 @@ def estimate_memory(model_config: Any, tokens_per_batch: int, world_size: int,
     return MemoryEstimate(
         shape=shape, world_size=W, tokens_per_batch=N, compute_dtype=compute_dtype, attention=attention,
         activation_checkpointing=activation_checkpointing, device_type=device_type, num_params=P,
-        weights=weights, grads=grads, optimizer=optimizer, gathered=gathered,
+        grad_accum=grad_accum, grad_sync=grad_sync, weights=weights, grads=grads, optimizer=optimizer, gathered=gathered,
         activations=N * act_per_token, loss=loss_fixed + N * loss_per_token + chunks,
         workspace=N * workspace_per_token,
         host=host,
@@ -221,7 +238,21 @@ def free_memory(device: torch.device) -> int:
     return host_available_memory()
 
 
+HOST_MEMORY_ENV = "MSFT_FAST_HOST_MEMORY_GIB"
+
+
 def host_available_memory() -> int:
+    """Host memory available to this run, in bytes: $MSFT_FAST_HOST_MEMORY_GIB when set (a virtual
+    machine whose memory grows as it is used reports far less than it can give), else MemAvailable."""
+    override = os.environ.get(HOST_MEMORY_ENV)
+    if override is not None:
+        try:
+            gib = float(override)
+        except ValueError:
+            gib = float("nan")
+        if not gib > 0 or gib == float("inf"):
+            raise ConfigError(f"environment variable {HOST_MEMORY_ENV} must be a positive number of GiB, got {override!r}")
+        return int(gib * GIB)
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -264,8 +295,13 @@ def check_memory(estimate: MemoryEstimate, device: torch.device, *, free_bytes: 
 
 
 def _advice(est: MemoryEstimate, budget: float, min_tokens: int) -> str:
-    """The cheapest change that fits: fewer tokens per micro-batch, else more GPUs."""
+    """The cheapest change that fits: reducing gradients every micro-batch, fewer tokens per
+    micro-batch, else more GPUs."""
     fits = lambda e: e.total <= budget  # noqa: E731
+    if est.grads > est.weights and fits(est.changed(grad_sync="micro_batch")):
+        return (f"set train.grad_sync=micro_batch (gradients then stay sharded instead of accumulating "
+                f"{_gib(est.grads)} unsharded over train.grad_accum={est.grad_accum} micro-batches), or train on "
+                "more GPUs")
     if min_tokens < est.tokens_per_batch and fits(est.again(min_tokens, est.world_size)):
         tokens = _largest(lambda n: fits(est.again(n, est.world_size)), min_tokens, est.tokens_per_batch)
         if tokens >= 1024:
@@ -294,19 +330,37 @@ def _largest(ok, lo: int, hi: int) -> int:
 def preflight_memory(cfg: Any, model_config: Any, world_size: int, device: torch.device,
                      compute_dtype: torch.dtype, *, attention: str = "sdpa", num_params: Optional[int] = None,
                      free_bytes: Optional[int] = None, host_free_bytes: Optional[int] = None,
-                     activation_checkpointing: bool = False) -> MemoryEstimate:
-    """Estimate the run `cfg` (a Config) and raise a ConfigError when it cannot fit; return the estimate.
+                     activation_checkpointing: Optional[bool] = None) -> MemoryEstimate:
+    """Estimate the run `cfg` (a Config, see estimate_run) and raise a ConfigError when it cannot fit;
+    return the estimate.
 
     Call it after the config and data are validated and before the weights are loaded or moved to
     the device, on every rank (each checks its own GPU). Ranks on this host: $LOCAL_WORLD_SIZE.
     """
-    estimate = estimate_memory(model_config, cfg.data.tokens_per_batch, world_size, compute_dtype,
-                               attention=attention, num_params=num_params, device_type=device.type,
-                               activation_checkpointing=activation_checkpointing)
+    estimate = estimate_run(cfg, model_config, world_size, compute_dtype, device.type, attention=attention,
+                            num_params=num_params, activation_checkpointing=activation_checkpointing)
     check_memory(estimate, device, free_bytes=free_bytes, host_free_bytes=host_free_bytes,
                  ranks_on_host=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
                  min_tokens_per_batch=cfg.data.max_seq_len)
     return estimate
+
+
+def estimate_run(cfg: Any, model_config: Any, world_size: int, compute_dtype: torch.dtype, device_type: str = "cuda",
+                 *, attention: str = "sdpa", num_params: Optional[int] = None,
+                 activation_checkpointing: Optional[bool] = None) -> MemoryEstimate:
+    """estimate_memory for the run `cfg` (a Config): its micro-batch, gradient accumulation and
+    activation checkpointing. The GPU checks compare this with the memory a run took.
+
+    activation_checkpointing: None reads train.activation_checkpointing, where "selective" is
+    costed as no checkpointing (the estimate errs on the safe side).
+    """
+    t = cfg.train
+    if activation_checkpointing is None:
+        activation_checkpointing = t.activation_checkpointing == "full"
+    return estimate_memory(model_config, cfg.data.tokens_per_batch, world_size, compute_dtype,
+                           attention=attention, num_params=num_params, device_type=device_type,
+                           activation_checkpointing=activation_checkpointing, grad_accum=t.grad_accum,
+                           grad_sync=t.grad_sync)
 
 
 def _gib(n: float) -> str:

@@ -4,8 +4,9 @@ A snapshot holds this rank's shards of every parameter and, for a full restore, 
 state, plus the small state (scheduler, data position, RNG) the trainer hands in. Buffers are
 reused: a released snapshot's buffers serve the next capture, so the pool's memory is bounded by
 the number of states alive at once, which the method plans before training (`plan_pool`).
-On CUDA the copies run on a side stream into pinned buffers and overlap the next training steps;
-`wait()` must be called before anything writes the parameters (the optimizer step).
+The copies go through a copy engine (msft_fast/copy_engine.py): on CUDA they run on a side stream
+into pinned buffers and overlap the next training step, and `wait()` must be called before anything
+writes the parameters or the optimizer state (the optimizer step); on a CPU they are plain copies.
 Restoring copies the bytes back, so a restored model is bitwise the one that was captured.
 
 When the host cannot hold every state the method may need (`plan_pool`), the pool keeps the newest
@@ -24,9 +25,11 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from msft_fast.copy_engine import CopyEngine, copy_engine_for
 from msft_fast.distributed import reshard_all
 from msft_fast.errors import ConfigError
 from msft_fast.fault_injection import fault_point
+from msft_fast.preflight import host_available_memory
 
 
 def sharded_params(model: nn.Module) -> list[torch.Tensor]:
@@ -74,16 +77,15 @@ class SnapshotPool:
     """Captures and restores training states; at most `capacity` alive at once."""
 
     def __init__(self, capacity: int, device: torch.device, with_optimizer: bool = True,
-                 in_memory: Optional[int] = None, spill_dir: Optional[str] = None):
+                 in_memory: Optional[int] = None, spill_dir: Optional[str] = None,
+                 engine: Optional[CopyEngine] = None):
         if in_memory is not None and in_memory < capacity and spill_dir is None:
             raise ValueError("a pool that holds fewer states in memory than its capacity needs a spill_dir")
         self.capacity = capacity
         self.in_memory = capacity if in_memory is None else max(1, in_memory)
         self.spill_dir = spill_dir
         self.with_optimizer = with_optimizer
-        self.pin = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._event = None
+        self.engine = engine if engine is not None else copy_engine_for(device)
         self.alive: list[Snapshot] = []
         self._free: list[Snapshot] = []
         self.capture_seconds: list[float] = []
@@ -122,7 +124,7 @@ class SnapshotPool:
         snap = self._buffers_for(params, optim)
         snap.extra = extra
         snap.uid, self._next_uid = self._next_uid, self._next_uid + 1
-        self._copy([(dst, src) for dst, src in zip(snap.params, params)] + self._optim_pairs(snap.optim, optim))
+        self.engine.to_host(list(zip(snap.params, params)) + self._optim_pairs(snap.optim, optim))
         fault_point("snapshot_capture")
         self.alive.append(snap)
         self.capture_seconds.append(time.perf_counter() - t0)
@@ -131,7 +133,6 @@ class SnapshotPool:
     def restore(self, snap: Snapshot, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
         """Copy `snap` back into the model (and, if given and captured, the optimizer state)."""
         t0 = time.perf_counter()
-        self.wait()
         saved_params, saved_optim = self._tensors(snap)
         params = sharded_params(model)
         if len(params) != len(saved_params) or any(a.shape != b.shape for a, b in zip(params, saved_params)):
@@ -147,12 +148,8 @@ class SnapshotPool:
                     # Live state only ever grows (full restores never clear it), so this is a bug.
                     raise RuntimeError("the optimizer has less state than the snapshot it restores")
                 pairs += [(_local(state[k]), v) for k, v in saved.items()]
-        with torch.no_grad():
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=self.pin)
+        self.engine.to_device(pairs)  # ordered after captures still copying into these buffers
         fault_point("snapshot_restore")  # weights back, the trainer's position not yet
-        if self.pin:
-            torch.cuda.current_stream().synchronize()
         self.restore_seconds.append(time.perf_counter() - t0)
 
     # Spilling: the oldest in-memory state goes to a file, and its buffers serve the next capture.
@@ -163,9 +160,7 @@ class SnapshotPool:
 
     def _spill(self, snap: Snapshot) -> None:
         t0 = time.perf_counter()
-        self.wait()
-        if self.stream is not None:
-            self.stream.synchronize()
+        self.engine.wait()  # the host reads the buffers
         os.makedirs(self.spill_dir, exist_ok=True)
         path = os.path.join(self.spill_dir, f"snapshot-{snap.uid}.pt")
         tmp = path + ".tmp"
@@ -190,9 +185,7 @@ class SnapshotPool:
 
     # Checkpoints carry the alive states, so a resumed mSFT run can still roll back to them.
     def state_dict(self) -> dict[str, Any]:
-        self.wait()
-        if self.stream is not None:
-            self.stream.synchronize()
+        self.engine.wait()  # the host reads the buffers
         states = []
         for s in self.alive:
             params, optim = self._tensors(s)  # a spilled state is read back once
@@ -205,7 +198,7 @@ class SnapshotPool:
         """Adopt the states of a checkpoint; returns them by uid."""
         if self.alive:
             raise RuntimeError("a pool adopts checkpointed states only while empty")
-        pin = (lambda t: t.pin_memory()) if self.pin else (lambda t: t)  # noqa: E731
+        pin = (lambda t: t.pin_memory()) if self.engine.pinned else (lambda t: t)  # noqa: E731
         for s in sorted(state["snapshots"], key=lambda s: s["uid"]):
             optim = None if s["optim"] is None else [{k: pin(v) for k, v in d.items()} for d in s["optim"]]
             snap = Snapshot([pin(t) for t in s["params"]], optim, s["extra"], s["refs"], s["uid"])
@@ -220,10 +213,9 @@ class SnapshotPool:
         return {s.uid: s for s in self.alive}
 
     def wait(self) -> None:
-        """Block the compute stream until pending captures have read the live tensors."""
-        if self._event is not None:
-            torch.cuda.current_stream().wait_event(self._event)
-            self._event = None
+        """Call before anything writes the parameters or optimizer state (the optimizer step): on
+        CUDA the compute stream then waits for pending captures to read them; the host never waits."""
+        self.engine.before_write()
 
     # -------------------------------------------------------------------------------------------
 
@@ -233,7 +225,7 @@ class SnapshotPool:
                 return self._free.pop(i)
         if self._free:  # a layout change (the optimizer state appeared): drop old buffers
             self._free.clear()
-        new = lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.pin)  # noqa: E731
+        new = self.engine.host_buffer
         return Snapshot([new(t) for t in params],
                         None if optim is None else [{k: new(v) for k, v in s.items()} for s in optim])
 
@@ -242,19 +234,6 @@ class SnapshotPool:
         if dst_optim is None:
             return []
         return [(dst[k], src[k]) for dst, src in zip(dst_optim, src_optim) for k in src]
-
-    def _copy(self, pairs) -> None:
-        with torch.no_grad():
-            if self.stream is None:
-                for dst, src in pairs:
-                    dst.copy_(src)
-                return
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                for dst, src in pairs:
-                    dst.copy_(src, non_blocking=True)
-                    src.record_stream(self.stream)
-            self._event = self.stream.record_event()
 
 
 def _same_layout(snap: Snapshot, params, optim) -> bool:
@@ -272,15 +251,9 @@ def _same_layout(snap: Snapshot, params, optim) -> bool:
 
 
 def host_memory_available() -> Optional[int]:
-    """MemAvailable from /proc/meminfo (bytes), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """Host memory available to the run (bytes): the preflight's reading, which honours
+    $MSFT_FAST_HOST_MEMORY_GIB."""
+    return host_available_memory()
 
 
 def plan_pool(model: nn.Module, states: int, with_optimizer: bool, ranks_per_host: int,

@@ -23,7 +23,7 @@ from msft_fast import checkpoint as ckpt
 from msft_fast.config import Config
 from msft_fast.data.loader import MixtureLoader
 from msft_fast.data.tasks import TaskData
-from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all
+from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all, set_gradient_sync
 from msft_fast.errors import StopRequested, UserError
 from msft_fast.fault_injection import fault_point
 from msft_fast.flops import FlopCounter, device_peak_flops
@@ -31,6 +31,7 @@ from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, decoder_blocks
 from msft_fast.optim import build_optimizer, build_scheduler
 from msft_fast.progress import make_progress
 from msft_fast.snapshot import Snapshot, SnapshotPool
+from msft_fast.step_timer import PhaseTimer
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -113,6 +114,7 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None
         self._resumed: Optional[ckpt.LoadedCheckpoint] = None
         self._pending: Optional[ckpt.PendingCheckpoint] = None
+        self._unlogged: list[_UnloggedStep] = []  # steps whose time marks have not been read yet
 
     def set_total_steps(self, total_steps: int, known: bool = True) -> None:
         """The lr schedule's horizon in steps. `known=False` when the method cannot tell how many
@@ -153,12 +155,21 @@ class Trainer:
     # -------------------------------------------------------------------------------------------
     # One optimizer step
 
-    def train_step(self) -> dict:
+    def train_step(self) -> None:
+        """One optimizer step over this rank's micro-batches of the current position.
+
+        The host waits for the device once, at the step's reduction (its statistics, gradient
+        norm and stop flag come back in one transfer); nothing else in the step reads device
+        memory. The step's time split is taken with device-side marks and logged at the next
+        sync point, so the metrics.jsonl line of a step is written one step later (or at the
+        next evaluation, checkpoint or the end).
+        """
         c, ctx = self.counters, self.ctx
-        t0 = time.perf_counter()
+        host_t0 = time.perf_counter()
+        timer = PhaseTimer.start(ctx.device)
         plans = self.loader.step_plans(c.epoch, c.step_in_epoch)
         batches = [b.to(ctx.device) for b in self.loader.step_batches(c.epoch, c.step_in_epoch)]
-        t_data = time.perf_counter()
+        timer.mark("data")
         # Sum of token losses over the whole step, divided by its global count of trained tokens,
         # so the update does not depend on how tokens fall into micro-batches or ranks. FSDP
         # averages gradients over ranks, hence the factor world_size.
@@ -169,7 +180,9 @@ class Trainer:
         # reduction per step carries the statistics and the stop decision.
         reduced = torch.zeros(3 * T + 1, dtype=torch.float64, device=ctx.device)
         stats = reduced[: 3 * T].view(3, T)
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            # Gradients are reduced across ranks once, after the last micro-batch (train.grad_sync).
+            set_gradient_sync(self.model, last_micro_batch=i == len(batches) - 1, mode=self.cfg.train.grad_sync)
             loss_sum, s = self.model(batch)
             (loss_sum * scale).backward()
             stats[0] += s.loss_sum.double()
@@ -180,11 +193,14 @@ class Trainer:
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         reduced[-1] = 1.0 if self.stop_signal else 0.0
         all_reduce_sum(reduced)
-        reduced = reduced.cpu()  # waits for the device: forward, backward and clipping are done
-        t_fwd_bwd = time.perf_counter()
-        stats = reduced[: 3 * T].view(3, T)
+        timer.mark("fwd_bwd")
+        # The step's one host-device sync: forward, backward, clipping and the reduction are done.
+        host = read_to_host(reduced, grad_norm)
+        self.log_finished_steps()  # the previous step's marks have passed by now
+        loss_sums, token_counts, correct = host[:T], host[T:2 * T], host[2 * T:3 * T]
+        stop, grad_norm_value = host[3 * T] > 0, host[3 * T + 1]
         # The gradient norm is global and the loss is reduced, so every rank takes the same decision.
-        finite = math.isfinite(float(grad_norm)) and math.isfinite(float(stats[0].sum()))
+        finite = math.isfinite(grad_norm_value) and math.isfinite(sum(loss_sums))
         lr = self.scheduler.get_last_lr()[0]
         fault_point("train_step")  # gradients computed, weights not yet updated
         if self.pool is not None:
@@ -195,10 +211,7 @@ class Trainer:
         # position stays that of an uninterrupted run.
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)  # so the optimizer's time is its own, not the next step's
-        t_end = time.perf_counter()
-        dt = t_end - t0
+        timer.mark("optimizer")
 
         tokens = sum(p.num_tokens for p in plans)
         c.step += 1
@@ -209,33 +222,30 @@ class Trainer:
         step_flops = self.flop_counter.train(tokens, self.loader.doc_lengths(plans))
         c.train_flops += step_flops
         c.kept_train_flops += step_flops
-        c.train_seconds += dt
+        # Host time: on a GPU the step's wait at its reduction covers the device work queued
+        # before it, so consecutive steps' host times add up to the wall time they took.
+        host_seconds = time.perf_counter() - host_t0
+        c.train_seconds += host_seconds
         record = {
             **self.tags,
             "step": c.step,
             "epoch": round(self.epoch_position, 6),
             "lr": lr,
-            "loss": float(stats[0].sum() / max(1.0, float(stats[1].sum()))),
-            "grad_norm": float(grad_norm),
+            "loss": sum(loss_sums) / max(1.0, sum(token_counts)),
+            "grad_norm": grad_norm_value,
             "tokens": tokens,
             "loss_tokens": loss_tokens,
-            "tokens_per_s": tokens / dt,
-            "tokens_per_s_per_device": tokens / dt / ctx.world_size,
-            **({"mfu": step_flops / (dt * self.peak_flops * ctx.world_size)} if self.peak_flops else {}),
-            "step_seconds": dt,
-            "time": {"data": t_data - t0, "fwd_bwd": t_fwd_bwd - t_data, "optimizer": t_end - t_fwd_bwd},
             "peak_mem_gib": peak_memory_gib(ctx.device),
             "train_flops": c.train_flops,
             **({} if finite else {"skipped": True}),
             "tasks": {
-                name: {"loss": _ratio(stats[0, i], stats[1, i]), "token_acc": _ratio(stats[2, i], stats[1, i]),
-                       "tokens": int(stats[1, i])}
-                for i, name in enumerate(self.task_names) if stats[1, i] > 0
+                name: {"loss": _ratio(loss_sums[i], token_counts[i]), "token_acc": _ratio(correct[i], token_counts[i]),
+                       "tokens": int(token_counts[i])}
+                for i, name in enumerate(self.task_names) if token_counts[i] > 0
             },
         }
-        self._log_step(record)
-        self._after_step(finite, stop=bool(reduced[-1] > 0))
-        return record
+        self._unlogged.append(_UnloggedStep(record, timer, step_flops, host_seconds))
+        self._after_step(finite, stop=stop)
 
     def _after_step(self, finite: bool, stop: bool) -> None:
         c, t = self.counters, self.cfg.train
@@ -273,6 +283,14 @@ class Trainer:
         if self.ctx.is_main:
             log.warning("restored weights and optimizer state from %s after %d non-finite steps", path, t.max_bad_steps)
 
+    def log_finished_steps(self, wait: bool = False) -> None:
+        """Complete and log the records of steps whose time marks have passed (all of them, waiting
+        for the device if needed, when `wait`). Called at sync points, so it never adds one."""
+        while self._unlogged and (wait or self._unlogged[0].timer.ready()):
+            done = self._unlogged.pop(0)
+            done.timer.wait()
+            self._log_step(done.complete(self.ctx.world_size, self.peak_flops))
+
     def _log_step(self, record: dict) -> None:
         if not self.ctx.is_main:
             return
@@ -304,6 +322,7 @@ class Trainer:
         reshard_all(self.model)  # a forward without backward leaves the root (and the last block) unsharded
         all_reduce_sum(stats)
         stats = stats.cpu()
+        self.log_finished_steps()  # the training steps before this pass are done on the device
         c = self.counters
         c.eval_flops += self._eval_flops_per_pass
         c.eval_tokens += self._eval_tokens_per_pass
@@ -389,6 +408,7 @@ class Trainer:
         if asynchronous is None:
             asynchronous = self.cfg.train.checkpoint_async
         self.finish_checkpoint()  # one in flight at a time: the previous one completes first
+        self.log_finished_steps(wait=True)  # metrics.jsonl up to this step belongs to the checkpoint
         c, t0 = self.counters, time.perf_counter()
         trainer_state = {
             "counters": dataclasses.asdict(c),
@@ -467,6 +487,10 @@ class Trainer:
         return self._resumed.method_state(snapshots)
 
     def close(self) -> None:
+        try:
+            self.log_finished_steps(wait=True)
+        except RuntimeError as e:  # a device in a failed state must not hide the error that ended the run
+            log.warning("the timings of the last %d step(s) could not be read: %s", len(self._unlogged), e)
         if self.progress is not None:
             self.progress.close()
         if self.pool is not None and self.pool.spill_dir is not None:
@@ -486,6 +510,37 @@ def _short_hash(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
-    return float(num / den) if float(den) > 0 else float("nan")
+def _ratio(num, den) -> float:
+    """num / den for host numbers or tensors already on the host; NaN when den is 0."""
+    return float(num) / float(den) if float(den) > 0 else float("nan")
+
+
+def read_to_host(*tensors: torch.Tensor) -> list[float]:
+    """The values of `tensors` (any shapes) as one flat list of Python floats, in one device-to-host
+    transfer: the step loop's only host-device sync."""
+    return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).tolist()
+
+
+@dataclass
+class _UnloggedStep:
+    """A step's metrics record, waiting for its time marks to pass on the device."""
+
+    record: dict
+    timer: PhaseTimer
+    flops: int
+    host_seconds: float
+
+    def complete(self, world_size: int, peak_flops: Optional[float]) -> dict:
+        split = self.timer.seconds()
+        dt = max(sum(split.values()), 1e-9)
+        r = self.record
+        r.update({
+            "tokens_per_s": r["tokens"] / dt,
+            "tokens_per_s_per_device": r["tokens"] / dt / world_size,
+            **({"mfu": self.flops / (dt * peak_flops * world_size)} if peak_flops else {}),
+            "step_seconds": dt,
+            "host_seconds": self.host_seconds,
+            "time": split,
+        })
+        return r
 

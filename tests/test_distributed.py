@@ -1,4 +1,7 @@
-"""1 rank with grad_accum=2k and 2 ranks (torchrun, gloo, FSDP2) with grad_accum=k train alike."""
+"""1 rank with grad_accum=2k and 2 ranks (torchrun, gloo, FSDP2) with grad_accum=k train alike, and
+every FSDP unit reduces its gradients once per optimizer step (train.grad_sync=step), or once per
+micro-batch when asked (train.grad_sync=micro_batch). Both sides run through
+tests/count_grad_reductions.py, which counts each step's reductions on each rank."""
 from __future__ import annotations
 
 import json
@@ -46,16 +49,18 @@ def _run(cmd, env) -> None:
     assert proc.returncode == 0, stderr[-3000:]
 
 
-@pytest.mark.parametrize("method,two_rank_options", [
-    ("sft", ()),
-    ("msft", ()),
-    # HSDP (2 replicas of 1 shard) with every other block recomputed in backward: the same maths.
-    ("sft", ("train.hsdp_replicas=2", "train.activation_checkpointing=selective")),
-], ids=["sft", "msft", "sft-hsdp-checkpointing"])
-def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_dir, method, two_rank_options):
+@pytest.mark.parametrize("method,k,two_rank_options", [
+    ("sft", 2, ()),
+    ("msft", 1, ()),
+    # HSDP (2 replicas of 1 shard) with every other block recomputed in backward, reduce-scattering
+    # after every micro-batch and all-reducing across the replicas once per step: the same maths.
+    ("sft", 2, ("train.hsdp_replicas=2", "train.activation_checkpointing=selective", "train.grad_sync=micro_batch")),
+], ids=["sft", "msft", "sft-hsdp-checkpointing-per-micro-batch"])
+def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_dir, method, k, two_rank_options):
     """For msft this also covers the snapshot pool and roll-backs with sharded state on 2 ranks."""
     config = _write_config(tmp_path, demo_dir, user_model_dir)
     tests_dir = os.path.dirname(os.path.abspath(__file__))
+    counter = os.path.join(tests_dir, "count_grad_reductions.py")
     env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
     one, two = tmp_path / "one", tmp_path / "two"
@@ -63,11 +68,13 @@ def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_d
              "train.lr=5e-3"]
     if method == "msft":  # a scripted metric forces an exclusion with a real roll-back on any data
         extra.append("msft.metric=metric_callbacks:scripted")
-    _run([sys.executable, "-m", "msft_fast", "train", "--config", config, f"output_dir={one}", "train.grad_accum=2",
-          *extra], env)
+    for folder in (one, two):
+        folder.mkdir()
+    _run([sys.executable, counter, "--config", config, f"output_dir={one}", f"train.grad_accum={2 * k}", *extra],
+         {**env, "COUNT_DIR": str(one)})
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "msft_fast.train", "--config", config, f"output_dir={two}", "train.grad_accum=1", *extra,
-          *two_rank_options], env)
+          counter, "--config", config, f"output_dir={two}", f"train.grad_accum={k}", *extra, *two_rank_options],
+         {**env, "COUNT_DIR": str(two)})
 
     def metrics(folder):
         return [json.loads(line) for line in open(folder / "metrics.jsonl")]
@@ -100,5 +107,22 @@ def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_d
 
     w1, w2 = (load_file(str(folder / "final" / "model.safetensors")) for folder in (one, two))
     assert w1.keys() == w2.keys() and "lm_head.weight" not in w1  # tied: saved once, as HF does
-    for k in w1:
-        assert (w1[k] - w2[k]).abs().max().item() < 1e-4, k
+    for name in w1:
+        assert (w1[name] - w2[name]).abs().max().item() < 1e-4, name
+
+    # Gradient reductions per optimizer step, on every rank: each FSDP unit (2 blocks + the root)
+    # reduces once per step, or once per micro-batch with train.grad_sync=micro_batch; with HSDP the
+    # all-reduce across replicas runs once per step either way.
+    per_micro_batch = "train.grad_sync=micro_batch" in two_rank_options
+    hsdp = "train.hsdp_replicas=2" in two_rank_options
+    for folder, world, accum in ((one, 1, 2 * k), (two, 2, k)):
+        for rank in range(world):
+            steps = json.load(open(folder / f"rank-{rank}.json"))
+            assert len(steps) == len(m1) and max(s["micro_batches"] for s in steps) == accum
+            for s in steps:
+                units = s["fsdp_units"]
+                reductions = units * (s["micro_batches"] if per_micro_batch and folder == two else 1)
+                assert units == 3 and s["units"] == reductions
+                # A one-rank shard group reduce-scatters nothing; 2-rank FSDP once per unit reduction.
+                assert s["reduce_scatters"] == (reductions if world == 2 and not hsdp else 0)
+                assert s["all_reduces"] == (units if hsdp and folder == two else 0)

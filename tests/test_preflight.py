@@ -169,3 +169,51 @@ def test_preflight_reads_the_run_config(monkeypatch):
     with pytest.raises(ConfigError, match=r"set data.tokens_per_batch to \d+ or less \(now 4096"):
         preflight_memory(cfg, big, 2, CUDA, torch.bfloat16, free_bytes=CUDA_RESERVE_BYTES + int(need * 0.9),
                          host_free_bytes=10**15)
+
+
+def test_accumulating_unsharded_gradients_is_costed_and_the_advice_names_grad_sync():
+    """train.grad_sync=step (the default) keeps the whole model's gradients unsharded in fp32 while a
+    step's micro-batches accumulate; micro_batch reduce-scatters each time and keeps them sharded."""
+    config = _tiny(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, vocab_size=32000)
+    P = ModelShape.from_config(config).num_params
+    plain = estimate_memory(config, 1024, 8)
+    step = estimate_memory(config, 1024, 8, grad_accum=4)
+    micro = estimate_memory(config, 1024, 8, grad_accum=4, grad_sync="micro_batch")
+    assert (plain.grads, step.grads, micro.grads) == (P / 2, 4 * P, P / 2)
+    assert step.total - plain.total == 4 * P - P / 2 and micro == plain.changed(grad_accum=4, grad_sync="micro_batch")
+    assert estimate_memory(config, 1024, 1, grad_accum=4).grads == 4 * P  # one rank: sharded is unsharded
+    free = int(CUDA_RESERVE_BYTES + FRAGMENTATION * (micro.total + step.total) / 2)  # micro fits, step does not
+    with pytest.raises(ConfigError, match=r"set train.grad_sync=micro_batch .*train.grad_accum=4"):
+        check_memory(step, CUDA, free_bytes=free, host_free_bytes=10**15, min_tokens_per_batch=1024)
+    check_memory(micro, CUDA, free_bytes=free, host_free_bytes=10**15, min_tokens_per_batch=1024)
+
+
+def test_the_run_estimate_reads_accumulation_and_checkpointing_from_the_config():
+    from msft_fast.config import load_config
+    from msft_fast.preflight import estimate_run
+
+    cfg = load_config(None, ["output_dir=o", "data.tasks=[{name: a, train: a.jsonl, val: b.jsonl}]",
+                             "data.max_seq_len=512", "data.tokens_per_batch=2048", "train.grad_accum=3",
+                             "train.activation_checkpointing=full"])
+    est = estimate_run(cfg, _tiny(), 2, torch.bfloat16)
+    assert est == estimate_memory(_tiny(), 2048, 2, grad_accum=3, activation_checkpointing=True)
+    cfg.train.activation_checkpointing, cfg.train.grad_sync = "selective", "micro_batch"  # selective: costed as off
+    assert estimate_run(cfg, _tiny(), 2, torch.bfloat16) == estimate_memory(_tiny(), 2048, 2, grad_accum=3,
+                                                                           grad_sync="micro_batch")
+
+
+def test_host_memory_can_be_given_for_machines_whose_memory_grows_on_demand(monkeypatch):
+    from msft_fast.preflight import HOST_MEMORY_ENV, host_available_memory
+    from msft_fast.snapshot import host_memory_available
+
+    est = estimate_memory(_tiny(), tokens_per_batch=1024, world_size=1, device_type="cpu")
+    monkeypatch.setenv(HOST_MEMORY_ENV, str(0.5 * est.host / GIB))
+    assert host_available_memory() == host_memory_available() == int(0.5 * est.host)
+    with pytest.raises(ConfigError, match="host memory"):
+        check_memory(est, CPU)
+    monkeypatch.setenv(HOST_MEMORY_ENV, "120")
+    check_memory(est, CPU)
+    for bad in ("lots", "-1", "0", "inf"):
+        monkeypatch.setenv(HOST_MEMORY_ENV, bad)
+        with pytest.raises(ConfigError, match=f"environment variable {HOST_MEMORY_ENV} must be a positive number"):
+            host_available_memory()

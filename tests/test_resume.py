@@ -31,7 +31,7 @@ from msft_fast.trainer import Trainer
 RESUMED = re.compile(r"resuming the unfinished run in (\S+) from (\S+) \(step (\d+)\)")
 TIMING_KEYS = {"train_seconds", "eval_seconds", "snapshot_seconds", "restore_seconds", "checkpoint_seconds",
                "spill_seconds", "wall_seconds", "seconds", "host_available", "tokens_per_s", "step_seconds",
-               "tokens_per_s_per_device", "time", "peak_mem_gib", "mfu"}
+               "tokens_per_s_per_device", "time", "peak_mem_gib", "mfu", "host_seconds"}
 
 
 def _overrides(tmp_path, demo_dir, out, *extra):
