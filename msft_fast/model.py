@@ -23,7 +23,10 @@ from msft_fast.builtin import BUILTIN_MODELS, char_tokenizer, tiny_llama_config
 from msft_fast.config import BUILTIN_MODEL_PREFIX, ModelConfig, resolve_path
 from msft_fast.data.packing import PackedBatch
 from msft_fast.errors import ConfigError, ModelError
-from msft_fast.kernels import TaskStats, fused_linear_cross_entropy
+from msft_fast.kernels import TaskStats, fused_linear_cross_entropy, loss_memory_bytes, plan_chunks
+from msft_fast.kernels.fused_linear_cross_entropy import choose_backend
+
+log = logging.getLogger("msft_fast")
 
 
 
@@ -35,6 +38,18 @@ class LoadedModel:
     attn_implementation: str
     export_dtype: torch.dtype  # the dtype the weights came in; final/ is saved in it
     compute_dtype: torch.dtype  # forward/backward dtype (FSDP param_dtype); masters stay fp32
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """How CausalLMWithTaskLoss computes its loss: config keys model.loss_impl and model.loss_chunk_mib."""
+
+    impl: str = "auto"
+    chunk_bytes: int | None = None  # None: the kernels' default budget
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "LossOptions":
+        return cls(cfg.loss_impl, cfg.loss_chunk_mib * 2**20)
 
 
 def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
@@ -104,6 +119,7 @@ def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int
     if spec.path is None:
         torch.manual_seed(seed)  # the built-in model's random init is part of the run's seed
         model = AutoModelForCausalLM.from_config(spec.config, attn_implementation=attn, dtype=torch.float32)
+        model.fused_loss_options = LossOptions.from_config(cfg)
         return LoadedModel(model, spec.tokenizer, spec.source, _used_attention(model), torch.float32, dtype)
 
     path = spec.path
@@ -120,6 +136,8 @@ def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int
         held.pass_on()
     model.config.dtype = spec.export_dtype  # we train fp32 master weights; the saved config keeps its dtype
     _check_head(model, path)
+    # The trainer builds CausalLMWithTaskLoss from the HF model alone: the loss options travel on it.
+    model.fused_loss_options = LossOptions.from_config(cfg)
     return LoadedModel(model, spec.tokenizer, path, _used_attention(model), spec.export_dtype, dtype)
 
 
@@ -283,10 +301,13 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 class CausalLMWithTaskLoss(nn.Module):
     """Wraps an HF causal LM: packed batch in, (summed token loss, per-task stats) out."""
 
-    def __init__(self, lm: nn.Module, num_tasks: int):
+    def __init__(self, lm: nn.Module, num_tasks: int, loss_options: LossOptions | None = None):
         super().__init__()
         self.lm = lm
         self.num_tasks = num_tasks
+        # Given, or what load_model attached to the HF model, or the defaults.
+        self.loss_options = loss_options or getattr(lm, "fused_loss_options", None) or LossOptions()
+        self._loss_logged: set[bool] = set()  # training and evaluation each say once which loss path runs
         self.head_transform = HeadTransform.of(lm)
         config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         self.sliding_window = getattr(config, "sliding_window", None)  # FlexAttention needs a mask for it
@@ -296,10 +317,27 @@ class CausalLMWithTaskLoss(nn.Module):
         head, t = self.lm.get_output_embeddings(), self.head_transform
         if t.scale != 1.0:
             hidden = hidden * t.scale
+        o = self.loss_options
+        if torch.is_grad_enabled() not in self._loss_logged:
+            self._loss_logged.add(torch.is_grad_enabled())
+            self._log_loss_plan(hidden, head.weight)
         return fused_linear_cross_entropy(
-            hidden, head.weight, batch.labels, batch.task_ids, self.num_tasks, reduction="sum",
-            bias=getattr(head, "bias", None), softcap=t.softcap,
+            hidden, head.weight, batch.labels, batch.task_ids, self.num_tasks, reduction="sum", impl=o.impl,
+            bias=getattr(head, "bias", None), softcap=t.softcap, chunk_bytes=o.chunk_bytes,
         )
+
+    def _log_loss_plan(self, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+        """Say which loss path runs and the memory it takes at this micro-batch size (training or evaluation)."""
+        o, (n, h), v = self.loss_options, hidden.shape, weight.shape[0]
+        backend = choose_backend(o.impl, hidden.device, hidden.dtype)
+        how = ""
+        if backend == "chunked":
+            p = plan_chunks(n, v, hidden.dtype, torch.is_grad_enabled(), o.chunk_bytes)
+            how = f": {p.logit_rows}-token logits chunks, {p.grad_rows}-token gradient groups"
+        mem = loss_memory_bytes(n, h, v, hidden.dtype, device_type=hidden.device.type, impl=o.impl,
+                                chunk_bytes=o.chunk_bytes, training=torch.is_grad_enabled())
+        log.info("loss (%s): %s path%s, about %.2f GiB beyond its inputs at %d tokens",
+                 "training" if torch.is_grad_enabled() else "evaluation", backend, how, mem / 2**30, n)
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """[N, H] final hidden states of a packed row; documents never attend to each other.

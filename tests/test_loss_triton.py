@@ -21,8 +21,10 @@ from test_loss_reference import IGN, plain
 
 T = 4  # the last task never gets a token
 INTERP_GEMM = replace(INTERPRETER_BLOCKS, backward="gemm")
-# Tiny tiles so that awkward shapes span several row blocks, V tiles, H steps and vocabulary slices.
-SMALL = TritonBlocks(block_m=16, block_v=32, block_k=16, v_splits=3, block_n=16, num_warps=4, num_stages=1)
+# Tiny tiles so that awkward shapes span several row blocks, V tiles, H steps and vocabulary slices,
+# in groups of two token blocks (the grouped program order, its last group partial).
+SMALL = TritonBlocks(block_m=16, block_v=32, block_k=16, group_m=2, v_splits=3, block_n=16, num_warps=4,
+                     num_stages=1)
 # The GEMM backward, in dlogits chunks of 16 tokens (3 chunks for N=37: the fp32 dW accumulation).
 SMALL_GEMM = replace(SMALL, backward="gemm", gemm_chunk_bytes=16 * 103 * 4)
 
@@ -198,6 +200,47 @@ def test_gemm_backward_single_chunk_and_fp32_accumulation_of_16bit_products():
     addmm_fp32_(acc, a, b)
     assert acc.dtype == torch.float32
     torch.testing.assert_close(acc, 1 + a.double().mm(b.double()).float(), rtol=1e-6, atol=1e-5)
+
+
+def test_gradient_filter_is_off_by_default_and_skips_only_small_tiles():
+    """filter_eps: a threshold below every gradient keeps the exact result; a large one skips whole
+    (token block, vocabulary tile) pairs whose gradient is small, never one holding a label."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(37, 24, generator=g).requires_grad_()
+    weight = (torch.randn(103, 24, generator=g) * 0.05).requires_grad_()  # flat softmax: every p near 1/103
+    labels = torch.randint(0, SMALL.block_v, (37,), generator=g)  # every label in the first vocabulary tile
+    labels[::5] = IGN
+    task_ids = torch.zeros(37, dtype=torch.long)
+    outs = {}
+    for eps in (None, 1e-30, 0.5):
+        loss, _, _ = linear_cross_entropy_triton(hidden, weight, labels, task_ids, T, IGN, "sum", blocks=SMALL,
+                                                 filter_eps=eps)
+        loss.backward()
+        outs[eps] = (hidden.grad.clone(), weight.grad.clone())
+        hidden.grad = weight.grad = None
+    for a, b in zip(outs[None], outs[1e-30]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    exact, filtered = outs[None][1], outs[0.5][1]
+    first = slice(0, SMALL.block_v)
+    torch.testing.assert_close(filtered[first], exact[first])  # the label tile: kept whole
+    rest = slice(SMALL.block_v, None)
+    assert torch.all(filtered[rest] == 0) and exact[rest].abs().min() > 0  # the others: skipped
+
+
+def test_filter_eps_is_refused_where_gradients_are_exact():
+    hidden, weight, _, labels, task_ids = make_inputs()
+    for impl in ("torch", "chunked", "auto"):
+        with pytest.raises(ValueError, match="filter_eps applies to the tiled kernel"):
+            fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, impl=impl, filter_eps="auto")
+    with pytest.raises(ValueError, match="filter_eps must be"):
+        fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, impl="triton", filter_eps=2.0)
+    with pytest.raises(ValueError, match="fused backward"):
+        linear_cross_entropy_triton(hidden, weight, labels, task_ids, T, IGN, "sum", blocks=SMALL_GEMM,
+                                    filter_eps=1e-3)
+    # "auto" resolves to eps / 32 of the input dtype: 2**-12 for bf16.
+    from msft_fast.kernels.fused_linear_cross_entropy import resolve_filter_eps
+
+    assert resolve_filter_eps("auto", torch.bfloat16) == 2.0**-12
 
 
 def test_single_task_default():
