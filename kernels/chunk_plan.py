@@ -7,10 +7,13 @@ Every group re-reads and re-writes the fp32 dW accumulator (8 V H bytes), so the
 largest groups: the logits get a quarter of it, at most MAX_LOGIT_ROWS rows (a [1024, H] x [H, V]
 GEMM already fills an H100/H200), the gradient rows the rest.
 
-DEFAULT_CHUNK_BYTES, 2 GiB, is the knee of bench/roofline.py's model: at 16384 x 4096 x 128256
-(bf16) it gives 1024-row sub-chunks and 6144-row groups, three passes over dW; 1 GiB (six passes)
-models about 4% slower on an H200, 4 GiB (two) about 1% faster. It is 1.4% of an 141 GB H200 and
-2.5% of an 80 GB H100; `model.loss_chunk_mib` changes it for a run.
+DEFAULT_CHUNK_BYTES, 1 GiB, comes from bench/roofline.py's model (bench/results/roofline.md): at
+16384 x 4096 x 128256 (bf16) it gives 512-token sub-chunks and 3072-token groups, six passes over
+dW, and models 0.3% slower on an H200 than an unbounded budget (512 MiB: 0.8%; 2 GiB: 0.0%). The dW
+GEMM of a group stays compute-bound while the group holds more than about 4 x (FLOP per HBM byte
+at the ridge) ~ 750 tokens; 3072 leaves room for what the model leaves out (launch tails, the
+efficiency of thinner GEMMs). It is 0.7% of a 141 GB H200 and 1.3% of an 80 GB H100;
+`model.loss_chunk_mib` changes it for a run.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_CHUNK_BYTES = 2 << 30
+DEFAULT_CHUNK_BYTES = 1 << 30
 MAX_LOGIT_ROWS = 1024
 ROW_ALIGN = 128  # sub-chunk and group sizes are multiples of a GEMM tile when the budget allows
 

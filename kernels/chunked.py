@@ -30,7 +30,7 @@ reduction="none" keeps lse and runs the loop again in backward with the per-toke
 A V-long fp32 row (513 KB at V=128256) does not fit in one SM's registers and shared memory, so the
 row is read twice; the reversed second pass is the cheap way to let L2 serve part of it.
 
-The token counts C_l and C_g come from a memory budget (chunk_plan.py says how and why 2 GiB).
+The token counts C_l and C_g come from a memory budget (chunk_plan.py says how and why 1 GiB).
 Memory beyond the inputs: the two buffers (`plan_chunks(...).bytes`), the fp32 dW accumulator and
 its 16-bit copy, dH [N, H]; see loss_memory_bytes in fused_linear_cross_entropy.py.
 Deterministic: no atomics (cuBLAS GEMMs, a row kernel, per-task sums in a fixed order).

@@ -68,7 +68,7 @@ def fused_linear_cross_entropy(
             added to the returned loss (PaLM); 0 disables it.
         return_z_loss: also return the z-loss part of the loss, per task.
         chunk_bytes: memory budget in bytes of the chunked path's transient buffers (fp32 logits of a
-            sub-chunk and 16-bit logit gradient of a group; kernels/chunk_plan.py); None: 2 GiB. Only
+            sub-chunk and 16-bit logit gradient of a group; kernels/chunk_plan.py); None: 1 GiB. Only
             the chunked path reads it.
         filter_eps: the tiled kernel's (impl="triton") gradient filter, off by default: None keeps the
             gradients exact; a float skips, in backward, every [tokens x vocabulary] tile whose

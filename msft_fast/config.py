@@ -35,7 +35,7 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     # The fused loss: auto = the chunked path on CUDA, the PyTorch reference on CPU (README "The loss kernel API")
     loss_impl: Literal["auto", "chunked", "triton", "torch"] = "auto"
-    loss_chunk_mib: int = 2048  # memory budget of the chunked loss's transient buffers (kernels/chunk_plan.py)
+    loss_chunk_mib: int = 1024  # memory budget of the chunked loss's transient buffers (kernels/chunk_plan.py)
 
 
 @dataclass

@@ -20,7 +20,7 @@ and c bytes per compute-dtype value (2 for bf16, 4 for fp32):
                                          Measured with saved-tensor hooks on CPU
                                          (tests/test_preflight.py); eager attention is not modelled
     loss                   msft_fast.kernels.loss_memory_bytes for the path the run takes: on CUDA
-                                         the chunked path's buffers (model.loss_chunk_mib, 2 GiB by
+                                         the chunked path's buffers (model.loss_chunk_mib, 1 GiB by
                                          default) + 4VH fp32 dW + c(VH + 3NH); on CPU the reference
     workspace              one more layer of activations: backward's transient gradients
 
