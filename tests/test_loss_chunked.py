@@ -11,55 +11,14 @@ from msft_fast.kernels import DEFAULT_CHUNK_BYTES, fused_linear_cross_entropy, l
 from msft_fast.kernels import chunked
 from msft_fast.kernels.chunked import is_interpreting, linear_cross_entropy_chunked
 from test_loss_reference import IGN, plain
-
-T = 4  # the last task never gets a token
-
-
-def make_inputs(n=37, h=24, v=103, dtype=torch.float32, seed=0, bias=False, num_tasks=T, ignore_index=IGN,
-                hit_frac=0.4):
-    """Random leaves in `dtype`; ~25% ignored labels, ~hit_frac of the others set to the argmax."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
-    weight = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.25  # peaked softmax, some argmax hits
-    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
-    logits = hidden.to(dtype).double() @ weight.to(dtype).double().T + (0 if b is None else b.to(dtype).double())
-    labels = torch.randint(0, v, (n,), generator=g)
-    hit = torch.rand(n, generator=g) < hit_frac
-    labels[hit] = logits.argmax(-1)[hit]
-    labels[labels == ignore_index] = (ignore_index + 1) % v  # only the rows chosen below are ignored
-    labels[torch.rand(n, generator=g) < 0.25] = ignore_index
-    task_ids = torch.randint(0, num_tasks - 1, (n,), generator=g)
-    task_ids[labels == ignore_index] = 10**6  # out of range but ignored: must not count anywhere
-    leaves = [t.to(dtype).requires_grad_() if t is not None else None for t in (hidden, weight, b)]
-    return (*leaves, labels, task_ids)
+from test_loss_triton import (
+    T, as64, check_16bit_against_float64, check_fp32_against_float64, check_stats, make_inputs, run,
+)
 
 
 def budget_for(logit_rows, grad_rows, v, dtype):
     """A chunk_bytes budget that plans exactly these rows (with chunk_size=logit_rows)."""
     return 4 * v * logit_rows + torch.finfo(dtype).bits // 8 * v * grad_rows
-
-
-def run(fn, leaves, reduction, upstream):
-    """(loss, stats, z_sums, grads of the leaves) of one call, with a random upstream gradient for none."""
-    loss, stats, z_sums = fn()
-    (loss * upstream if reduction == "none" else loss).sum().backward()
-    grads = []
-    for t in leaves:
-        if t is not None:
-            grads.append(t.grad.clone())
-            t.grad = None
-    return loss.detach(), stats, z_sums, grads
-
-
-def as64(leaves):
-    return [None if t is None else t.detach().double().requires_grad_() for t in leaves]
-
-
-def check_stats(stats, ref, num_tasks, atol):
-    assert stats.loss_sum.shape == (num_tasks,) and stats.loss_sum.dtype == torch.float32
-    assert stats.tokens.dtype == stats.correct.dtype == torch.int64
-    assert torch.equal(stats.tokens, ref.tokens) and torch.equal(stats.correct, ref.correct)
-    torch.testing.assert_close(stats.loss_sum.double(), ref.loss_sum, rtol=1e-5, atol=atol)
 
 
 def test_runs_under_the_interpreter():
@@ -82,46 +41,21 @@ def test_fp32_matches_float64(reduction, options, chunking):
         kw["chunk_bytes"] = budget_for(8, 16, 103, torch.float32)
         plan = plan_chunks(37, 103, torch.float32, True, kw["chunk_bytes"], 8)
         assert (plan.logit_rows, plan.grad_rows, plan.groups(37), plan.sub_chunks(37)) == (8, 16, 3, 5)
-    upstream = torch.randn(labels.shape[0], dtype=torch.float64)
-    got = run(lambda: linear_cross_entropy_chunked(hidden, weight, labels, task_ids, T, IGN, reduction, bias=bias,
-                                                   **opts, **kw),
-              (hidden, weight, bias), reduction, upstream.float())
-    h64, w64, b64 = as64((hidden, weight, bias))
-    ref = run(lambda: plain(h64, w64, labels, task_ids, T, reduction, bias=b64, with_z=True, **opts),
-              (h64, w64, b64), reduction, upstream)
-    assert got[0].dtype == torch.float32 and got[0].shape == ref[0].shape
-    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-5)
-    check_stats(got[1], ref[1], T, atol=1e-4)
-    assert got[1].correct.sum() >= 3  # the argmax path is exercised, not only misses
-    assert got[1].tokens[-1] == 0 and got[1].loss_sum[-1] == 0  # the task without tokens
-    torch.testing.assert_close(got[2].double(), ref[2], rtol=1e-5, atol=1e-5)
-    assert len(got[3]) == len(ref[3]) == (3 if bias is not None else 2)
-    for a, b in zip(got[3], ref[3]):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+    check_fp32_against_float64(
+        lambda: linear_cross_entropy_chunked(hidden, weight, labels, task_ids, T, IGN, reduction, bias=bias, **opts,
+                                             **kw),
+        (hidden, weight, bias), labels, task_ids, reduction, opts)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_16bit_inputs_close_to_float64(dtype, tol, reduction):
     hidden, weight, bias, labels, task_ids = make_inputs(dtype=dtype, seed=1, bias=True)
-    upstream = torch.randn(labels.shape[0], dtype=torch.float64)
-    got = run(lambda: linear_cross_entropy_chunked(hidden, weight, labels, task_ids, T, IGN, reduction, bias=bias,
-                                                   softcap=3.0, z_loss=1e-3, chunk_size=8, row_block=32,
-                                                   chunk_bytes=budget_for(8, 16, 103, dtype)),
-              (hidden, weight, bias), reduction, upstream.to(dtype))
-    # The float64 reference sees the very same (rounded) inputs and upstream gradient.
-    h64, w64, b64 = as64((hidden, weight, bias))
-    ref = run(lambda: plain(h64, w64, labels, task_ids, T, reduction, bias=b64, softcap=3.0, z_loss=1e-3,
-                            with_z=True),
-              (h64, w64, b64), reduction, upstream.to(dtype).double())
-    # fp32 logits and softmax: the loss of 16-bit inputs is exact to fp32, not to 16 bits.
-    assert got[0].dtype == torch.float32
-    torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-5)
-    check_stats(got[1], ref[1], T, atol=1e-3)
-    for a, b in zip(got[3], ref[3]):
-        assert a.dtype == dtype
-        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+    check_16bit_against_float64(
+        lambda: linear_cross_entropy_chunked(hidden, weight, labels, task_ids, T, IGN, reduction, bias=bias,
+                                             softcap=3.0, z_loss=1e-3, chunk_size=8, row_block=32,
+                                             chunk_bytes=budget_for(8, 16, 103, dtype)),
+        (hidden, weight, bias), labels, task_ids, reduction, dtype, tol)
 
 
 def test_many_tasks_and_another_ignore_index():
@@ -141,7 +75,7 @@ def test_many_tasks_and_another_ignore_index():
     assert (labels == ign).sum() > 5 and (task_ids[labels != ign] >= 256).sum() >= 4
     torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-5)
     assert torch.all(got[0][labels == ign] == 0)
-    check_stats(got[1], ref[1], num_tasks, atol=1e-4)
+    check_stats(got[1], ref[1], atol=1e-4, num_tasks=num_tasks)
     torch.testing.assert_close(got[2].double(), ref[2], rtol=1e-5, atol=1e-6)
     for a, b in zip(got[3], ref[3]):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
@@ -179,23 +113,18 @@ def test_public_api_drops_ignored_tokens_before_the_backend(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-@pytest.mark.parametrize("n", [0, 9])
-def test_all_ignored_and_empty(n, reduction):
-    hidden, weight, bias, _, task_ids = make_inputs(n=n, h=20, v=40, bias=True)
-    labels = torch.full((n,), IGN)
-    for call in (lambda: fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, reduction=reduction,
-                                                    impl="chunked", bias=bias, z_loss=0.1),
-                 lambda: linear_cross_entropy_chunked(hidden, weight, labels, task_ids, T, IGN, reduction, bias=bias,
-                                                      z_loss=0.1)[:2]):  # the row kernel's own ignored rows
-        loss, stats = call()
-        assert loss.shape == ((n,) if reduction == "none" else ())
-        loss.sum().backward()
-        assert torch.all(loss == 0)
-        assert all(torch.all(t.grad == 0) for t in (hidden, weight, bias))
-        assert all(torch.all(s == 0) for s in stats) and stats.loss_sum.shape == (T,)
-        for t in (hidden, weight, bias):
-            t.grad = None
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_row_kernel_ignored_rows_give_zeros(reduction):
+    """Called directly (the public API drops them first), ignored rows read no logits and get zero gradient rows,
+    even among the rows of a chunk that carry a loss."""
+    hidden, weight, bias, labels, task_ids = make_inputs(n=12, h=20, v=40, bias=True)
+    labels[:6] = IGN
+    loss, stats, _ = linear_cross_entropy_chunked(hidden, weight, labels, task_ids, T, IGN, reduction, bias=bias,
+                                                  z_loss=0.1)
+    loss.sum().backward()
+    valid = labels != IGN
+    assert hidden.grad[~valid].abs().sum() == 0 and hidden.grad[valid].abs().sum(1).min() > 0
+    assert stats.tokens.sum() == valid.sum() > 0 and (reduction == "sum" or torch.all(loss[~valid] == 0))
 
 
 def test_no_grad_partial_grads_and_a_single_backward():

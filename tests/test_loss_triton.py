@@ -33,7 +33,8 @@ def test_runs_under_the_interpreter():
     assert is_interpreting(), "tests/conftest.py must set TRITON_INTERPRET=1 before triton is imported"
 
 
-def make_inputs(n=37, h=24, v=103, dtype=torch.float32, seed=0, bias=False, hit_frac=0.4):
+def make_inputs(n=37, h=24, v=103, dtype=torch.float32, seed=0, bias=False, num_tasks=T, ignore_index=IGN,
+                hit_frac=0.4):
     """Random leaves in `dtype`; ~25% ignored labels, ~hit_frac of the others set to the argmax."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
@@ -43,9 +44,10 @@ def make_inputs(n=37, h=24, v=103, dtype=torch.float32, seed=0, bias=False, hit_
     labels = torch.randint(0, v, (n,), generator=g)
     hit = torch.rand(n, generator=g) < hit_frac
     labels[hit] = logits.argmax(-1)[hit]
-    labels[torch.rand(n, generator=g) < 0.25] = IGN
-    task_ids = torch.randint(0, T - 1, (n,), generator=g)
-    task_ids[labels == IGN] = 77  # out of range but ignored: must not count anywhere
+    labels[labels == ignore_index] = (ignore_index + 1) % v  # only the rows chosen below are ignored
+    labels[torch.rand(n, generator=g) < 0.25] = ignore_index
+    task_ids = torch.randint(0, num_tasks - 1, (n,), generator=g)
+    task_ids[labels == ignore_index] = 10**6  # out of range but ignored: must not count anywhere
     leaves = [t.to(dtype).requires_grad_() if t is not None else None for t in (hidden, weight, b)]
     return (*leaves, labels, task_ids)
 
@@ -66,8 +68,8 @@ def as64(leaves):
     return [None if t is None else t.detach().double().requires_grad_() for t in leaves]
 
 
-def check_stats(stats, ref, atol):
-    assert isinstance(stats, TaskStats) and stats.loss_sum.shape == (T,)
+def check_stats(stats, ref, atol, num_tasks=T):
+    assert isinstance(stats, TaskStats) and stats.loss_sum.shape == (num_tasks,)
     assert stats.loss_sum.dtype == torch.float32 and stats.tokens.dtype == stats.correct.dtype == torch.int64
     assert torch.equal(stats.tokens, ref.tokens) and torch.equal(stats.correct, ref.correct)
     torch.testing.assert_close(stats.loss_sum.double(), ref.loss_sum, rtol=1e-5, atol=atol)
@@ -79,11 +81,18 @@ def check_stats(stats, ref, atol):
 def test_fp32_matches_float64(reduction, options, blocks):
     hidden, weight, bias, labels, task_ids = make_inputs(bias=options.get("bias", False))
     opts = dict(softcap=options.get("softcap"), z_loss=options.get("z_loss", 0.0))
+    check_fp32_against_float64(
+        lambda: linear_cross_entropy_triton(hidden, weight, labels, task_ids, T, IGN, reduction, bias=bias,
+                                            blocks=blocks, **opts),
+        (hidden, weight, bias), labels, task_ids, reduction, opts)
+
+
+def check_fp32_against_float64(call, leaves, labels, task_ids, reduction, opts):
+    """call() -> (loss, stats, z_sums) of fp32 leaves (hidden, weight, bias or None) against float64
+    materialised logits: loss, per-task stats, z-loss and every gradient (random upstream for none)."""
     upstream = torch.randn(labels.shape[0], dtype=torch.float64)
-    got = run(lambda: linear_cross_entropy_triton(hidden, weight, labels, task_ids, T, IGN, reduction,
-                                                  bias=bias, blocks=blocks, **opts),
-              (hidden, weight, bias), reduction, upstream.float())
-    h64, w64, b64 = as64((hidden, weight, bias))
+    got = run(call, leaves, reduction, upstream.float())
+    h64, w64, b64 = as64(leaves)
     ref = run(lambda: plain(h64, w64, labels, task_ids, T, reduction, bias=b64, with_z=True, **opts),
               (h64, w64, b64), reduction, upstream)
     assert got[0].dtype == torch.float32 and got[0].shape == ref[0].shape
@@ -92,7 +101,7 @@ def test_fp32_matches_float64(reduction, options, blocks):
     assert got[1].correct.sum() >= 3  # the argmax path is exercised, not only misses
     assert got[1].tokens[-1] == 0 and got[1].loss_sum[-1] == 0  # the task without tokens
     torch.testing.assert_close(got[2].double(), ref[2], rtol=1e-5, atol=1e-5)
-    assert len(got[3]) == len(ref[3]) == (3 if bias is not None else 2)
+    assert len(got[3]) == len(ref[3]) == (3 if leaves[2] is not None else 2)
     for a, b in zip(got[3], ref[3]):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
@@ -104,17 +113,23 @@ def test_fp32_matches_float64(reduction, options, blocks):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_16bit_inputs_close_to_float64(dtype, tol, reduction):
     hidden, weight, bias, labels, task_ids = make_inputs(dtype=dtype, seed=1, bias=True)
+    check_16bit_against_float64(
+        lambda: fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, reduction=reduction, impl="triton",
+                                           bias=bias, softcap=3.0, z_loss=1e-3, return_z_loss=True),
+        (hidden, weight, bias), labels, task_ids, reduction, dtype, tol)
+
+
+def check_16bit_against_float64(call, leaves, labels, task_ids, reduction, dtype, tol):
+    """call() -> (loss, stats, z_sums) of 16-bit leaves (softcap 3, z-loss 1e-3) against float64 on the
+    very same rounded inputs and upstream gradient: fp32 loss and stats, gradients in `dtype` within tol."""
     upstream = torch.randn(labels.shape[0], dtype=torch.float64)
-    got = run(lambda: fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, reduction=reduction,
-                                                 impl="triton", bias=bias, softcap=3.0, z_loss=1e-3,
-                                                 return_z_loss=True),
-              (hidden, weight, bias), reduction, upstream.to(dtype))
-    # The float64 reference sees the very same (rounded) inputs and upstream gradient.
-    h64, w64, b64 = as64((hidden, weight, bias))
+    got = run(call, leaves, reduction, upstream.to(dtype))
+    h64, w64, b64 = as64(leaves)
     ref = run(lambda: plain(h64, w64, labels, task_ids, T, reduction, bias=b64, softcap=3.0, z_loss=1e-3,
                             with_z=True),
               (h64, w64, b64), reduction, upstream.to(dtype).double())
-    assert got[0].dtype == torch.float32  # fp32 accumulation and loss for 16-bit inputs
+    # fp32 logits and softmax: the loss of 16-bit inputs is exact to fp32, not to 16 bits.
+    assert got[0].dtype == torch.float32
     torch.testing.assert_close(got[0].double(), ref[0], rtol=1e-5, atol=1e-5)
     check_stats(got[1], ref[1], atol=1e-3)
     for a, b in zip(got[3], ref[3]):
@@ -139,12 +154,13 @@ def test_agrees_with_reference_backend_through_public_api():
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("n", [0, 9])
-def test_all_ignored_and_empty(n, reduction):
+def test_all_ignored_and_empty(n, reduction, impl):
     hidden, weight, bias, _, task_ids = make_inputs(n=n, h=20, v=40, bias=True)
     labels = torch.full((n,), IGN)
-    loss, stats = fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, reduction=reduction, impl="triton",
+    loss, stats = fused_linear_cross_entropy(hidden, weight, labels, task_ids, T, reduction=reduction, impl=impl,
                                              bias=bias, z_loss=0.1)
     assert loss.shape == ((n,) if reduction == "none" else ())
     loss.sum().backward()
