@@ -165,6 +165,8 @@ def test_plan_chunks_within_the_budget():
     # A budget below one row of each buffer still plans one row of each, and says how much it takes.
     tiny = plan_chunks(100, 1000, torch.bfloat16, True, 10)
     assert (tiny.logit_rows, tiny.grad_rows, tiny.bytes) == (1, 1, 4000 + 2000)
+    # A small vocabulary: a quarter of the budget would hold 2048 logits rows; a sub-chunk stops at 1024.
+    assert plan_chunks(16384, 32000, torch.bfloat16, True, 1 << 30).logit_rows == 1024
     # No gradients: the whole budget is logits.
     assert plan_chunks(16384, 128256, torch.bfloat16, False).logit_rows == 2048
 
