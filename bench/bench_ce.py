@@ -144,10 +144,10 @@ def main(argv=None) -> dict:
         if getattr(a, key) is not None:
             s[key] = getattr(a, key)
     shapes = SHAPES[mode]
-    if a.tokens or a.hidden or a.vocab:
-        if not (a.tokens and a.hidden and a.vocab):
-            p.error("--tokens, --hidden and --vocab go together")
-        shapes = [(n, a.hidden, v) for n in a.tokens for v in a.vocab]
+    if a.tokens or a.hidden or a.vocab:  # a grid; what is not given comes from the mode's shapes
+        hidden = a.hidden or shapes[0][1]
+        shapes = [(n, hidden, v) for n in (a.tokens or sorted({x[0] for x in shapes}))
+                  for v in (a.vocab or sorted({x[2] for x in shapes}))]
     env = None
     if mode == "interpret":
         env = dict(os.environ, TRITON_INTERPRET="1")
