@@ -233,13 +233,14 @@ def markdown(report: dict, mode: str, model: dict) -> list[str]:
                 else f"{shape['results'][c]['extra_peak_mb']:.0f}" for c in cases) + " |")
     if any("grad_error" in r for shape in report["shapes"] for r in shape["results"].values()):
         lines += ["", f"Error against float64 on {s['grad_slice']} tokens (max |x - x64| / max |x64|: loss, "
-                      "dL/dhidden, dL/dweight):", "", "| N x H x V | " + " | ".join(cases) + " |",
+                      "dL/dhidden, dL/dweight; a second run on the same inputs compared bit for bit):", "", "| N x H x V | " + " | ".join(cases) + " |",
                   "|" + "---|" * (len(cases) + 1)]
         for shape in report["shapes"]:
             row = []
             for c in cases:
                 e = shape["results"].get(c, {}).get("grad_error")
-                row.append("n/a" if e is None else f"{e['loss']:.0e} / {e['grad_hidden']:.0e} / {e['grad_weight']:.0e}")
+                row.append("n/a" if e is None else f"{e['loss']:.0e} / {e['grad_hidden']:.0e} / {e['grad_weight']:.0e}"
+                           + ("" if e.get("bitwise_repeat", True) else " (not bitwise repeatable)"))
             lines.append(f"| {shape['tokens']} x {shape['hidden']} x {shape['vocab']} | " + " | ".join(row) + " |")
     if model:
         lines += ["", "Measured vs MODELLED (bench/roofline.py) ms:", "",

@@ -144,13 +144,20 @@ def run_case(case: str, device: str, n: int, h: int, v: int, dtype: str, repeats
 
 def grad_error(fn, n: int, h: int, v: int, dtype: str, device: str, ignored: float) -> dict:
     """Relative errors of one case against float64 PyTorch on materialised logits, on n tokens:
-    max |x - x64| / max |x64| for the summed loss, dL/dhidden and dL/dweight."""
+    max |x - x64| / max |x64| for the summed loss, dL/dhidden and dL/dweight; and whether a second
+    run gave the same bits."""
     import torch
     import torch.nn.functional as F
 
     hidden, weight, labels, task_ids = make_inputs(n, h, v, dtype, device, ignored)
-    loss = fn(hidden, weight, labels, task_ids)
-    loss.backward()
+    runs = []
+    for _ in range(2):  # twice: is the result the same bits?
+        loss = fn(hidden, weight, labels, task_ids)
+        loss.backward()
+        runs.append((loss.detach().clone(), hidden.grad.clone(), weight.grad.clone()))
+        hidden.grad = weight.grad = None
+    loss, (_, grad_hidden, grad_weight) = runs[0][0], runs[0]
+    repeat = all(torch.equal(a, b) for a, b in zip(*runs))
     h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
     ref = F.cross_entropy(h64 @ w64.T, labels, ignore_index=-100, reduction="sum")
     ref.backward()
@@ -158,8 +165,8 @@ def grad_error(fn, n: int, h: int, v: int, dtype: str, device: str, ignored: flo
     def rel(x, r):
         return float(((x.double() - r).abs().max() / r.abs().max().clamp(min=1e-30)).cpu())
 
-    return {"tokens": n, "loss": rel(loss.detach(), ref.detach()), "grad_hidden": rel(hidden.grad, h64.grad),
-            "grad_weight": rel(weight.grad, w64.grad)}
+    return {"tokens": n, "loss": rel(loss, ref.detach()), "grad_hidden": rel(grad_hidden, h64.grad),
+            "grad_weight": rel(grad_weight, w64.grad), "bitwise_repeat": repeat}
 
 
 def check(device: str) -> bool:

@@ -33,7 +33,8 @@ row is read twice; the reversed second pass is the cheap way to let L2 serve par
 The token counts C_l and C_g come from a memory budget (chunk_plan.py says how and why 1 GiB).
 Memory beyond the inputs: the two buffers (`plan_chunks(...).bytes`), the fp32 dW accumulator and
 its 16-bit copy, dH [N, H]; see loss_memory_bytes in fused_linear_cross_entropy.py.
-Deterministic: no atomics (cuBLAS GEMMs, a row kernel, per-task sums in a fixed order).
+Deterministic by construction: no atomics (cuBLAS GEMMs, a row kernel, per-task sums in a fixed
+order); bench/gpu_check_ce.sh checks that two runs give the same bits (not yet run on a GPU).
 Under TRITON_INTERPRET=1 (CPU tests) the GEMMs run in torch on upcast operands and the row kernel
 writes fp32 gradient rows that torch rounds to 16 bits (the interpreter's own 16-bit stores truncate).
 """

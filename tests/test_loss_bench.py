@@ -95,4 +95,5 @@ def test_gpu_check_ce_dry_run(tmp_path):
         assert e["grad_hidden"] < 1e-2 and e["grad_weight"] < 1e-2, (case, e)
         if case.startswith("msft_fast"):
             assert e["loss"] < 1e-5, (case, e)  # fp32 logits: no 16-bit rounding of the loss
+    assert results["msft_fast_chunked"]["grad_error"]["bitwise_repeat"] is True
     assert (tmp_path / "out" / "ce_cpu_interpret.md").exists() and (tmp_path / "out" / "roofline.md").exists()
