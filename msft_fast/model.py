@@ -83,6 +83,10 @@ def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device) -> M
 
     dtype = compute_dtype_for(precision, device)
     attn = choose_attention(cfg.attn_implementation, device, dtype)
+    if cfg.loss_impl in ("chunked", "triton") and device.type != "cuda" \
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ConfigError(f"config key 'model.loss_impl' ({cfg.loss_impl}) runs Triton kernels, which need a CUDA "
+                          f"device (this run is on {device.type}); use auto or torch")
     if cfg.path.startswith(BUILTIN_MODEL_PREFIX):
         name = cfg.path[len(BUILTIN_MODEL_PREFIX):]
         if name not in BUILTIN_MODELS:

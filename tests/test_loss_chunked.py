@@ -195,6 +195,17 @@ def test_config_keys_reach_the_loss():
                                bad])
 
 
+def test_a_triton_loss_on_a_cpu_run_is_refused_before_anything_loads(monkeypatch):
+    from msft_fast.config import ModelConfig
+    from msft_fast.model import load_model_spec
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # a real CPU run: the Triton paths cannot run there
+    for impl in ("chunked", "triton"):
+        with pytest.raises(ConfigError, match=rf"config key 'model.loss_impl' \({impl}\) .* use auto or torch"):
+            load_model_spec(ModelConfig(loss_impl=impl), "fp32", torch.device("cpu"))
+    assert load_model_spec(ModelConfig(loss_impl="torch"), "fp32", torch.device("cpu")).tokenizer is not None
+
+
 def _packed_batch(vocab, num_tasks=3, seed=0):
     """A packed row of four documents of three tasks; the last token of each document and a prompt are ignored."""
     from msft_fast.data.packing import PackedBatch
