@@ -4,10 +4,13 @@ Cross-Entropy (`cut-cross-entropy`) and Liger's fused linear cross-entropy (`lig
 Forward + backward, side by side, same inputs.
 
 On a CPU: our chunked reference vs materialised logits vs CCE's torch.compile path (its only CPU
-path); best of repeats, peak resident memory. On CUDA: our Triton kernel (16 tasks, and without
-tasks: the cost of the per-task statistics), our PyTorch reference, materialised logits, Liger, and
-CCE (default gradient filter, and filter_eps=None for exact gradients); median CUDA time and peak
+path); best of repeats, peak resident memory. On CUDA: our default chunked path (16 tasks, and
+without tasks: the cost of the per-task statistics), the tiled Triton kernel (fused backward, its
+gradient filter, and the GEMM backward), our PyTorch reference, materialised logits, Liger, and CCE
+(default gradient filter, and filter_eps=None for exact gradients); median CUDA time and peak
 allocated memory above the inputs. A peer that is not importable is skipped with a printed note.
+Labels: a fraction --ignored (default 0.3) is ignore_index; our paths drop those tokens before any
+matmul, Liger does not (CCE does).
 
 Each case runs in its own subprocess so its peak memory is its own (and an OOM stays its own).
 Writes bench/results/loss_<device>.json and .md.
@@ -29,15 +32,15 @@ import sys
 import time
 
 CPU_CASES = ("inputs_only", "materialised", "cce_torch_compile", "msft_fast")
-CUDA_CASES = ("inputs_only", "materialised", "msft_fast_torch", "msft_fast_triton", "msft_fast_triton_no_tasks",
-              "msft_fast_triton_gemm_bwd", "liger", "cce", "cce_exact")
-OURS = {"cpu": "msft_fast", "cuda": "msft_fast_triton"}
+CUDA_CASES = ("inputs_only", "materialised", "msft_fast_torch", "msft_fast_chunked", "msft_fast_chunked_no_tasks",
+              "msft_fast_triton", "msft_fast_triton_filtered", "msft_fast_triton_gemm_bwd", "liger", "cce", "cce_exact")
+OURS = {"cpu": "msft_fast", "cuda": "msft_fast_chunked"}
 DEFAULTS = {"cpu": dict(tokens=4096, hidden=256, vocab=32000, dtype="float32", repeats=3),
             "cuda": dict(tokens=8192, hidden=4096, vocab=128256, dtype="bfloat16", repeats=10)}
 NUM_TASKS = 16
 
 
-def make_inputs(n: int, h: int, v: int, dtype: str, device: str):
+def make_inputs(n: int, h: int, v: int, dtype: str, device: str, ignored: float = 0.3):
     import torch
 
     torch.manual_seed(0)
@@ -45,7 +48,7 @@ def make_inputs(n: int, h: int, v: int, dtype: str, device: str):
     hidden = torch.randn(n, h, dtype=dt, device=device, requires_grad=True)
     weight = (torch.randn(v, h, device=device) * h**-0.5).to(dt).requires_grad_()
     labels = torch.randint(0, v, (n,), device=device)
-    labels[torch.rand(n, device=device) < 0.3] = -100
+    labels[torch.rand(n, device=device) < ignored] = -100
     task_ids = torch.randint(0, NUM_TASKS, (n,), device=device)
     return hidden, weight, labels, task_ids
 
@@ -82,19 +85,25 @@ def loss_fn(case: str):
         return lambda h, w, y, t: liger(w, h, y)
     if case == "materialised":
         return lambda h, w, y, t: F.cross_entropy((h @ w.T).float(), y, ignore_index=-100, reduction="sum")
-    if case == "msft_fast_triton_gemm_bwd":  # the deterministic backward: dlogits chunks + cuBLAS GEMMs
+    if case == "msft_fast_triton_gemm_bwd":  # the tiled forward, dlogits chunks + cuBLAS GEMMs in backward
         return lambda h, w, y, t: linear_cross_entropy_triton(h, w, y, t, NUM_TASKS, -100, "sum",
                                                               blocks=gemm_blocks(h.dtype))[0]
-    impl = "triton" if case.startswith("msft_fast_triton") else "torch"
+    if case == "msft_fast_triton_filtered":  # CCE's gradient filter on our tiled kernel (approximate)
+        return lambda h, w, y, t: fused_linear_cross_entropy(h, w, y, t, NUM_TASKS, impl="triton", filter_eps="auto")[0]
+    impl = ("triton" if case.startswith("msft_fast_triton") else "chunked" if case.startswith("msft_fast_chunked")
+            else "torch")
     if case.endswith("_no_tasks"):  # the same kernel without per-task statistics
         return lambda h, w, y, t: fused_linear_cross_entropy(h, w, y, impl=impl)[0]
     return lambda h, w, y, t: fused_linear_cross_entropy(h, w, y, t, NUM_TASKS, impl=impl)[0]
 
 
-def run_case(case: str, device: str, n: int, h: int, v: int, dtype: str, repeats: int) -> dict:
+def run_case(case: str, device: str, n: int, h: int, v: int, dtype: str, repeats: int, ignored: float = 0.3,
+             grad_slice: int = 0) -> dict:
+    """Time fwd+bwd of one case (median on CUDA, best on CPU) and its extra peak memory; with grad_slice,
+    also its errors against float64 on that many tokens (grad_error)."""
     import torch
 
-    hidden, weight, labels, task_ids = make_inputs(n, h, v, dtype, device)
+    hidden, weight, labels, task_ids = make_inputs(n, h, v, dtype, device, ignored)
     fn = loss_fn(case) if case != "inputs_only" else None
     if isinstance(fn, str):
         return {"case": case, "skipped": fn}
@@ -127,23 +136,56 @@ def run_case(case: str, device: str, n: int, h: int, v: int, dtype: str, repeats
         out["extra_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if grad_slice:
+        hidden = weight = labels = task_ids = None  # the timed inputs go before the float64 check
+        out["grad_error"] = grad_error(fn, grad_slice, h, v, dtype, device, ignored)
     return out
 
 
+def grad_error(fn, n: int, h: int, v: int, dtype: str, device: str, ignored: float) -> dict:
+    """Relative errors of one case against float64 PyTorch on materialised logits, on n tokens:
+    max |x - x64| / max |x64| for the summed loss, dL/dhidden and dL/dweight; and whether a second
+    run gave the same bits."""
+    import torch
+    import torch.nn.functional as F
+
+    hidden, weight, labels, task_ids = make_inputs(n, h, v, dtype, device, ignored)
+    runs = []
+    for _ in range(2):  # twice: is the result the same bits?
+        loss = fn(hidden, weight, labels, task_ids)
+        loss.backward()
+        runs.append((loss.detach().clone(), hidden.grad.clone(), weight.grad.clone()))
+        hidden.grad = weight.grad = None
+    loss, (_, grad_hidden, grad_weight) = runs[0][0], runs[0]
+    repeat = all(torch.equal(a, b) for a, b in zip(*runs))
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    ref = F.cross_entropy(h64 @ w64.T, labels, ignore_index=-100, reduction="sum")
+    ref.backward()
+
+    def rel(x, r):
+        return float(((x.double() - r).abs().max() / r.abs().max().clamp(min=1e-30)).cpu())
+
+    return {"tokens": n, "loss": rel(loss, ref.detach()), "grad_hidden": rel(grad_hidden, h64.grad),
+            "grad_weight": rel(grad_weight, w64.grad), "bitwise_repeat": repeat}
+
+
 def check(device: str) -> bool:
-    """Triton kernel vs the float64 reference on awkward shapes; True when everything matches."""
+    """Our Triton paths (chunked, tiled with fused and GEMM backward) vs the float64 reference on awkward
+    shapes; True when everything matches."""
     import torch
 
     from msft_fast.kernels import fused_linear_cross_entropy
     from msft_fast.kernels.triton_flce import linear_cross_entropy_triton
 
     ok = True
+    variants = (("sum", "fused"), ("none", "fused"), ("sum", "gemm"), ("none", "gemm"), ("sum", "chunked"),
+                ("none", "chunked"))
     for n, h, v, dtype, tol in [(37, 48, 101, torch.float32, 1e-4), (1000, 512, 32003, torch.float32, 1e-4),
                                 (1000, 512, 32003, torch.bfloat16, 3e-2), (4096, 2048, 128256, torch.bfloat16, 3e-2)]:
         if device == "cpu" and n > 100:
             continue  # the interpreter: only the smallest shape
         for opts in ({}, dict(softcap=30.0, z_loss=1e-4)):
-            for reduction, backward in (("sum", "fused"), ("none", "fused"), ("sum", "gemm"), ("none", "gemm")):
+            for reduction, backward in variants:
                 g = torch.Generator(device="cpu").manual_seed(n + v)
                 hid = torch.randn(n, h, generator=g).to(device, dtype).requires_grad_()
                 w = (torch.randn(v, h, generator=g) * h**-0.5 * 4).to(device, dtype).requires_grad_()
@@ -152,9 +194,12 @@ def check(device: str) -> bool:
                 t = torch.randint(0, 3, (n,), generator=g).to(device)
                 up = torch.randn(n, generator=g).to(device)
                 res = {}
-                for impl, (hh, ww) in (("triton", (hid, w)),
+                for impl, (hh, ww) in (("ours", (hid, w)),
                                        ("torch", [x.detach().double().requires_grad_() for x in (hid, w)])):
-                    if impl == "triton":
+                    if impl == "ours" and backward == "chunked":
+                        loss, st = fused_linear_cross_entropy(hh, ww, y, t, 3, reduction=reduction, impl="chunked",
+                                                              **opts)
+                    elif impl == "ours":
                         loss, st, _ = linear_cross_entropy_triton(hh, ww, y, t, 3, -100, reduction, **opts,
                                                                   blocks=gemm_blocks(dtype) if backward == "gemm" else None)
                     else:
@@ -162,7 +207,7 @@ def check(device: str) -> bool:
                                                               chunk_size=512, **opts)
                     (loss.double() * up.double() if reduction == "none" else loss).sum().backward()
                     res[impl] = (loss.detach().double(), st, hh.grad.double(), ww.grad.double())
-                a, b = res["triton"], res["torch"]
+                a, b = res["ours"], res["torch"]
                 errs = {name: float(((x - r).abs().max() / r.abs().max().clamp(min=1)).cpu())
                         for name, x, r in (("loss", a[0], b[0]), ("grad_hidden", a[2], b[2]),
                                            ("grad_weight", a[3], b[3]),
@@ -170,7 +215,8 @@ def check(device: str) -> bool:
                 counts = torch.equal(a[1].tokens, b[1].tokens) and int((a[1].correct - b[1].correct).abs().sum()) <= 1
                 passed = counts and all(e <= tol for e in errs.values())
                 ok &= passed
-                print(f"{'ok  ' if passed else 'FAIL'} N={n} H={h} V={v} {str(dtype)[6:]} {reduction} {backward} {opts} "
+                path = "chunked" if backward == "chunked" else f"tiled/{backward}"
+                print(f"{'ok  ' if passed else 'FAIL'} N={n} H={h} V={v} {str(dtype)[6:]} {reduction} {path} {opts} "
                       f"counts_match={counts} " + " ".join(f"{k}={e:.1e}" for k, e in errs.items()), flush=True)
     return ok
 
@@ -183,6 +229,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, help="V (default: 32000 on cpu, 128256 on cuda)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--repeats", type=int, help="timed steps per case (default: 3 on cpu, 10 on cuda)")
+    p.add_argument("--ignored", type=float, default=0.3, help="fraction of labels that are ignore_index (default 0.3)")
+    p.add_argument("--grad-slice", type=int, default=0, help=argparse.SUPPRESS)  # child: float64 check on N tokens
     p.add_argument("--check", action="store_true", help="only check the Triton kernel against the float64 reference "
                    "(on cpu it needs TRITON_INTERPRET=1)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # child process
@@ -195,8 +243,8 @@ def main() -> None:
         sys.exit(0 if check(a.device) else 1)
     if a.case:
         for case in a.case.split(","):
-            print(json.dumps(run_case_guarded(case, a.device, a.tokens, a.hidden, a.vocab, a.dtype, a.repeats)),
-                  flush=True)
+            print(json.dumps(run_case_guarded(case, a.device, a.tokens, a.hidden, a.vocab, a.dtype, a.repeats,
+                                              a.ignored, a.grad_slice)), flush=True)
         return
     if a.device == "cuda":
         import torch
@@ -204,17 +252,18 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit("--device cuda: no CUDA device is available here.")
     cases = CPU_CASES if a.device == "cpu" else CUDA_CASES
-    results = run_cases(cases, a.device, a.tokens, a.hidden, a.vocab, a.dtype, a.repeats)
+    results = run_cases(cases, a.device, a.tokens, a.hidden, a.vocab, a.dtype, a.repeats, ignored=a.ignored)
     for case, r in results.items():
         if "skipped" in r:
             print(f"note: {case} skipped ({r['skipped']})", flush=True)
     write_report(a, results)
 
 
-def run_case_guarded(case: str, device: str, n: int, h: int, v: int, dtype: str, repeats: int) -> dict:
+def run_case_guarded(case: str, device: str, n: int, h: int, v: int, dtype: str, repeats: int,
+                     ignored: float = 0.3, grad_slice: int = 0) -> dict:
     """run_case, with a failure (an OOM, a missing kernel) recorded as the case's result."""
     try:
-        return run_case(case, device, n, h, v, dtype, repeats)
+        return run_case(case, device, n, h, v, dtype, repeats, ignored, grad_slice)
     except Exception as e:  # noqa: BLE001 - one case must not stop the others sharing its process
         why = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     if device == "cuda":  # once the traceback (and the failed case's tensors) is gone
@@ -225,7 +274,7 @@ def run_case_guarded(case: str, device: str, n: int, h: int, v: int, dtype: str,
 
 
 def run_cases(cases, device: str, n: int, h: int, v: int, dtype: str, repeats: int,
-              one_process: bool = False) -> dict:
+              one_process: bool = False, ignored: float = 0.3, env: dict | None = None, grad_slice: int = 0) -> dict:
     """{case: run_case result} for one shape, each case in its own subprocess (so a CPU peak RSS is the
     case's own), or with `one_process` all in one (on CUDA, where peak allocated memory is reset per
     case: saves the start-up of a process per case)."""
@@ -233,8 +282,9 @@ def run_cases(cases, device: str, n: int, h: int, v: int, dtype: str, repeats: i
     results = {}
     for group in groups:
         cmd = [sys.executable, os.path.abspath(__file__), "--case", ",".join(group), "--device", device,
-               "--tokens", str(n), "--hidden", str(h), "--vocab", str(v), "--dtype", dtype, "--repeats", str(repeats)]
-        proc = subprocess.run(cmd, text=True, capture_output=True)
+               "--tokens", str(n), "--hidden", str(h), "--vocab", str(v), "--dtype", dtype, "--repeats", str(repeats),
+               "--ignored", str(ignored), "--grad-slice", str(grad_slice)]
+        proc = subprocess.run(cmd, text=True, capture_output=True, env=env)
         for line in proc.stdout.splitlines():
             if line.startswith('{"case"'):
                 r = json.loads(line)
@@ -275,7 +325,7 @@ def write_report(a, results: dict) -> None:
     machine.update(versions)
     cases = [c for c in results if c != "inputs_only"]
     report = {
-        "what": "fused linear + cross-entropy, forward + backward, "
+        "what": f"fused linear + cross-entropy, forward + backward, {a.ignored:.0%} of labels ignored, "
                 + ("best of repeats, peak RSS" if a.device == "cpu" else "median of repeats, peak allocated memory"),
         "shape": {"tokens": a.tokens, "hidden": a.hidden, "vocab": a.vocab, "dtype": a.dtype},
         "machine": machine,

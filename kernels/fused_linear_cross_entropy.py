@@ -1,15 +1,18 @@
-"""Public entry point: validation and backend dispatch of the fused linear + cross-entropy loss."""
+"""Public entry point: validation, backend dispatch and memory accounting of the fused linear +
+cross-entropy loss."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
 
-from .reference import TaskStats, auto_chunk_size, linear_cross_entropy_reference
+from .chunk_plan import plan_chunks
+from .reference import REFERENCE_CHUNK_BYTES, TaskStats, auto_chunk_size, linear_cross_entropy_reference
 
 _REDUCTIONS = ("sum", "mean", "none")
-_IMPLS = ("auto", "torch", "triton")
+_IMPLS = ("auto", "torch", "triton", "chunked")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -29,6 +32,8 @@ def fused_linear_cross_entropy(
     softcap: float | None = None,
     z_loss: float = 0.0,
     return_z_loss: bool = False,
+    chunk_bytes: int | None = None,
+    filter_eps: float | str | None = None,
 ) -> tuple[torch.Tensor, TaskStats] | tuple[torch.Tensor, TaskStats, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising the [N, V] logits.
 
@@ -44,16 +49,35 @@ def fused_linear_cross_entropy(
         reduction: "sum" -> scalar sum over non-ignored tokens; "mean" -> that sum divided by the
             number of non-ignored tokens (0.0 when there are none); "none" -> [N] per-token losses,
             0 at ignored positions.
-        impl: "auto" -> the Triton kernel for CUDA tensors of float16/bfloat16/float32, the
-            reference otherwise (CPU tensors, float64); "triton" forces the kernel (CUDA tensors, or
-            CPU tensors under TRITON_INTERPRET=1); "torch" forces the chunked PyTorch reference.
-        chunk_size: tokens per chunk of the reference; None picks it so a chunk's fp32 logits take
-            about 64 MiB. The Triton kernel does not chunk and ignores it.
+        impl: which backend computes it (all return the same values up to float rounding):
+            "auto" -> "chunked" for CUDA tensors of float16/bfloat16/float32 (any reduction), the
+            reference ("torch") otherwise (CPU tensors, float64);
+            "chunked" -> cuBLAS logits per chunk of tokens, one Triton row kernel for loss, statistics
+            and logit gradient, cuBLAS dH/dW (kernels/chunked.py; 6NHV FLOPs for sum/mean,
+            deterministic). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
+            "triton" -> the tiled Cut-Cross-Entropy-style kernel: logits only as register tiles,
+            recomputed in backward (kernels/triton_flce.py; 8NHV FLOPs, atomics in backward).
+            CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
+            "torch" -> the chunked PyTorch reference (kernels/reference.py).
+        chunk_size: tokens whose logits exist at once: the reference's chunk (None: about 64 MiB of
+            fp32 logits) and the chunked path's sub-chunk (None: from ``chunk_bytes``). The tiled
+            kernel does not chunk and ignores it.
         bias: optional [V] LM-head bias (same dtype and device as ``weight``), differentiable.
         softcap: optional positive float; logits become softcap * tanh(logits / softcap) (Gemma 2).
         z_loss: weight of the auxiliary z-loss, z_loss * logsumexp(logits)**2 per non-ignored token,
             added to the returned loss (PaLM); 0 disables it.
         return_z_loss: also return the z-loss part of the loss, per task.
+        chunk_bytes: memory budget in bytes of the chunked path's transient buffers (fp32 logits of a
+            sub-chunk and 16-bit logit gradient of a group; kernels/chunk_plan.py); None: 1 GiB. Only
+            the chunked path reads it.
+        filter_eps: the tiled kernel's (impl="triton") gradient filter, off by default: None keeps the
+            gradients exact; a float skips, in backward, every [tokens x vocabulary] tile whose
+            |dloss/dlogit| (before the incoming gradient) stays below it; "auto" is
+            torch.finfo(dtype).eps / 32 (2**-12 for bfloat16), below what the 16-bit gradient can hold
+            relative to its largest entries. Any other impl refuses it.
+
+    Tokens whose label is ``ignore_index`` are dropped before any matmul (one host sync per call
+    counts them and checks the ids), so prompt tokens cost nothing beyond that gather.
 
     Returns:
         (loss, stats), or (loss, stats, z_loss_sum) with ``return_z_loss``: loss in float32 (float64
@@ -67,36 +91,98 @@ def fused_linear_cross_entropy(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}.")
-    hidden, weight, labels, task_ids, num_tasks = _validate(
+    if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                    or chunk_bytes < 1):
+        raise ValueError(f"chunk_bytes must be a positive number of bytes or None, got {chunk_bytes!r}.")
+    backend = choose_backend(impl, hidden.device, hidden.dtype)
+    filter_eps = _validate_filter(filter_eps, backend, impl, hidden.dtype)
+    hidden, weight, labels, task_ids, num_tasks, kept = _validate(
         hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size
     )
     bias, softcap, z_loss = _validate_options(hidden, weight, bias, softcap, z_loss)
-    if choose_backend(impl, hidden.device, hidden.dtype) == "triton":
-        try:
-            from .triton_flce import linear_cross_entropy_triton  # imports triton: only when asked for
-        except ImportError as err:
-            raise RuntimeError(f'impl="triton" needs the triton package, which failed to import: {err}') from err
-        loss, stats, z_sum = linear_cross_entropy_triton(
-            hidden, weight, labels, task_ids, num_tasks, ignore_index, reduction,
-            bias=bias, softcap=softcap, z_loss=z_loss,
-        )
+    n = hidden.shape[0]
+    if kept is not None:  # drop the ignored tokens: no matmul is spent on them
+        hidden, labels, task_ids = hidden.index_select(0, kept), labels[kept], task_ids[kept]
+    args = (hidden, weight, labels, task_ids, num_tasks, ignore_index, reduction)
+    options = dict(bias=bias, softcap=softcap, z_loss=z_loss)
+    if backend == "triton":
+        loss, stats, z_sum = _import_backend("triton", "triton_flce", "linear_cross_entropy_triton")(
+            *args, **options, filter_eps=filter_eps)
+    elif backend == "chunked":
+        loss, stats, z_sum = _import_backend("chunked", "chunked", "linear_cross_entropy_chunked")(
+            *args, **options, chunk_bytes=chunk_bytes, chunk_size=chunk_size)
     else:
         if chunk_size is None:
             chunk_size = auto_chunk_size(weight.shape[0], hidden.dtype)
-        loss, stats, z_sum = linear_cross_entropy_reference(
-            hidden, weight, labels, task_ids, num_tasks, ignore_index, reduction, chunk_size,
-            bias=bias, softcap=softcap, z_loss=z_loss,
-        )
+        loss, stats, z_sum = linear_cross_entropy_reference(*args, chunk_size, **options)
+    if kept is not None and reduction == "none":  # per-token losses back in place, 0 where ignored
+        loss = loss.new_zeros(n).index_copy(0, kept, loss)
     return (loss, stats, z_sum) if return_z_loss else (loss, stats)
 
 
+def _import_backend(impl: str, module: str, name: str):
+    """A Triton backend's entry point; triton is imported only when one is asked for."""
+    try:
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+    except ImportError as err:
+        raise RuntimeError(f'impl="{impl}" needs the triton package, which failed to import: {err}') from err
+
+
 def choose_backend(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend ("triton" or "torch") that ``impl`` picks for inputs of this device and dtype."""
-    if impl == "triton" and dtype == torch.float64:
-        raise ValueError('impl="triton" takes float16, bfloat16 or float32 inputs; use impl="torch" for float64.')
+    """The backend ("chunked", "triton" or "torch") that ``impl`` picks for inputs of this device and dtype."""
+    if impl in ("triton", "chunked") and dtype == torch.float64:
+        raise ValueError(f'impl="{impl}" takes float16, bfloat16 or float32 inputs; use impl="torch" for float64.')
     if impl == "auto":
-        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+        return "chunked" if device.type == "cuda" and dtype != torch.float64 else "torch"
     return impl
+
+
+def resolve_filter_eps(filter_eps: float | str | None, dtype: torch.dtype) -> float | None:
+    """The tiled kernel's gradient-filter threshold: None (exact), a float, or "auto" = finfo(dtype).eps / 32."""
+    if filter_eps == "auto":
+        return torch.finfo(dtype).eps / 32
+    return None if filter_eps is None else float(filter_eps)
+
+
+def _validate_filter(filter_eps, backend: str, impl: str, dtype: torch.dtype) -> float | None:
+    if filter_eps is None:
+        return None
+    ok = filter_eps == "auto" or (isinstance(filter_eps, (int, float)) and not isinstance(filter_eps, bool)
+                                  and 0 < filter_eps < 1)
+    if not ok:
+        raise ValueError(f'filter_eps must be None, "auto" or a number in (0, 1), got {filter_eps!r}.')
+    if backend != "triton":
+        raise ValueError(f'filter_eps applies to the tiled kernel (impl="triton") only; impl="{impl}" runs the '
+                         f'{backend} backend, whose gradients are exact.')
+    return resolve_filter_eps(filter_eps, dtype)
+
+
+def loss_memory_bytes(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, *, device_type: str = "cuda",
+                      impl: str = "auto", chunk_bytes: int | None = None, training: bool = True) -> int:
+    """Bytes one call allocates beyond its inputs for n tokens (at most; the memory preflight uses it).
+
+    chunked: its chunk buffers (chunk_plan.plan_chunks), the fp32 dW accumulator and its copy in
+    `dtype`, dH [N, H], and the gathered hidden rows of the non-ignored tokens with the gradient
+    that scatters them back. torch (the reference): fp32 gradient buffers for hidden and head, the
+    head upcast to fp32 when `dtype` is 16-bit, and about 3 x 64 MiB of fp32 logit chunks.
+    triton (tiled): fp32 dH and dW atomics buffers and their copies in `dtype`, O(N) partials.
+    """
+    c = torch.finfo(dtype).bits // 8
+    backend = choose_backend(impl, torch.device(device_type), dtype)
+    nh, vh = n * hidden_size, vocab * hidden_size
+    gather = 2 * c * nh if training else c * nh  # kept hidden rows (+ the scattered gradient)
+    per_token = 64 * n  # labels, ids, lse, losses, statistics
+    if not training:
+        if backend == "chunked":
+            return plan_chunks(n, vocab, dtype, False, chunk_bytes).bytes + gather + per_token
+        return (REFERENCE_CHUNK_BYTES if backend == "torch" else 0) + gather + per_token
+    if backend == "chunked":
+        return plan_chunks(n, vocab, dtype, True, chunk_bytes).bytes + 4 * vh + c * vh + c * nh + gather + per_token
+    upcast = c < 4
+    if backend == "torch":
+        return (4 * vh + (4 * vh + c * vh if upcast else 0) + 4 * nh + (c * nh if upcast else 0)
+                + 3 * REFERENCE_CHUNK_BYTES + gather + per_token)
+    return 4 * vh + 4 * nh + ((c * vh + c * nh) if upcast else 0) + gather + per_token
 
 
 def _validate_options(hidden, weight, bias, softcap, z_loss):
@@ -119,7 +205,11 @@ def _validate_options(hidden, weight, bias, softcap, z_loss):
 
 
 def _validate(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size):
-    """Check shapes, dtypes and value ranges; return contiguous inputs, int64 ids and the task count T."""
+    """Check shapes, dtypes and value ranges.
+
+    Returns contiguous inputs, int64 labels and task ids, the task count T and the indices [N'] of
+    the non-ignored tokens (None when every token carries a loss).
+    """
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [N, H], got shape {tuple(hidden.shape)}.")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -141,13 +231,12 @@ def _validate(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_s
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}.")
     labels = labels.long()
     valid = labels != ignore_index
-    # .item() syncs with the device once per check; acceptable for the reference path.
-    if (valid & ((labels < 0) | (labels >= vocab))).any().item():
-        raise ValueError(f"labels must lie in [0, V={vocab}) or equal ignore_index={ignore_index}.")
+    bad_labels = valid & ((labels < 0) | (labels >= vocab))
     if task_ids is None:
         if num_tasks < 0:
             raise ValueError(f"num_tasks must be >= 0, got {num_tasks}.")
         task_ids, num_tasks = torch.zeros_like(labels), max(num_tasks, 1)
+        bad_tasks = torch.zeros_like(valid)
     else:
         if task_ids.shape != (n,) or task_ids.dtype not in _INT_DTYPES:
             raise ValueError(
@@ -158,6 +247,13 @@ def _validate(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_s
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1 when task_ids is given, got {num_tasks}.")
         task_ids = task_ids.long()
-        if (valid & ((task_ids < 0) | (task_ids >= num_tasks))).any().item():
-            raise ValueError(f"task ids of non-ignored tokens must lie in [0, num_tasks={num_tasks}).")
-    return hidden.contiguous(), weight.contiguous(), labels.contiguous(), task_ids.contiguous(), num_tasks
+        bad_tasks = valid & ((task_ids < 0) | (task_ids >= num_tasks))
+    # The one host sync of a call: both checks and the number of tokens that carry a loss.
+    any_bad_label, any_bad_task, n_valid = torch.stack([bad_labels.any().long(), bad_tasks.any().long(), valid.sum()]).tolist()
+    if any_bad_label:
+        raise ValueError(f"labels must lie in [0, V={vocab}) or equal ignore_index={ignore_index}.")
+    if any_bad_task:
+        raise ValueError(f"task ids of non-ignored tokens must lie in [0, num_tasks={num_tasks}).")
+    # Indices of the tokens with a loss, in order (a stable sort: no second sync); None when all have one.
+    kept = None if n_valid == n else torch.argsort((~valid).to(torch.uint8), stable=True)[:n_valid]
+    return hidden.contiguous(), weight.contiguous(), labels.contiguous(), task_ids.contiguous(), num_tasks, kept

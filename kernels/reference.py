@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 # Target size of one chunk of logits: bounds the transient memory of a chunk to ~64 MiB.
-_CHUNK_BYTES = 64 * 2**20
+REFERENCE_CHUNK_BYTES = 64 * 2**20
 
 
 class TaskStats(NamedTuple):
@@ -36,7 +36,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def auto_chunk_size(vocab: int, dtype: torch.dtype) -> int:
     """Rows per chunk so that a chunk's [C, V] logits in the compute dtype take about 64 MiB."""
     itemsize = torch.finfo(compute_dtype(dtype)).bits // 8
-    return max(1, _CHUNK_BYTES // (max(vocab, 1) * itemsize))
+    return max(1, REFERENCE_CHUNK_BYTES // (max(vocab, 1) * itemsize))
 
 
 def _chunk_logits(hidden, weight_c, bias_c, rows, softcap, need_cap_grad=False):

@@ -34,6 +34,9 @@ class TaskConfig:
 class ModelConfig:
     path: str = "builtin:tiny-llama"  # a local HF model folder, or builtin:tiny-llama
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    # The fused loss: auto = the chunked path on CUDA, the PyTorch reference on CPU (README "The loss kernel API")
+    loss_impl: Literal["auto", "chunked", "triton", "torch"] = "auto"
+    loss_chunk_mib: int = 1024  # memory budget of the chunked loss's transient buffers (kernels/chunk_plan.py)
 
 
 @dataclass
@@ -285,6 +288,7 @@ def validate(cfg: Config) -> None:
 
     need(bool(cfg.output_dir), "output_dir", "a folder path", cfg.output_dir)
     need(bool(cfg.model.path), "model.path", f"a model folder or {BUILTIN_MODEL_PREFIX}tiny-llama", cfg.model.path)
+    need(cfg.model.loss_chunk_mib >= 1, "model.loss_chunk_mib", "at least 1 (MiB)", cfg.model.loss_chunk_mib)
     d, t, m = cfg.data, cfg.train, cfg.msft
     need(len(d.tasks) > 0, "data.tasks", "a non-empty list of {name, train, val | val_fraction}", d.tasks)
     seen: set[str] = set()

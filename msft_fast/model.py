@@ -24,10 +24,10 @@ from msft_fast.config import BUILTIN_MODEL_PREFIX, ModelConfig, resolve_path
 from msft_fast.data.chat_template import override_chat_template
 from msft_fast.data.packing import PackedBatch
 from msft_fast.errors import ConfigError, ModelError
-from msft_fast.kernels import TaskStats, fused_linear_cross_entropy
+from msft_fast.kernels import TaskStats, fused_linear_cross_entropy, loss_memory_bytes, plan_chunks
 from msft_fast.kernels.fused_linear_cross_entropy import choose_backend
 
-LOSS_IMPL = "auto"  # fused_linear_cross_entropy's impl: the Triton kernel on CUDA, the PyTorch reference on CPU
+log = logging.getLogger("msft_fast")
 
 
 
@@ -39,6 +39,18 @@ class LoadedModel:
     attn_implementation: str
     export_dtype: torch.dtype  # the dtype the weights came in; final/ is saved in it
     compute_dtype: torch.dtype  # forward/backward dtype (FSDP param_dtype); masters stay fp32
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """How CausalLMWithTaskLoss computes its loss: config keys model.loss_impl and model.loss_chunk_mib."""
+
+    impl: str = "auto"
+    chunk_bytes: int | None = None  # None: the kernels' default budget
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "LossOptions":
+        return cls(cfg.loss_impl, cfg.loss_chunk_mib * 2**20)
 
 
 def compute_dtype_for(precision: str, device: torch.device) -> torch.dtype:
@@ -76,6 +88,10 @@ def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device,
     from transformers.utils import logging as hf_logging
 
     dtype = compute_dtype_for(precision, device)
+    if cfg.loss_impl in ("chunked", "triton") and device.type != "cuda" \
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ConfigError(f"config key 'model.loss_impl' ({cfg.loss_impl}) runs Triton kernels, which need a CUDA "
+                          f"device (this run is on {device.type}); use auto or torch")
     if cfg.path.startswith(BUILTIN_MODEL_PREFIX):
         name = cfg.path[len(BUILTIN_MODEL_PREFIX):]
         if name not in BUILTIN_MODELS:
@@ -370,10 +386,13 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 class CausalLMWithTaskLoss(nn.Module):
     """Wraps an HF causal LM: packed batch in, (summed token loss, per-task stats) out."""
 
-    def __init__(self, lm: nn.Module, num_tasks: int):
+    def __init__(self, lm: nn.Module, num_tasks: int, loss_options: LossOptions | None = None):
         super().__init__()
         self.lm = lm
         self.num_tasks = num_tasks
+        # Given, or what load_model attached to the HF model, or the defaults.
+        self.loss_options = loss_options or LossOptions()
+        self._loss_logged: set[bool] = set()  # training and evaluation each say once which loss path runs
         self.head_transform = HeadTransform.of(lm)
         config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         self.sliding_window = getattr(config, "sliding_window", None)  # FlexAttention needs a mask for it
@@ -383,15 +402,32 @@ class CausalLMWithTaskLoss(nn.Module):
         head, t = self.lm.get_output_embeddings(), self.head_transform
         if t.scale != 1.0:
             hidden = hidden * t.scale
+        o = self.loss_options
+        if torch.is_grad_enabled() not in self._loss_logged:
+            self._loss_logged.add(torch.is_grad_enabled())
+            self._log_loss_plan(hidden, head.weight)
         return fused_linear_cross_entropy(
-            hidden, head.weight, batch.labels, batch.task_ids, self.num_tasks, reduction="sum", impl=LOSS_IMPL,
-            bias=getattr(head, "bias", None), softcap=t.softcap,
+            hidden, head.weight, batch.labels, batch.task_ids, self.num_tasks, reduction="sum", impl=o.impl,
+            bias=getattr(head, "bias", None), softcap=t.softcap, chunk_bytes=o.chunk_bytes,
         )
 
-    @staticmethod
-    def loss_implementation(device: torch.device, dtype: torch.dtype) -> str:
-        """The loss backend forward runs on hidden states of this device and dtype: "triton" or "torch"."""
-        return choose_backend(LOSS_IMPL, device, dtype)
+    def loss_implementation(self, device: torch.device, dtype: torch.dtype) -> str:
+        """The loss backend forward runs on hidden states of this device and dtype ("chunked",
+        "triton" or "torch"), as fused_linear_cross_entropy picks it for model.loss_impl."""
+        return choose_backend(self.loss_options.impl, device, dtype)
+
+    def _log_loss_plan(self, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+        """Say which loss path runs and the memory it takes at this micro-batch size (training or evaluation)."""
+        o, (n, h), v = self.loss_options, hidden.shape, weight.shape[0]
+        backend = choose_backend(o.impl, hidden.device, hidden.dtype)
+        how = ""
+        if backend == "chunked":
+            p = plan_chunks(n, v, hidden.dtype, torch.is_grad_enabled(), o.chunk_bytes)
+            how = f": {p.logit_rows}-token logits chunks, {p.grad_rows}-token gradient groups"
+        mem = loss_memory_bytes(n, h, v, hidden.dtype, device_type=hidden.device.type, impl=o.impl,
+                                chunk_bytes=o.chunk_bytes, training=torch.is_grad_enabled())
+        log.info("loss (%s): %s path%s, about %.2f GiB beyond its inputs at %d tokens",
+                 "training" if torch.is_grad_enabled() else "evaluation", backend, how, mem / 2**30, n)
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """[N, H] final hidden states of a packed row; documents never attend to each other.

@@ -23,9 +23,9 @@ and c bytes per compute-dtype value (2 for bf16, 4 for fp32):
                                          repeats k, v to all heads: + N L [cN + 2c(D_q - D_kv) + 8].
                                          Measured with saved-tensor hooks on CPU
                                          (tests/test_preflight.py); eager attention is not modelled
-    loss                   4NH + 4VH (+ 4VH + c(NH + VH) when c < 4) + 3 x 64 MiB of logits
-                                         the chunked fused loss: fp32 gradient buffers for hidden and
-                                         head, the head upcast to fp32, and its ~64 MiB logit chunks
+    loss                   msft_fast.kernels.loss_memory_bytes for the path the run takes: on CUDA
+                                         the chunked path's buffers (model.loss_chunk_mib, 1 GiB by
+                                         default) + 4VH fp32 dW + c(VH + 3NH); on CPU the reference
     workspace              one more layer of activations: backward's transient gradients
 
 It is an estimate, not a bound: allocator fragmentation and library workspaces come on top, so the
@@ -42,11 +42,11 @@ from typing import Any, Optional
 import torch
 
 from msft_fast.errors import ConfigError
+from msft_fast.kernels import loss_memory_bytes
 
 GIB = 2**30
 CUDA_RESERVE_BYTES = 1 * GIB  # CUDA/NCCL buffers and cuBLAS workspaces that the estimate leaves out
 FRAGMENTATION = 1.10  # the caching allocator rarely packs tensors tighter than this
-LOSS_CHUNK_BYTES = 64 * 2**20  # one chunk of fp32 logits in the fused loss (kernels/reference.py)
 
 
 # Backends that keep no [N, N] mask and handle GQA themselves (flash varlen, our packed FlexAttention
@@ -139,6 +139,8 @@ class MemoryEstimate:
     num_params: int
     grad_accum: int
     grad_sync: str
+    loss_impl: str
+    loss_chunk_bytes: Optional[int]
     weights: int
     grads: int
     optimizer: int
@@ -162,7 +164,8 @@ class MemoryEstimate:
                     compute_dtype=self.compute_dtype, attention=self.attention,
                     activation_checkpointing=self.activation_checkpointing,
                     num_params=self.num_params if self.num_params != self.shape.num_params else None,
-                    device_type=self.device_type, grad_accum=self.grad_accum, grad_sync=self.grad_sync)
+                    device_type=self.device_type, grad_accum=self.grad_accum, grad_sync=self.grad_sync,
+                    loss_impl=self.loss_impl, loss_chunk_bytes=self.loss_chunk_bytes)
         args.update(settings)
         return estimate_memory(self.shape, **args)
 
@@ -185,7 +188,8 @@ class MemoryEstimate:
 def estimate_memory(model_config: Any, tokens_per_batch: int, world_size: int,
                     compute_dtype: torch.dtype = torch.bfloat16, *, attention: str = "sdpa",
                     activation_checkpointing: bool = False, num_params: Optional[int] = None,
-                    device_type: str = "cuda", grad_accum: int = 1, grad_sync: str = "step") -> MemoryEstimate:
+                    device_type: str = "cuda", grad_accum: int = 1, grad_sync: str = "step",
+                    loss_impl: str = "auto", loss_chunk_bytes: Optional[int] = None) -> MemoryEstimate:
     """Estimate one rank's memory for a training step (see the module docstring for the formulas).
 
     model_config: an HF config (or a ModelShape); attention: the attn_implementation the model
@@ -193,7 +197,8 @@ def estimate_memory(model_config: Any, tokens_per_batch: int, world_size: int,
     mask); num_params: the exact count when the model is at hand (else counted from the config);
     device_type: "cuda" or "cpu" (a CPU run keeps everything in host memory);
     grad_accum, grad_sync: train.grad_accum and train.grad_sync (accumulating micro-batches without
-    a reduction in between keeps the whole model's gradients unsharded).
+    a reduction in between keeps the whole model's gradients unsharded); loss_impl and
+    loss_chunk_bytes: the fused loss's path and chunk budget (model.loss_impl, model.loss_chunk_mib).
     """
     shape = model_config if isinstance(model_config, ModelShape) else ModelShape.from_config(model_config)
     P = num_params if num_params is not None else shape.num_params
@@ -213,9 +218,8 @@ def estimate_memory(model_config: Any, tokens_per_batch: int, world_size: int,
         act_per_token = L * c * H + per_layer + outside
     else:
         act_per_token = L * per_layer + outside
-    loss_fixed = 4 * V * H + (4 * V * H + c * V * H if c < 4 else 0)
-    loss_per_token = 4 * H + (c * H if c < 4 else 0)
-    chunks = 3 * LOSS_CHUNK_BYTES  # at most; fewer rows than a chunk take less
+    loss = loss_memory_bytes(N, H, V, compute_dtype, device_type=device_type, impl=loss_impl,
+                             chunk_bytes=loss_chunk_bytes)
     workspace_per_token = per_layer
 
     host = 4 * P  # every rank loads the whole model in fp32 on its CPU before sharding it
@@ -224,8 +228,9 @@ def estimate_memory(model_config: Any, tokens_per_batch: int, world_size: int,
     return MemoryEstimate(
         shape=shape, world_size=W, tokens_per_batch=N, compute_dtype=compute_dtype, attention=attention,
         activation_checkpointing=activation_checkpointing, device_type=device_type, num_params=P,
-        grad_accum=grad_accum, grad_sync=grad_sync, weights=weights, grads=grads, optimizer=optimizer, gathered=gathered,
-        activations=N * act_per_token, loss=loss_fixed + N * loss_per_token + chunks,
+        grad_accum=grad_accum, grad_sync=grad_sync, loss_impl=loss_impl, loss_chunk_bytes=loss_chunk_bytes,
+        weights=weights, grads=grads, optimizer=optimizer, gathered=gathered,
+        activations=N * act_per_token, loss=loss,
         workspace=N * workspace_per_token,
         host=host,
     )
@@ -360,7 +365,8 @@ def estimate_run(cfg: Any, model_config: Any, world_size: int, compute_dtype: to
     return estimate_memory(model_config, cfg.data.tokens_per_batch, world_size, compute_dtype,
                            attention=attention, num_params=num_params, device_type=device_type,
                            activation_checkpointing=activation_checkpointing, grad_accum=t.grad_accum,
-                           grad_sync=t.grad_sync)
+                           grad_sync=t.grad_sync, loss_impl=cfg.model.loss_impl,
+                           loss_chunk_bytes=cfg.model.loss_chunk_mib * 2**20)
 
 
 def _gib(n: float) -> str:

@@ -27,7 +27,7 @@ from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, resh
 from msft_fast.errors import StopRequested, UserError
 from msft_fast.fault_injection import fault_point
 from msft_fast.flops import FlopCounter, device_peak_flops
-from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, decoder_blocks
+from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, LossOptions, decoder_blocks
 from msft_fast.optim import build_optimizer, build_scheduler
 from msft_fast.progress import make_progress
 from msft_fast.snapshot import Snapshot, SnapshotPool
@@ -90,7 +90,7 @@ class Trainer:
         self.tags: dict = {}  # added to every metrics.jsonl record (a method's stage, say)
         self.flop_counter = FlopCounter.for_model(loaded.model)
         self.peak_flops = device_peak_flops(ctx.device, loaded.compute_dtype, cfg.train.peak_tflops)
-        self.model = CausalLMWithTaskLoss(loaded.model, len(tasks))
+        self.model = CausalLMWithTaskLoss(loaded.model, len(tasks), LossOptions.from_config(cfg.model))
         self.param_dtype = loaded.compute_dtype
         t = cfg.train
         parallelize(self.model, decoder_blocks(loaded.model), self.param_dtype, ctx.device,

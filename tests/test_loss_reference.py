@@ -21,7 +21,7 @@ def make_inputs(n, h, v, num_tasks=4, dtype=torch.float64, seed=0, ignore_frac=0
 
 
 def plain(hidden, weight, labels, task_ids, num_tasks, reduction, bias=None, softcap=None, z_loss=0.0,
-          with_z=False):
+          with_z=False, ignore_index=IGN):
     """Materialised-logits loss (float64) and an independent per-task loop for the stats.
 
     With ``with_z`` also returns the per-task z-loss sums (float64).
@@ -31,8 +31,8 @@ def plain(hidden, weight, labels, task_ids, num_tasks, reduction, bias=None, sof
         logits = logits + bias.double()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    valid = labels != IGN
-    per_tok = F.cross_entropy(logits, labels, ignore_index=IGN, reduction="none")
+    valid = labels != ignore_index
+    per_tok = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
     z_tok = torch.where(valid, z_loss * torch.logsumexp(logits, dim=-1) ** 2, 0.0)
     z_sums = torch.stack([z_tok[valid & (task_ids == t)].sum() for t in range(num_tasks)]).detach()
     stats = TaskStats(

@@ -1,0 +1,63 @@
+"""Matrix products of 16-bit operands with fp32 results, as cuBLAS forms them on a GPU.
+
+cuBLAS multiplies bf16/fp16 operands on the tensor cores and accumulates in fp32; asking torch for
+an fp32 *output* (`out_dtype`, torch >= 2.8 on CUDA) keeps that accumulator instead of rounding it
+to 16 bits. Elsewhere (CPU tensors under the Triton interpreter) the operands are upcast, which
+gives the same exact products and fp32 sums in another order. On a GPU whose torch lacks
+`out_dtype` the product is rounded to 16 bits first, and a warning says so once.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_SUPPORT: dict[str, tuple[bool, bool]] = {}  # device type -> (mm, addmm) take out_dtype=float32
+
+
+def _support(device: torch.device) -> tuple[bool, bool]:
+    """Whether torch.mm and torch.addmm take out_dtype=float32 for 16-bit operands on this device type."""
+    if device.type not in _SUPPORT:
+        ok = [False, False]
+        if device.type == "cuda":
+            a = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
+            acc = torch.zeros(16, 16, dtype=torch.float32, device=device)
+            for i, call in enumerate((lambda: torch.mm(a, a, out_dtype=torch.float32),
+                                      lambda: torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc))):
+                try:
+                    call()
+                    ok[i] = True
+                except (RuntimeError, TypeError, NotImplementedError):
+                    pass
+            if not ok[0]:
+                warnings.warn("this torch has no fp32-output 16-bit matmul (torch >= 2.8 has): the fused loss "
+                              "rounds its 16-bit logits products to 16 bits before the fp32 softmax", stacklevel=3)
+        _SUPPORT[device.type] = (ok[0], ok[1])
+    return _SUPPORT[device.type]
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[M, K] (fp32) = a[M, N] @ b[N, K] for a, b of one dtype (fp32, bf16 or fp16); returns out."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if _support(a.device)[0]:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    if a.device.type == "cuda":
+        return out.copy_(torch.mm(a, b))
+    return torch.mm(a.float(), b.float(), out=out)
+
+
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc[M, K] (fp32) += a[M, N] @ b[N, K], with the product kept in fp32 (see the module docstring)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    mm_ok, addmm_ok = _support(a.device)
+    if addmm_ok:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    elif mm_ok:  # an fp32 product, added in a second pass
+        acc += torch.mm(a, b, out_dtype=torch.float32)
+    elif a.device.type == "cuda":
+        acc += torch.mm(a, b)
+    else:
+        acc.addmm_(a.float(), b.float())
