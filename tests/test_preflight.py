@@ -194,12 +194,13 @@ def test_the_run_estimate_reads_accumulation_and_checkpointing_from_the_config()
 
     cfg = load_config(None, ["output_dir=o", "data.tasks=[{name: a, train: a.jsonl, val: b.jsonl}]",
                              "data.max_seq_len=512", "data.tokens_per_batch=2048", "train.grad_accum=3",
-                             "train.activation_checkpointing=full"])
+                             "train.activation_checkpointing=full", "model.loss_chunk_mib=256"])
+    loss = dict(loss_impl="auto", loss_chunk_bytes=256 * 2**20)  # model.loss_impl and model.loss_chunk_mib
     est = estimate_run(cfg, _tiny(), 2, torch.bfloat16)
-    assert est == estimate_memory(_tiny(), 2048, 2, grad_accum=3, activation_checkpointing=True)
+    assert est == estimate_memory(_tiny(), 2048, 2, grad_accum=3, activation_checkpointing=True, **loss)
     cfg.train.activation_checkpointing, cfg.train.grad_sync = "selective", "micro_batch"  # selective: costed as off
     assert estimate_run(cfg, _tiny(), 2, torch.bfloat16) == estimate_memory(_tiny(), 2048, 2, grad_accum=3,
-                                                                           grad_sync="micro_batch")
+                                                                           grad_sync="micro_batch", **loss)
 
 
 def test_host_memory_can_be_given_for_machines_whose_memory_grows_on_demand(monkeypatch):
