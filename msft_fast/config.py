@@ -24,15 +24,20 @@ class TaskConfig:
     """One sub-dataset of the mixture."""
 
     name: str
-    train: str
-    val: Optional[str] = None  # a file/folder; or hold out `val_fraction` of `train`
+    train: str  # a file, a folder (saved dataset or dataset repo) or a Hub dataset id (org/name)
+    val: Optional[str] = None  # the same kinds as train; or `val_split` of train; or hold out `val_fraction`
     val_fraction: Optional[float] = None
     format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
+    split: str = "train"  # the split of `train` to train on (datasets' syntax: train, train[:90%], ...)
+    val_split: Optional[str] = None  # the split of `val`; without `val`, a split of `train` (validation, test)
+    config: Optional[str] = None  # the dataset config (subset) of a Hub dataset or dataset repo folder
+    revision: Optional[str] = None  # branch, tag or commit of the Hub dataset(s)
 
 
 @dataclass
 class ModelConfig:
-    path: str = "builtin:tiny-llama"  # a local HF model folder, or builtin:tiny-llama
+    path: str = "builtin:tiny-llama"  # a local HF model folder, a Hub repo id (org/name), or builtin:tiny-llama
+    revision: Optional[str] = None  # branch, tag or commit of a Hub model; None: main
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
 
 
@@ -76,6 +81,7 @@ class TrainConfig:
     checkpoint_async: bool = False  # write checkpoint shards in a background thread while training goes on
     max_bad_steps: int = 3  # non-finite steps in a row (each skipped) before `on_bad_steps` acts
     on_bad_steps: Literal["stop", "restore"] = "stop"  # restore: newest checkpoint's weights and optimizer
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # experiment trackers; [] = none
 
 
 @dataclass
@@ -129,6 +135,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
+    _report_to_as_list(raw)
     if path is None and ("output_dir" not in raw or not (raw.get("data") or {}).get("tasks")):
         # Without a file the overrides must say it all; naming the first missing key would hide
         # that the file itself was forgotten.
@@ -191,6 +198,13 @@ def _apply_override(raw: dict, item: str) -> None:
             if not isinstance(node[step], dict):
                 raise ConfigError(f"override '{item}': {name} is not a section")
         node, where = node.get(step), name
+
+
+def _report_to_as_list(raw: dict) -> None:
+    """train.report_to also takes one name, or `none`, as HF's TrainingArguments does."""
+    train = raw.get("train")
+    if isinstance(train, dict) and isinstance(train.get("report_to"), str):
+        train["report_to"] = [] if train["report_to"] == "none" else [train["report_to"]]
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -293,8 +307,11 @@ def validate(cfg: Config) -> None:
         if task.name in seen:
             raise ConfigError(f"config key '{key}.name': task name '{task.name}' is used twice")
         seen.add(task.name)
-        if (task.val is None) == (task.val_fraction is None):
-            raise ConfigError(f"config key '{key}' (task '{task.name}') needs exactly one of 'val' or 'val_fraction'")
+        given = task.val is not None or task.val_split is not None  # val, val_split or both
+        if given == (task.val_fraction is not None):
+            raise ConfigError(f"config key '{key}' (task '{task.name}') needs exactly one of 'val' or 'val_fraction'"
+                              " ('val_split' counts as 'val': a split of val, or of train when val is not set)")
+        need(bool(task.split), f"{key}.split", "a split name such as train", task.split)
         if task.val_fraction is not None:
             need(0.0 < task.val_fraction < 1.0, f"{key}.val_fraction", "in (0, 1)", task.val_fraction)
     need(d.max_seq_len >= 2, "data.max_seq_len", "at least 2", d.max_seq_len)
