@@ -17,6 +17,7 @@ import yaml
 from msft_fast.errors import ConfigError
 
 BUILTIN_MODEL_PREFIX = "builtin:"
+TASK_FIELDS = ("messages", "prompt", "completion", "text")  # the columns a task's formats read
 
 
 @dataclass
@@ -30,8 +31,11 @@ class TaskConfig:
     format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
     split: str = "train"  # the split of `train` to train on (datasets' syntax: train, train[:90%], ...)
     val_split: Optional[str] = None  # the split of `val`; without `val`, a split of `train` (validation, test)
-    config: Optional[str] = None  # the dataset config (subset) of a Hub dataset or dataset repo folder
-    revision: Optional[str] = None  # branch, tag or commit of the Hub dataset(s)
+    config: Optional[str] = None  # the config (subset) of `train` when it is a Hub dataset or dataset repo folder
+    revision: Optional[str] = None  # branch, tag or commit of `train` when it is a Hub dataset
+    val_config: Optional[str] = None  # the same two for `val`, when it is a dataset of its own
+    val_revision: Optional[str] = None
+    columns: Optional[dict[str, str]] = None  # our field -> the dataset's column: {prompt: question, completion: answer}
 
 
 @dataclass
@@ -241,6 +245,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {_convert(args[0], k, key): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
     if tp is bool:
@@ -312,6 +320,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' (task '{task.name}') needs exactly one of 'val' or 'val_fraction'"
                               " ('val_split' counts as 'val': a split of val, or of train when val is not set)")
         need(bool(task.split), f"{key}.split", "a split name such as train", task.split)
+        for ours in task.columns or {}:
+            need(ours in TASK_FIELDS, f"{key}.columns", f"a mapping from {', '.join(TASK_FIELDS)} to column names",
+                 task.columns)
         if task.val_fraction is not None:
             need(0.0 < task.val_fraction < 1.0, f"{key}.val_fraction", "in (0, 1)", task.val_fraction)
     need(d.max_seq_len >= 2, "data.max_seq_len", "at least 2", d.max_seq_len)

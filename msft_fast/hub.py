@@ -187,9 +187,9 @@ def dataset_source(task: TaskConfig, index: int, field: str) -> Optional[HubSour
     repo = hub_repo_id(value) if value else None
     if repo is None:
         return None
-    key = f"data.tasks[{index}].{field}"
-    return HubSource(repo, "dataset", task.revision, f"task '{task.name}' (config key '{key}')",
-                     f"data.tasks[{index}].revision")
+    key, revision = f"data.tasks[{index}]", "revision" if field == "train" else "val_revision"
+    return HubSource(repo, "dataset", getattr(task, revision), f"task '{task.name}' (config key '{key}.{field}')",
+                     f"{key}.{revision}")
 
 
 def hub_sources(cfg: Config) -> dict[str, HubSource]:

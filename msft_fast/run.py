@@ -41,7 +41,7 @@ from msft_fast.methods.sro import run_sro
 from msft_fast.model import load_model, load_model_spec, max_positions
 from msft_fast.preflight import preflight_memory
 from msft_fast.report import describe_compute, write_report
-from msft_fast.trackers import TENSORBOARD_DIR, check_installed as check_trackers, open_trackers
+from msft_fast.trackers import TENSORBOARD_DIR, Trackers, check_installed as check_trackers, open_trackers
 from msft_fast.trainer import METRICS_FILE, Trainer, peak_memory_gib
 
 log = logging.getLogger("msft_fast")
@@ -195,11 +195,7 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             if ctx.is_main:
                 log.info("resuming the unfinished run in %s from %s (step %d)", out, resume,
                          trainer_.counters.steps_trained)
-        if cfg.train.report_to:  # rank 0 logs; a tracker that cannot start stops every rank here
-            trackers = _agreed(ctx, lambda: open_trackers(cfg.train.report_to, out, cfg.to_dict(), history.data.setdefault(
-                "trackers", {}), trainer_.counters.steps_trained), main_only=True)
-            if ctx.is_main:
-                trainer_.trackers = history.trackers = trackers
+        trainer_.trackers = history.trackers = start_trackers(ctx, cfg, out, history, trainer_.counters.steps_trained)
         trainer_.history_data = lambda: history.data
         try:
             final = METHODS[cfg.method](trainer_, history, metric)
@@ -292,6 +288,16 @@ def _agreed(ctx: DistContext, fn, main_first: bool = False, main_only: bool = Fa
         result, error = attempt()
     raise_first(all_gather_object(error))
     return result
+
+
+def start_trackers(ctx: DistContext, cfg: Config, out: str, history: History, steps_trained: int) -> Trackers:
+    """train.report_to's trackers on rank 0 (the other ranks get an empty fan-out). One that cannot
+    start (no W&B login) stops every rank with its one line, before the first step."""
+    if not cfg.train.report_to:
+        return Trackers()
+    opened = _agreed(ctx, lambda: open_trackers(cfg.train.report_to, out, cfg.to_dict(),
+                                                history.data.setdefault("trackers", {}), steps_trained), main_only=True)
+    return opened if ctx.is_main else Trackers()
 
 
 def _resumed_commits(checkpoint: Optional[str]) -> dict:

@@ -155,21 +155,32 @@ def task_source(task: TaskConfig, index: int, field: str, commits: Optional[dict
     value = getattr(task, field)
     hub = dataset_source(task, index, field)
     role = "train" if split_key.endswith(".split") else "validation"
+    config_key = f"{key}.{'config' if field == 'train' else 'val_config'}"
+    config = getattr(task, config_key.rsplit(".", 1)[1])
     if hub is None:
-        return DataSource(role, resolve_path(value), f"{key}.{field}", split, split_key, task.config, f"{key}.config")
+        return DataSource(role, resolve_path(value), f"{key}.{field}", split, split_key, config, config_key)
     commit = commits.get(f"{key}.{field}") if commits is not None else hub.pin()
-    return DataSource(role, hub.repo_id, f"{key}.{field}", split, split_key, task.config, f"{key}.config", hub, commit)
+    return DataSource(role, hub.repo_id, f"{key}.{field}", split, split_key, config, config_key, hub, commit)
 
 
-def _check_dataset_keys(task: TaskConfig, index: int, *sources: Optional[DataSource]) -> None:
-    """`config` and `revision` must apply to one of the task's sources, or they would mean nothing."""
-    sources = [s for s in sources if s is not None]
-    if task.revision is not None and not any(s.hub for s in sources):
-        raise ConfigError(f"config key 'data.tasks[{index}].revision' ({task.revision}) applies to a Hub dataset, "
-                          f"but task '{task.name}' reads local files only")
-    if task.config is not None and not any(s.hub or _is_dataset_repo(s.name) for s in sources):
-        raise ConfigError(f"config key 'data.tasks[{index}].config' ({task.config}) applies to a Hub dataset or a "
-                          f"dataset repo folder, but task '{task.name}' reads single files or saved datasets only")
+def _check_dataset_keys(task: TaskConfig, index: int, train: DataSource, val: Optional[DataSource]) -> None:
+    """`config`/`revision` (of train) and `val_config`/`val_revision` (of a separate val) must apply to
+    their source, or they would silently mean nothing."""
+    separate_val = val if task.val is not None else None
+    for source, field, config, revision in ((train, "train", "config", "revision"),
+                                             (separate_val, "val", "val_config", "val_revision")):
+        if getattr(task, revision) is not None and (source is None or source.hub is None):
+            raise ConfigError(f"config key 'data.tasks[{index}].{revision}' ({getattr(task, revision)}) applies to "
+                              f"a Hub dataset, but task '{task.name}' has {_what(source, field)}")
+        if getattr(task, config) is not None and (source is None or not (source.hub or _is_dataset_repo(source.name))):
+            raise ConfigError(f"config key 'data.tasks[{index}].{config}' ({getattr(task, config)}) applies to a Hub "
+                              f"dataset or a dataset repo folder, but task '{task.name}' has {_what(source, field)}")
+
+
+def _what(source: Optional[DataSource], field: str) -> str:
+    if source is None:
+        return f"no {field}"
+    return f"the local {'folder' if os.path.isdir(source.name) else 'file'} {source.name} as {field}"
 
 
 def _sources(train: DataSource, val: Optional[DataSource]) -> dict:
@@ -207,6 +218,7 @@ def _tokenize_source(task: TaskConfig, src: DataSource, cfg: DataConfig, tokeniz
     raw, own_folder = _read_rows(src, cfg.cache_dir, where)
     if len(raw) == 0:
         raise DataError(f"{where} has no rows")
+    raw = _rename_columns(raw, task.columns, where, src.key.rsplit(".", 1)[0] + ".columns")
     try:
         fmt = task.format if task.format != "auto" else detect_format(raw.column_names)
         encoder = RowEncoder(tokenizer, fmt, cfg.empty_think_blocks)
@@ -383,6 +395,21 @@ def _read_rows(src: DataSource, cache_dir: Optional[str], where: str) -> tuple[A
         ds_logger.setLevel(level)
 
 
+def _rename_columns(raw: Any, columns: Optional[dict[str, str]], where: str, key: str) -> Any:
+    """`columns` ({prompt: question, completion: answer}) gives the dataset's columns our names; a
+    column that already has one of those names, and is not mapped, gives way."""
+    if not columns:
+        return raw
+    missing = {ours: theirs for ours, theirs in columns.items() if theirs not in raw.column_names}
+    if missing:
+        ours, theirs = next(iter(missing.items()))
+        raise DataError(f"{where} has no column '{theirs}' (config key '{key}.{ours}'); its columns: "
+                        f"{', '.join(sorted(raw.column_names))}")
+    renamed = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
+    in_the_way = [c for c in raw.column_names if c in renamed.values() and c not in renamed]
+    return raw.remove_columns(in_the_way).rename_columns(renamed) if renamed else raw
+
+
 def _is_dataset_repo(path: str) -> bool:
     """A folder that `datasets.load_dataset` reads as a dataset repo (README configs, data files),
     as opposed to one written by `save_to_disk` (state.json / dataset_dict.json)."""
@@ -425,7 +452,7 @@ def _load_dataset(src: DataSource, where: str, cache_dir: Optional[str], path: s
     except ConnectionError as e:
         raise _Unreachable(_one_line(e)) from None
     except Exception as e:
-        text = _one_line(e)
+        text = _one_line(e).split(" Example of usage")[0]  # its example names the folder read, not the key
         if _is_split_error(e):
             raise DataError(f"{where}: {text} (config key '{src.split_key}')") from None
         if "BuilderConfig" in text or "Config name is missing" in text or "config" in text.lower() and src.config:
