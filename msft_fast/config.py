@@ -35,7 +35,7 @@ class TaskConfig:
     revision: Optional[str] = None  # branch, tag or commit of `train` when it is a Hub dataset
     val_config: Optional[str] = None  # the same two for `val`, when it is a dataset of its own
     val_revision: Optional[str] = None
-    columns: Optional[dict[str, str]] = None  # our field -> the dataset's column: {prompt: question, completion: answer}
+    columns: Optional[dict[str, str]] = None  # our field -> the dataset column: {prompt: question, completion: answer}
 
 
 @dataclass

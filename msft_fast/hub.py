@@ -175,8 +175,9 @@ def model_source(cfg: ModelConfig) -> Optional[HubSource]:
     repo = None if cfg.path.startswith(BUILTIN_MODEL_PREFIX) else hub_repo_id(cfg.path)
     if repo is None:
         if cfg.revision is not None:
+            what = "a built-in model" if cfg.path.startswith(BUILTIN_MODEL_PREFIX) else "a local path"
             raise ConfigError(f"config key 'model.revision' ({cfg.revision}) applies to a Hub model, but model.path "
-                              f"{cfg.path} is {'a built-in model' if cfg.path.startswith(BUILTIN_MODEL_PREFIX) else 'a local path'}")
+                              f"{cfg.path} is {what}")
         return None
     return HubSource(repo, "model", cfg.revision, "config key 'model.path'", "model.revision")
 

@@ -4,11 +4,10 @@ with errors that name the config key and the repo."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
-from conftest import tiny_llama, write_jsonl
+from conftest import tiny_llama
 from hub_cache import commit_of, folder_files, parquet_bytes, put_repo, toy_dataset_files, toy_rows
 
 from msft_fast import hub
@@ -115,8 +114,8 @@ def test_an_incomplete_cached_snapshot_names_the_missing_shard(tmp_path, hub_cac
     assert len(shards) >= 2 and "model.safetensors.index.json" in files
     del files[shards[-1]]
     put_repo(hub_cache, "org/sharded", files, MAIN)
-    with pytest.raises(ModelError, match=f"^config key 'model.path': the cached snapshot of the Hub model "
-                                         f"'org/sharded' \\(revision main\\) in .* lacks {shards[-1]}; download it again"):
+    with pytest.raises(ModelError, match=f"^config key 'model.path': the cached snapshot of the Hub model 'org/sharded' "
+                                         f"\\(revision main\\) in .* lacks {shards[-1]}; download it again"):
         load_model_spec(ModelConfig(path="org/sharded"), "fp32", CPU)
 
 
@@ -244,8 +243,8 @@ def test_an_uncached_dataset_offline_and_keys_that_mean_nothing(tmp_path, hub_ca
         _load(tmp_path, tokenizer, TaskConfig("toy", jsonl, val_fraction=0.2, revision="v2"))
     with pytest.raises(ConfigError, match="^config key 'data.tasks\\[0\\].config' \\(main\\) applies to a Hub dataset"):
         _load(tmp_path, tokenizer, TaskConfig("toy", jsonl, val_fraction=0.2, config="main"))
-    with pytest.raises(DataError, match="has only the split 'train' \\(a single file\\), so data.tasks\\[0\\].val_split "
-                                        "\\(test\\) cannot be read from it"):
+    with pytest.raises(DataError, match="has only the split 'train' \\(a single file\\), so "
+                                        "data.tasks\\[0\\].val_split \\(test\\) cannot be read from it"):
         _load(tmp_path, tokenizer, TaskConfig("toy", jsonl, val_split="test"))
 
 
@@ -281,7 +280,8 @@ def test_the_tokenization_cache_key_holds_the_dataset_id_config_split_revision_a
 
 def test_val_split_is_one_way_to_give_validation_rows():
     def cfg(**task):
-        return load_config(None, ["output_dir=o", f"data.tasks=[{json.dumps({'name': 't', 'train': 'org/x', **task})}]"])
+        tasks = json.dumps([{"name": "t", "train": "org/x", **task}])
+        return load_config(None, ["output_dir=o", f"data.tasks={tasks}"])
 
     assert cfg(val_split="test").data.tasks[0].val_split == "test"
     assert cfg(val="org/y", val_split="dev").data.tasks[0].val == "org/y"

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
-import venv
 import zipfile
 
 import pytest
@@ -121,7 +120,8 @@ def test_the_wheel_and_sdist_ship_the_package_and_nothing_else(built):
     for shipped in ("msft_fast/py.typed", "msft_fast/kernels/__init__.py", "msft_fast/kernels/triton_flce.py",
                     "msft_fast/kernels/reference.py", "msft_fast/hub.py", "msft_fast/trackers.py"):
         assert shipped in names
-    py_files = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "msft_fast", "**", "*.py"), recursive=True)}
+    py_files = {os.path.relpath(p, ROOT)
+                for p in glob.glob(os.path.join(ROOT, "msft_fast", "**", "*.py"), recursive=True)}
     assert py_files <= set(names)
     assert "msft-fast = msft_fast.cli:main" in entry_points
     assert "Requires-Python: >=3.10" in metadata

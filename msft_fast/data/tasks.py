@@ -167,14 +167,15 @@ def _check_dataset_keys(task: TaskConfig, index: int, train: DataSource, val: Op
     """`config`/`revision` (of train) and `val_config`/`val_revision` (of a separate val) must apply to
     their source, or they would silently mean nothing."""
     separate_val = val if task.val is not None else None
-    for source, field, config, revision in ((train, "train", "config", "revision"),
-                                             (separate_val, "val", "val_config", "val_revision")):
-        if getattr(task, revision) is not None and (source is None or source.hub is None):
-            raise ConfigError(f"config key 'data.tasks[{index}].{revision}' ({getattr(task, revision)}) applies to "
-                              f"a Hub dataset, but task '{task.name}' has {_what(source, field)}")
-        if getattr(task, config) is not None and (source is None or not (source.hub or _is_dataset_repo(source.name))):
-            raise ConfigError(f"config key 'data.tasks[{index}].{config}' ({getattr(task, config)}) applies to a Hub "
-                              f"dataset or a dataset repo folder, but task '{task.name}' has {_what(source, field)}")
+    for source, role, config_key, revision_key in ((train, "train", "config", "revision"),
+                                                   (separate_val, "val", "val_config", "val_revision")):
+        revision, config = getattr(task, revision_key), getattr(task, config_key)
+        if revision is not None and (source is None or source.hub is None):
+            raise ConfigError(f"config key 'data.tasks[{index}].{revision_key}' ({revision}) applies to a Hub dataset, "
+                              f"but task '{task.name}' has {_what(source, role)}")
+        if config is not None and (source is None or not (source.hub or _is_dataset_repo(source.name))):
+            raise ConfigError(f"config key 'data.tasks[{index}].{config_key}' ({config}) applies to a Hub dataset or a "
+                              f"dataset repo folder, but task '{task.name}' has {_what(source, role)}")
 
 
 def _what(source: Optional[DataSource], field: str) -> str:
