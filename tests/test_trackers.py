@@ -222,6 +222,31 @@ def test_tensorboard_hides_what_a_resumed_run_logs_again(tmp_path):
         (1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0), (7, 70.0)]
 
 
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    from wandb_records import read_offline_run
+
+    from msft_fast.trackers import WandbTracker
+
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                       "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+                       "WANDB_DATA_DIR": str(tmp_path / "data")}.items():
+        monkeypatch.setenv(key, value)
+    state: dict = {}  # history.json `trackers`, carried by the checkpoint
+    first = WandbTracker(str(tmp_path / "run"), {"method": "sft"}, state)
+    first.log_step(1, {"train/loss": 2.0})
+    first.close(failed=True)
+    run_id = state["wandb"]["id"]
+    assert read_offline_run(str(tmp_path / "run" / "wandb"))["exit_code"] == 1  # the interrupted attempt
+    again = WandbTracker(str(tmp_path / "run"), {"method": "sft"}, state)
+    again.log_step(2, {"train/loss": 1.0})
+    again.close(failed=False)
+    assert state["wandb"]["id"] == run_id and state["wandb"]["mode"] == "offline"
+    resumed = read_offline_run(str(tmp_path / "run" / "wandb"))
+    assert resumed["id"] == run_id and resumed["exit_code"] == 0
+    assert [(r["steps_trained"], r["train/loss"]) for r in resumed["history"] if "train/loss" in r] == [(2, 1.0)]
+
+
 def test_nan_and_infinite_values_never_reach_a_tracker_as_inf():
     from msft_fast.trackers import eval_scalars
 
