@@ -32,7 +32,6 @@ class History:
         }
         self.trackers = Trackers()  # train.report_to: every evaluation, stage and the end are passed on
 
-
     @property
     def evals(self) -> list[dict]:
         return self.data["evals"]

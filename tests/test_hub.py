@@ -114,8 +114,9 @@ def test_an_incomplete_cached_snapshot_names_the_missing_shard(tmp_path, hub_cac
     assert len(shards) >= 2 and "model.safetensors.index.json" in files
     del files[shards[-1]]
     put_repo(hub_cache, "org/sharded", files, MAIN)
-    with pytest.raises(ModelError, match=f"^config key 'model.path': the cached snapshot of the Hub model 'org/sharded' "
-                                         f"\\(revision main\\) in .* lacks {shards[-1]}; download it again"):
+    with pytest.raises(ModelError, match=f"^config key 'model.path': the cached snapshot of the Hub model "
+                                         f"'org/sharded' \\(revision main\\) in .* lacks {shards[-1]}; "
+                                         "download it again"):
         load_model_spec(ModelConfig(path="org/sharded"), "fp32", CPU)
 
 

@@ -55,7 +55,13 @@ def read_offline_run(wandb_dir: str, timeout: float = 30.0) -> dict:
 def _read(wandb_dir: str) -> dict:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    [path] = sorted(glob.glob(os.path.join(wandb_dir, "offline-run-*", "run-*.wandb")))[-1:]
+    # The newest run: W&B's own `latest-run` link, else the newest file. Not the last name in sorted
+    # order: a second run started in the same second gets the same folder name with "-1" appended,
+    # which sorts before it.
+    latest = os.path.join(wandb_dir, "latest-run")
+    runs = glob.glob(os.path.join(latest if os.path.isdir(latest) else os.path.join(wandb_dir, "offline-run-*"),
+                                  "run-*.wandb"))
+    path = max(runs, key=os.path.getmtime)
     out = {"id": os.path.basename(path)[4:-6], "history": [], "summary": {}, "config": {}, "exit_code": None}
     with open(path, "rb") as f:
         data = f.read()
