@@ -17,6 +17,7 @@ import yaml
 from msft_fast.errors import ConfigError
 
 BUILTIN_MODEL_PREFIX = "builtin:"
+TASK_FIELDS = ("messages", "prompt", "completion", "text")  # the columns a task's formats read
 
 
 @dataclass
@@ -24,15 +25,23 @@ class TaskConfig:
     """One sub-dataset of the mixture."""
 
     name: str
-    train: str
-    val: Optional[str] = None  # a file/folder; or hold out `val_fraction` of `train`
+    train: str  # a file, a folder (saved dataset or dataset repo) or a Hub dataset id (org/name)
+    val: Optional[str] = None  # the same kinds as train; or `val_split` of train; or hold out `val_fraction`
     val_fraction: Optional[float] = None
     format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
+    split: str = "train"  # the split of `train` to train on (datasets' syntax: train, train[:90%], ...)
+    val_split: Optional[str] = None  # the split of `val`; without `val`, a split of `train` (validation, test)
+    config: Optional[str] = None  # the config (subset) of `train` when it is a Hub dataset or dataset repo folder
+    revision: Optional[str] = None  # branch, tag or commit of `train` when it is a Hub dataset
+    val_config: Optional[str] = None  # the same two for `val`, when it is a dataset of its own
+    val_revision: Optional[str] = None
+    columns: Optional[dict[str, str]] = None  # our field -> the dataset column: {prompt: question, completion: answer}
 
 
 @dataclass
 class ModelConfig:
-    path: str = "builtin:tiny-llama"  # a local HF model folder, or builtin:tiny-llama
+    path: str = "builtin:tiny-llama"  # a local HF model folder, a Hub repo id (org/name), or builtin:tiny-llama
+    revision: Optional[str] = None  # branch, tag or commit of a Hub model; None: main
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     # The fused loss: auto = the chunked path on CUDA, the PyTorch reference on CPU (README "The loss kernel API")
     loss_impl: Literal["auto", "chunked", "triton", "torch"] = "auto"
@@ -80,6 +89,7 @@ class TrainConfig:
     checkpoint_async: bool = False  # write checkpoint shards in a background thread while training goes on
     max_bad_steps: int = 3  # non-finite steps in a row (each skipped) before `on_bad_steps` acts
     on_bad_steps: Literal["stop", "restore"] = "stop"  # restore: newest checkpoint's weights and optimizer
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # experiment trackers; [] = none
 
 
 @dataclass
@@ -133,6 +143,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
+    _report_to_as_list(raw)
     if path is None and ("output_dir" not in raw or not (raw.get("data") or {}).get("tasks")):
         # Without a file the overrides must say it all; naming the first missing key would hide
         # that the file itself was forgotten.
@@ -197,6 +208,13 @@ def _apply_override(raw: dict, item: str) -> None:
         node, where = node.get(step), name
 
 
+def _report_to_as_list(raw: dict) -> None:
+    """train.report_to also takes one name, or `none`, as HF's TrainingArguments does."""
+    train = raw.get("train")
+    if isinstance(train, dict) and isinstance(train.get("report_to"), str):
+        train["report_to"] = [] if train["report_to"] == "none" else [train["report_to"]]
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     where = prefix.rstrip(".") or "the config"
     if not isinstance(raw, dict):
@@ -231,6 +249,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return [_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {_convert(args[0], k, key): _convert(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
     if tp is bool:
@@ -298,8 +320,14 @@ def validate(cfg: Config) -> None:
         if task.name in seen:
             raise ConfigError(f"config key '{key}.name': task name '{task.name}' is used twice")
         seen.add(task.name)
-        if (task.val is None) == (task.val_fraction is None):
-            raise ConfigError(f"config key '{key}' (task '{task.name}') needs exactly one of 'val' or 'val_fraction'")
+        given = task.val is not None or task.val_split is not None  # val, val_split or both
+        if given == (task.val_fraction is not None):
+            raise ConfigError(f"config key '{key}' (task '{task.name}') needs exactly one of 'val' or 'val_fraction'"
+                              " ('val_split' counts as 'val': a split of val, or of train when val is not set)")
+        need(bool(task.split), f"{key}.split", "a split name such as train", task.split)
+        for ours in task.columns or {}:
+            need(ours in TASK_FIELDS, f"{key}.columns", f"a mapping from {', '.join(TASK_FIELDS)} to column names",
+                 task.columns)
         if task.val_fraction is not None:
             need(0.0 < task.val_fraction < 1.0, f"{key}.val_fraction", "in (0, 1)", task.val_fraction)
     need(d.max_seq_len >= 2, "data.max_seq_len", "at least 2", d.max_seq_len)

@@ -9,6 +9,7 @@ import os
 from typing import Any, Optional
 
 from msft_fast.atomic_io import write_json_atomic
+from msft_fast.trackers import Trackers
 
 HISTORY_FILE = "history.json"
 FORMAT_VERSION = 1
@@ -29,6 +30,7 @@ class History:
             **extra,
             "config": config,
         }
+        self.trackers = Trackers()  # train.report_to: every evaluation, stage and the end are passed on
 
     @property
     def evals(self) -> list[dict]:
@@ -37,15 +39,26 @@ class History:
     def add_eval(self, record: dict) -> dict:
         record = {"eval_id": len(self.evals), **record}
         self.evals.append(record)
+        self.trackers.log_eval(record)
         return record
 
     def add_stage(self, stage: int, excluded: Optional[str], rollback_to_eval: Optional[int], **extra: Any) -> None:
-        self.data["stages"].append({"stage": stage, "excluded": excluded, "rollback_to_eval": rollback_to_eval, **extra})
+        record = {"stage": stage, "excluded": excluded, "rollback_to_eval": rollback_to_eval, **extra}
+        self.data["stages"].append(record)
+        self.trackers.log_stage(record, self._steps_trained(record.get("end_eval")))
 
     def finish(self, final: dict, totals: dict) -> None:
         self.data["final"] = final
         self.data["totals"] = totals
         self.data["status"] = "finished"
+        self.trackers.log_final(self.data, self._steps_trained(None))
+
+    def _steps_trained(self, eval_id: Optional[int]) -> int:
+        """Optimizer steps ever taken at evaluation `eval_id` (None: the last), the trackers' x axis."""
+        if not self.evals:
+            return 0
+        record = self.evals[eval_id] if eval_id is not None and 0 <= eval_id < len(self.evals) else self.evals[-1]
+        return int(record.get("steps_trained", record.get("step", 0)))
 
     def write(self, is_main: bool) -> None:
         if is_main:

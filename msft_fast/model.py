@@ -24,6 +24,7 @@ from msft_fast.config import BUILTIN_MODEL_PREFIX, ModelConfig, resolve_path
 from msft_fast.data.chat_template import override_chat_template
 from msft_fast.data.packing import PackedBatch
 from msft_fast.errors import ConfigError, ModelError
+from msft_fast.hub import model_snapshot, model_source
 from msft_fast.kernels import TaskStats, fused_linear_cross_entropy, loss_memory_bytes, plan_chunks
 from msft_fast.kernels.fused_linear_cross_entropy import choose_backend
 
@@ -35,7 +36,7 @@ log = logging.getLogger("msft_fast")
 class LoadedModel:
     model: nn.Module  # an HF *ForCausalLM, fp32 master weights, on CPU
     tokenizer: Any
-    source: str  # the folder it came from, or builtin:NAME
+    source: str  # the folder it came from, the Hub repo id, or builtin:NAME
     attn_implementation: str
     export_dtype: torch.dtype  # the dtype the weights came in; final/ is saved in it
     compute_dtype: torch.dtype  # forward/backward dtype (FSDP param_dtype); masters stay fp32
@@ -66,11 +67,12 @@ class ModelSpec:
 
     tokenizer: Any
     config: Any  # the HF PretrainedConfig
-    source: str  # the folder, or builtin:NAME
-    path: str | None  # None for a built-in model
+    source: str  # the folder, the Hub repo id, or builtin:NAME
+    path: str | None  # the local folder (a Hub model's snapshot in the cache); None for a built-in model
     attn_implementation: str
     export_dtype: torch.dtype
     compute_dtype: torch.dtype
+    commit: Optional[str] = None  # a Hub model's commit
 
     @property
     def text_config(self) -> Any:
@@ -78,11 +80,12 @@ class ModelSpec:
 
 
 def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device,
-                    chat_template: Optional[str] = None) -> ModelSpec:
+                    chat_template: Optional[str] = None, commits: Optional[dict] = None) -> ModelSpec:
     """Tokenizer and config of `cfg.path` (or of the built-in tiny model); no weights yet.
 
     chat_template: `data.chat_template` (a Jinja file or inline template), which then replaces the
     tokenizer's own for the data, the evaluation and the exported final/.
+    commits: `hub.pin_commits` of the run (a Hub model is read at commits["model.path"]); None: pin here.
     """
     from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -103,7 +106,12 @@ def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device,
         config._attn_implementation = attn
         return ModelSpec(tokenizer, config, cfg.path, None, attn, torch.float32, dtype)
 
-    path = resolve_path(cfg.path)
+    hub = model_source(cfg)
+    if hub is None:
+        path, source, commit = resolve_path(cfg.path), resolve_path(cfg.path), None
+    else:
+        commit = commits.get("model.path") if commits is not None else hub.pin()
+        path, source = model_snapshot(hub, commit), hub.repo_id
     _check_model_folder(path)
     # Whatever HF raises here (OSError, ValueError, an ImportError for a missing tokenizer backend)
     # is a problem of the folder: one sentence. What HF logs on the way is held back, and passed on
@@ -118,7 +126,7 @@ def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device,
         held.pass_on()
     override_chat_template(tokenizer, chat_template)
     attn = choose_attention(cfg.attn_implementation, device, dtype, causal_lm_class(config), config)
-    return ModelSpec(tokenizer, config, path, path, attn, _config_dtype(config), dtype)
+    return ModelSpec(tokenizer, config, source, path, attn, _config_dtype(config), dtype, commit)
 
 
 def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int,
@@ -148,7 +156,7 @@ def load_model(cfg: ModelConfig, precision: str, device: torch.device, seed: int
         held.pass_on()
     model.config.dtype = spec.export_dtype  # we train fp32 master weights; the saved config keeps its dtype
     _check_head(model, path)
-    return LoadedModel(model, spec.tokenizer, path, _used_attention(model), spec.export_dtype, dtype)
+    return LoadedModel(model, spec.tokenizer, spec.source, _used_attention(model), spec.export_dtype, dtype)
 
 
 @dataclass(frozen=True)

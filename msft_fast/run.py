@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +33,7 @@ from msft_fast.errors import (
 )
 from msft_fast.export import export_hf_folder
 from msft_fast.history import HISTORY_FILE, History
+from msft_fast.hub import pin_commits
 from msft_fast.methods.metric import Metric
 from msft_fast.methods.msft import run_msft
 from msft_fast.methods.sft import run_sft
@@ -39,6 +41,7 @@ from msft_fast.methods.sro import run_sro
 from msft_fast.model import load_model, load_model_spec, max_positions
 from msft_fast.preflight import preflight_memory
 from msft_fast.report import describe_compute, write_report
+from msft_fast.trackers import TENSORBOARD_DIR, Trackers, check_installed as check_trackers, open_trackers
 from msft_fast.trainer import METRICS_FILE, Trainer, peak_memory_gib
 
 log = logging.getLogger("msft_fast")
@@ -46,12 +49,12 @@ log = logging.getLogger("msft_fast")
 METHODS = {"sft": run_sft, "msft": run_msft, "sro": run_sro}
 FINAL_DIR = "final"
 RUN_ARTIFACTS = (HISTORY_FILE, METRICS_FILE, "config.yaml", "curves.png", "report.md", FINAL_DIR, FINAL_DIR + ".tmp",
-                 FINAL_DIR + ".old", CHECKPOINT_DIR)
+                 FINAL_DIR + ".old", CHECKPOINT_DIR, TENSORBOARD_DIR)  # wandb/ is W&B's, with other runs in it
 REPEAT_WINDOW_S = 1.0  # see _stop_on_signals
 # Keys that may change between a run and its resumption: they do not change what is trained.
 RESUMABLE_CHANGES = ("train.progress", "train.progress_interval", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.checkpoint_async", "train.peak_tflops",
-                     "train.max_bad_steps", "train.on_bad_steps", "data.num_proc", "data.cache_dir")
+                     "train.max_bad_steps", "train.on_bad_steps", "data.num_proc", "data.cache_dir", "train.report_to")
 
 
 def train(cfg: Optional[Config], overwrite: bool = False, config_error: Optional[UserError] = None) -> dict:
@@ -115,15 +118,21 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
     start = time.time()
     out = resolve_path(cfg.output_dir)
     resume = broadcast_object(_agreed(ctx, lambda: prepare_output_dir(out, overwrite, cfg), main_only=True))
+    _agreed(ctx, lambda: check_trackers(cfg.train.report_to), main_only=True)  # only rank 0 logs to them
+    # Hub models and datasets are pinned to one commit each by rank 0 (a resumed run keeps the
+    # commits it started from), so every rank and node reads the same files; the first rank of
+    # each node downloads them while the others wait.
+    commits = broadcast_object(_agreed(ctx, lambda: pin_commits(cfg, _resumed_commits(resume)), main_only=True))
     # Everything user input can fail is checked before any weight is read or memory taken: the
     # tokenizer and model config first, then the data against them, then the memory estimate.
-    spec = _agreed(ctx, lambda: load_model_spec(cfg.model, cfg.train.precision, ctx.device, cfg.data.chat_template))
+    spec = _agreed(ctx, lambda: load_model_spec(cfg.model, cfg.train.precision, ctx.device, cfg.data.chat_template,
+                                                commits), main_first=True)
     limit = max_positions(spec.config)
     if limit is not None and cfg.data.max_seq_len > limit:
         raise on_every_rank(ConfigError(f"config key 'data.max_seq_len' ({cfg.data.max_seq_len}) exceeds the model's "
                                         f"position limit ({limit})"))
-    # Rank 0 tokenizes and fills the cache; the others then read the same cache.
-    tasks = _agreed(ctx, lambda: load_tasks(cfg.data, spec.tokenizer), main_first=True)
+    # The first rank of each node tokenizes and fills its cache; the others then read that cache.
+    tasks = _agreed(ctx, lambda: load_tasks(cfg.data, spec.tokenizer, commits), main_first=True)
     try:
         check_token_ids(tasks, spec.text_config.vocab_size)
     except UserError as e:
@@ -175,15 +184,18 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             "higher_is_better": metric.higher_is_better,
             "world_size": ctx.world_size,
             "model": loaded.source,
+            "hub_commits": {k: v for k, v in commits.items() if v is not None},  # Hub repos by config key
             **backends,
             "padding_fraction": pad,
             "data": {t.name: t.counts for t in tasks},
+            "data_sources": {t.name: t.sources for t in tasks},
         })
         if resume is not None:
             history.data = trainer_.resume_from(resume)
             if ctx.is_main:
                 log.info("resuming the unfinished run in %s from %s (step %d)", out, resume,
                          trainer_.counters.steps_trained)
+        trainer_.trackers = history.trackers = start_trackers(ctx, cfg, out, history, trainer_.counters.steps_trained)
         trainer_.history_data = lambda: history.data
         try:
             final = METHODS[cfg.method](trainer_, history, metric)
@@ -231,6 +243,7 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             write_report(out, history.data)
     finally:
         if trainer_ is not None:
+            trainer_.trackers.close(failed=sys.exc_info()[0] is not None)
             trainer_.close()
     if ctx.is_main:
         mfu = f", MFU {100 * totals['mfu']:.1f}%" if totals["mfu"] is not None else ""
@@ -247,7 +260,8 @@ def _agreed(ctx: DistContext, fn, main_first: bool = False, main_only: bool = Fa
     """Run a step that user input can fail, so that a UserError on any rank stops every rank with
     that message before the next collective (no rank is left waiting for one that has quit).
 
-    main_first: rank 0 runs first (e.g. to fill a cache), then the others; main_only: only rank 0.
+    main_first: the first rank of each node runs first (to fill a download or tokenization cache,
+    which is per node), then the others; main_only: only rank 0.
     """
     def attempt():
         try:
@@ -255,25 +269,46 @@ def _agreed(ctx: DistContext, fn, main_first: bool = False, main_only: bool = Fa
         except UserError as e:
             return None, e
 
+    def raise_first(errors: list) -> None:
+        for rank, e in enumerate(errors):
+            if e is not None:
+                shared = e if rank == 0 else type(e)(f"on rank {rank}: {e}")
+                shared.all_ranks = True
+                raise shared
+
     result, error = None, None
-    if main_first or main_only:
-        if ctx.is_main:
+    first = ctx.is_main if main_only else ctx.local_rank == 0
+    if main_only or main_first:
+        if first:
             result, error = attempt()
-        error = broadcast_object(error)
-        if error is not None:
-            error.all_ranks = True
-            raise error
+        raise_first(all_gather_object(error) if main_first else [broadcast_object(error)])
         if main_only:
             return result
-    if not (main_first and ctx.is_main):
+    if not (main_first and first):
         result, error = attempt()
-    errors = all_gather_object(error)
-    for rank, e in enumerate(errors):
-        if e is not None:
-            shared = e if rank == 0 else type(e)(f"on rank {rank}: {e}")
-            shared.all_ranks = True
-            raise shared
+    raise_first(all_gather_object(error))
     return result
+
+
+def start_trackers(ctx: DistContext, cfg: Config, out: str, history: History, steps_trained: int) -> Trackers:
+    """train.report_to's trackers on rank 0 (the other ranks get an empty fan-out). One that cannot
+    start (no W&B login) stops every rank with its one line, before the first step."""
+    if not cfg.train.report_to:
+        return Trackers()
+    opened = _agreed(ctx, lambda: open_trackers(cfg.train.report_to, out, cfg.to_dict(),
+                                                history.data.setdefault("trackers", {}), steps_trained), main_only=True)
+    return opened if ctx.is_main else Trackers()
+
+
+def _resumed_commits(checkpoint: Optional[str]) -> dict:
+    """The Hub commits the run being resumed started from (history.json `hub_commits` in its checkpoint)."""
+    if checkpoint is None:
+        return {}
+    try:
+        with open(os.path.join(checkpoint, HISTORY_FILE), encoding="utf-8") as f:
+            return json.load(f).get("hub_commits") or {}
+    except (OSError, ValueError):
+        return {}
 
 
 def check_token_ids(tasks: list, rows: int) -> None:

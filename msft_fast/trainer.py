@@ -32,6 +32,7 @@ from msft_fast.optim import build_optimizer, build_scheduler
 from msft_fast.progress import make_progress
 from msft_fast.snapshot import Snapshot, SnapshotPool
 from msft_fast.step_timer import PhaseTimer
+from msft_fast.trackers import Trackers
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -107,6 +108,7 @@ class Trainer:
         self.scheduler = None
         self.progress = None
         self.pool: Optional[SnapshotPool] = None
+        self.trackers = Trackers()  # train.report_to, on rank 0 (set by the run)
         # Checkpoints: the method keeps its resumable state here; `history_data` gives the run's history.
         self.method_state = None
         self.history_data = lambda: {}
@@ -229,6 +231,7 @@ class Trainer:
         record = {
             **self.tags,
             "step": c.step,
+            "steps_trained": c.steps_trained,  # never rolls back: the trackers' x axis
             "epoch": round(self.epoch_position, 6),
             "lr": lr,
             "loss": sum(loss_sums) / max(1.0, sum(token_counts)),
@@ -297,6 +300,7 @@ class Trainer:
         if record["step"] % self.cfg.train.log_every == 0 or record["step"] == self.total_steps:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            self.trackers.log_step(record)
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",

@@ -390,9 +390,10 @@ def test_unsupported_extension(tmp_path, tokenizer):
 def test_folder_that_is_not_a_dataset(tmp_path, tokenizer):
     folder = tmp_path / "notads"
     folder.mkdir()
-    (folder / "x.txt").write_text("hi")
+    # A folder of .txt/.jsonl/.parquet files is a dataset repo that load_dataset reads; this one holds none.
+    (folder / "x.bin").write_bytes(b"\x00\x01")
     msg = _err(_data_cfg(tmp_path, [TaskConfig("t", str(folder), val=str(folder))]), tokenizer)
-    assert str(folder) in msg and "not a saved HF dataset folder" in msg
+    assert str(folder) in msg and "neither a saved HF dataset folder" in msg
 
 
 # ---------------------------------------------------------------------------------------------

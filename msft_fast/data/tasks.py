@@ -16,7 +16,8 @@ import numpy as np
 
 from msft_fast.config import DataConfig, TaskConfig, resolve_path
 from msft_fast.data.formats import IGNORE_INDEX, RowEncoder, RowError, detect_format, labels_from_mask
-from msft_fast.errors import DataError
+from msft_fast.errors import ConfigError, DataError
+from msft_fast.hub import HubSource, cached_snapshot, dataset_source, is_offline
 
 TOKENIZE_VERSION = 2  # bump when the encoding changes, so cached tokenizations are not reused
 
@@ -55,21 +56,28 @@ class TaskData:
     # not encode; documents trained on and evaluated (train_docs, val_docs; val_held_out when the
     # validation split was held out of the train file). Recorded in history.json under `data`.
     counts: dict[str, int] = field(default_factory=dict)
+    # Where each split came from (path or Hub dataset, config, split, commit): history.json `data_sources`.
+    sources: dict[str, dict] = field(default_factory=dict)
 
 
-def load_tasks(cfg: DataConfig, tokenizer: Any) -> list[TaskData]:
-    """Load, tokenize and split every task in `cfg.tasks`, in order (task id = position)."""
+def load_tasks(cfg: DataConfig, tokenizer: Any, commits: Optional[dict] = None) -> list[TaskData]:
+    """Load, tokenize and split every task in `cfg.tasks`, in order (task id = position).
+
+    commits: `hub.pin_commits` of the run (a Hub dataset is read at its commit); None: pin here.
+    """
     import datasets
 
     datasets.disable_progress_bars()
     tok_key = _tokenizer_fingerprint(tokenizer)
     out = []
     for task_id, task in enumerate(cfg.tasks):
-        key = f"data.tasks[{task_id}]"
-        train = _tokenize_file(task, "train", f"{key}.train", task.train, cfg, tokenizer, tok_key)
+        train_src = task_source(task, task_id, "train", commits)
+        val_src = task_source(task, task_id, "val", commits)
+        _check_dataset_keys(task, task_id, train_src, val_src)
+        train = _tokenize_source(task, train_src, cfg, tokenizer, tok_key)
         counts = {f"train_{k}": v for k, v in train[1].items()}
-        if task.val is not None:
-            val_docs, val_counts = _tokenize_file(task, "validation", f"{key}.val", task.val, cfg, tokenizer, tok_key)
+        if val_src is not None:
+            val_docs, val_counts = _tokenize_source(task, val_src, cfg, tokenizer, tok_key)
             train_docs = train[0]
             counts.update({f"val_{k}": v for k, v in val_counts.items()})
         else:
@@ -77,16 +85,107 @@ def load_tasks(cfg: DataConfig, tokenizer: Any) -> list[TaskData]:
             counts["val_held_out"] = len(val_docs)
         counts.update(train_docs=len(train_docs), val_docs=len(val_docs))
         if len(train_docs) == 0:
-            raise DataError(f"task '{task.name}' has no usable training rows in {task.train} "
+            raise DataError(f"task '{task.name}' has no usable training rows in {train_src.shown} "
                             f"({_why_empty(counts, 'train')}){_overlong_hint(counts, 'train')}")
         if len(val_docs) == 0:
-            if task.val is not None:
-                raise DataError(f"task '{task.name}' has an empty validation split ({task.val}: "
+            if val_src is not None:
+                raise DataError(f"task '{task.name}' has an empty validation split ({val_src.shown}: "
                                 f"{_why_empty(counts, 'val')}){_overlong_hint(counts, 'val')}")
             raise DataError(f"task '{task.name}' has an empty validation split (val_fraction={task.val_fraction} "
-                            f"of {len(train_docs)} usable rows of {task.train}): it needs at least 2 usable rows")
-        out.append(TaskData(task.name, task_id, train_docs, val_docs, counts))
+                            f"of {len(train_docs)} usable rows of {train_src.shown}): it needs at least 2 usable rows")
+        out.append(TaskData(task.name, task_id, train_docs, val_docs, counts, _sources(train_src, val_src)))
     return out
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where one split of a task is read from: a local file or folder, or a Hub dataset at a commit."""
+
+    role: str  # train | validation
+    name: str  # the local path (absolute), or the Hub repo id
+    key: str  # the config key that names it: data.tasks[i].train or .val
+    split: str  # datasets' split syntax: train, validation, train[:90%]
+    split_key: str  # the config key that set the split
+    config: Optional[str]  # the dataset config (subset)
+    config_key: str
+    hub: Optional[HubSource] = None
+    commit: Optional[str] = None  # a Hub dataset's commit (None: neither the Hub nor the cache knew it)
+
+    @property
+    def shown(self) -> str:
+        """How messages name it: the path, or the repo id with what was asked of it."""
+        if self.hub is None:
+            return self.name
+        parts = [f"config {self.config}"] if self.config else []
+        parts += [f"split {self.split}", f"revision {self.hub.revision or 'main'}"]
+        return f"{self.name} ({', '.join(parts)})"
+
+    def where(self, task: str) -> str:
+        """The start of every message about it: "task 'x': train file /d/x.jsonl"."""
+        if self.hub is not None:
+            return f"task '{task}': {self.role} dataset {self.shown}"
+        return f"task '{task}': {self.role} {'folder' if os.path.isdir(self.name) else 'file'} {self.name}"
+
+    def fingerprint(self) -> list:
+        """What names these rows, for the tokenization cache key (with the rows' own fingerprint)."""
+        return [self.name, self.config, self.split, self.hub.revision if self.hub else None, self.commit]
+
+    def record(self) -> dict:
+        """history.json `data_sources`: where the rows came from."""
+        out = {"path" if self.hub is None else "dataset": self.name, "split": self.split}
+        if self.config:
+            out["config"] = self.config
+        if self.hub is not None:
+            out.update(revision=self.hub.revision or "main", commit=self.commit)
+        return out
+
+
+def task_source(task: TaskConfig, index: int, field: str, commits: Optional[dict]) -> Optional[DataSource]:
+    """The task's `train` or `val` source (None for `val` when validation rows are held out of train).
+    `val_split` without `val` is a split of the train source."""
+    key = f"data.tasks[{index}]"
+    if field == "val" and task.val is None:
+        if task.val_split is None:
+            return None
+        field, split, split_key = "train", task.val_split, f"{key}.val_split"
+    elif field == "val":
+        split, split_key = task.val_split or "train", f"{key}.val_split"
+    else:
+        split, split_key = task.split, f"{key}.split"
+    value = getattr(task, field)
+    hub = dataset_source(task, index, field)
+    role = "train" if split_key.endswith(".split") else "validation"
+    config_key = f"{key}.{'config' if field == 'train' else 'val_config'}"
+    config = getattr(task, config_key.rsplit(".", 1)[1])
+    if hub is None:
+        return DataSource(role, resolve_path(value), f"{key}.{field}", split, split_key, config, config_key)
+    commit = commits.get(f"{key}.{field}") if commits is not None else hub.pin()
+    return DataSource(role, hub.repo_id, f"{key}.{field}", split, split_key, config, config_key, hub, commit)
+
+
+def _check_dataset_keys(task: TaskConfig, index: int, train: DataSource, val: Optional[DataSource]) -> None:
+    """`config`/`revision` (of train) and `val_config`/`val_revision` (of a separate val) must apply to
+    their source, or they would silently mean nothing."""
+    separate_val = val if task.val is not None else None
+    for source, role, config_key, revision_key in ((train, "train", "config", "revision"),
+                                                   (separate_val, "val", "val_config", "val_revision")):
+        revision, config = getattr(task, revision_key), getattr(task, config_key)
+        if revision is not None and (source is None or source.hub is None):
+            raise ConfigError(f"config key 'data.tasks[{index}].{revision_key}' ({revision}) applies to a Hub dataset, "
+                              f"but task '{task.name}' has {_what(source, role)}")
+        if config is not None and (source is None or not (source.hub or _is_dataset_repo(source.name))):
+            raise ConfigError(f"config key 'data.tasks[{index}].{config_key}' ({config}) applies to a Hub dataset or a "
+                              f"dataset repo folder, but task '{task.name}' has {_what(source, role)}")
+
+
+def _what(source: Optional[DataSource], field: str) -> str:
+    if source is None:
+        return f"no {field}"
+    return f"the local {'folder' if os.path.isdir(source.name) else 'file'} {source.name} as {field}"
+
+
+def _sources(train: DataSource, val: Optional[DataSource]) -> dict:
+    return {"train": train.record(), **({"val": val.record()} if val is not None else {})}
 
 
 def _why_empty(counts: dict[str, int], split: str) -> str:
@@ -114,14 +213,13 @@ def _hold_out(docs: DocSet, fraction: float, seed: int) -> tuple[DocSet, DocSet]
 # Reading and tokenizing one file
 
 
-def _tokenize_file(task: TaskConfig, split: str, key: str, path: str, cfg: DataConfig, tokenizer: Any, tok_key: str):
-    """Rows of one file as a DocSet plus counts. `split` (train/validation) and the config `key`
-    only name the file in error messages."""
-    path = resolve_path(path)
-    where = f"task '{task.name}': {split} file {path}"
-    raw = _read_rows(path, cfg.cache_dir, where, key)
+def _tokenize_source(task: TaskConfig, src: DataSource, cfg: DataConfig, tokenizer: Any, tok_key: str):
+    """Rows of one source as a DocSet plus counts."""
+    where = src.where(task.name)
+    raw, own_folder = _read_rows(src, cfg.cache_dir, where)
     if len(raw) == 0:
         raise DataError(f"{where} has no rows")
+    raw = _rename_columns(raw, task.columns, where, src.key.rsplit(".", 1)[0] + ".columns")
     try:
         fmt = task.format if task.format != "auto" else detect_format(raw.column_names)
         encoder = RowEncoder(tokenizer, fmt, cfg.empty_think_blocks)
@@ -150,9 +248,8 @@ def _tokenize_file(task: TaskConfig, split: str, key: str, path: str, cfg: DataC
             status_out.append(status)
         return {"input_ids": ids_out, "labels": labels_out, "status": status_out}
 
-    key = hashlib.sha256(
-        json.dumps([TOKENIZE_VERSION, raw._fingerprint, tok_key, fmt, max_len, policy, cfg.empty_think_blocks]).encode()
-    ).hexdigest()[:32]
+    key = hashlib.sha256(json.dumps([TOKENIZE_VERSION, raw._fingerprint, src.fingerprint(), tok_key, fmt, max_len,
+                                     policy, cfg.empty_think_blocks]).encode()).hexdigest()[:32]
     import datasets
 
     tokenized = raw.map(
@@ -163,7 +260,7 @@ def _tokenize_file(task: TaskConfig, split: str, key: str, path: str, cfg: DataC
         new_fingerprint=key,
         # datasets would write the cache beside the source files; a saved dataset folder is the
         # user's (maybe read-only), so its tokenization goes to our cache folder instead.
-        cache_file_name=_cache_file(cfg.cache_dir, key) if os.path.isdir(path) else None,
+        cache_file_name=_cache_file(cfg.cache_dir, key) if own_folder else None,
         num_proc=cfg.num_proc,
         features=datasets.Features(
             {
@@ -253,23 +350,32 @@ def _cache_file(cache_dir: Optional[str], key: str) -> str:
     return os.path.join(folder, f"tokenized-{key}.arrow")
 
 
-def _read_rows(path: str, cache_dir: Optional[str], where: str, key: str) -> Any:
-    """The file or saved dataset folder at `path` as a Dataset; `where` names it in errors
-    ("task 'x': train file PATH") and `key` is the config key that gave the path."""
+def _read_rows(src: DataSource, cache_dir: Optional[str], where: str) -> tuple[Any, bool]:
+    """The rows of `src` as a Dataset, and whether they come from a saved dataset folder (the
+    user's, so its tokenization is cached elsewhere). `where` names the source in errors."""
     import datasets
 
+    if src.hub is not None:
+        return _read_hub(src, cache_dir, where), False
+    path = src.name
     if not os.path.exists(path):
-        raise DataError(f"{where} does not exist (config key '{key}')")
-    if os.path.isdir(path):
+        raise DataError(f"{where} does not exist (config key '{src.key}')")
+    if os.path.isdir(path) and not _is_dataset_repo(path):
         try:
             ds = datasets.load_from_disk(path)
         except Exception as e:  # datasets raises several types for a folder it cannot read
             raise DataError(f"{where} is not a saved HF dataset folder: {_one_line(e)}") from None
         if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataError(f"{where} holds splits {list(ds)}; point at one split's folder")
-            ds = ds["train"]
-        return ds
+            if src.split not in ds:
+                raise DataError(f"{where} holds splits {list(ds)}, not '{src.split}': set {src.split_key} to one "
+                                "of them, or point at one split's folder")
+            ds = ds[src.split]
+        elif src.split != "train":
+            raise DataError(f"{where} is a saved Dataset (one split), so {src.split_key} ({src.split}) cannot "
+                            "select from it")
+        return ds, True
+    if os.path.isdir(path):  # a dataset repo laid out locally: README configs, data/*.parquet, ...
+        return _load_dataset(src, where, cache_dir, path), False
     ext = os.path.splitext(path)[1].lower()
     builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}.get(ext)
     if builder is None:
@@ -278,13 +384,90 @@ def _read_rows(path: str, cache_dir: Optional[str], where: str, key: str) -> Any
     level = ds_logger.level
     ds_logger.setLevel(logging.CRITICAL)  # we report the failure ourselves, in one sentence
     try:
-        return datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+        return datasets.load_dataset(builder, data_files=path, split=src.split, cache_dir=cache_dir), False
     except Exception as e:
+        if _is_split_error(e):  # a single file is the split `train`; slices of it work
+            raise DataError(f"{where} has only the split 'train' (a single file), so {src.split_key} ({src.split}) "
+                            "cannot be read from it") from None
         if builder == "json":
             _raise_first_bad_json_line(path, where)
         raise DataError(f"{where} cannot be read: {_one_line(e)}") from None
     finally:
         ds_logger.setLevel(level)
+
+
+def _rename_columns(raw: Any, columns: Optional[dict[str, str]], where: str, key: str) -> Any:
+    """`columns` ({prompt: question, completion: answer}) gives the dataset's columns our names; a
+    column that already has one of those names, and is not mapped, gives way."""
+    if not columns:
+        return raw
+    missing = {ours: theirs for ours, theirs in columns.items() if theirs not in raw.column_names}
+    if missing:
+        ours, theirs = next(iter(missing.items()))
+        raise DataError(f"{where} has no column '{theirs}' (config key '{key}.{ours}'); its columns: "
+                        f"{', '.join(sorted(raw.column_names))}")
+    renamed = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
+    in_the_way = [c for c in raw.column_names if c in renamed.values() and c not in renamed]
+    return raw.remove_columns(in_the_way).rename_columns(renamed) if renamed else raw
+
+
+def _is_dataset_repo(path: str) -> bool:
+    """A folder that `datasets.load_dataset` reads as a dataset repo (README configs, data files),
+    as opposed to one written by `save_to_disk` (state.json / dataset_dict.json)."""
+    if not os.path.isdir(path):
+        return False
+    saved = ("dataset_dict.json", "state.json")
+    return not any(os.path.exists(os.path.join(path, name)) for name in saved)
+
+
+def _read_hub(src: DataSource, cache_dir: Optional[str], where: str) -> Any:
+    """A Hub dataset at its pinned commit through `datasets.load_dataset`. Offline (HF_HUB_OFFLINE=1,
+    or the Hub unreachable) datasets can reuse only what it prepared itself; a snapshot in the Hub
+    cache (left by an earlier run, or `hf download --repo-type dataset`) is read as a local repo
+    folder instead, which is the same files."""
+    snapshot = cached_snapshot(src.name, "dataset", src.commit)
+    if snapshot is not None and is_offline():
+        return _load_dataset(src, where, cache_dir, snapshot)
+    try:
+        return _load_dataset(src, where, cache_dir, src.name, revision=src.commit or src.hub.revision)
+    except _Unreachable as e:
+        if snapshot is not None:
+            return _load_dataset(src, where, cache_dir, snapshot)
+        raise src.hub.not_cached(str(e)) from None
+
+
+class _Unreachable(Exception):
+    """The Hub could not be reached (or HF_HUB_OFFLINE=1) and datasets had nothing cached."""
+
+
+def _load_dataset(src: DataSource, where: str, cache_dir: Optional[str], path: str,
+                  revision: Optional[str] = None) -> Any:
+    """`datasets.load_dataset(path, config, split)` with its failures as one sentence naming the key."""
+    import datasets
+
+    ds_logger = logging.getLogger("datasets")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)
+    try:
+        return datasets.load_dataset(path, name=src.config, split=src.split, revision=revision, cache_dir=cache_dir)
+    except ConnectionError as e:
+        raise _Unreachable(_one_line(e)) from None
+    except Exception as e:
+        text = _one_line(e).split(" Example of usage")[0]  # its example names the folder read, not the key
+        if _is_split_error(e):
+            raise DataError(f"{where}: {text} (config key '{src.split_key}')") from None
+        if "BuilderConfig" in text or "Config name is missing" in text or "config" in text.lower() and src.config:
+            raise DataError(f"{where}: {text} (config key '{src.config_key}')") from None
+        if isinstance(e, FileNotFoundError) or type(e).__name__ in ("DataFilesNotFoundError", "EmptyDatasetError"):
+            raise DataError(f"{where} is neither a saved HF dataset folder nor a dataset that datasets.load_dataset "
+                            f"can read: {text}") from None
+        raise DataError(f"{where} cannot be read: {text} (config key '{src.key}')") from None
+    finally:
+        ds_logger.setLevel(level)
+
+
+def _is_split_error(e: Exception) -> bool:
+    return isinstance(e, (ValueError, KeyError)) and "split" in str(e).lower()
 
 
 def _raise_first_bad_json_line(path: str, where: str) -> None:
