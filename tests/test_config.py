@@ -342,3 +342,21 @@ def test_compute_bound_keys(cfg_file):
     assert load_config(cfg_file, ["msft.max_stale_stages=2"]).msft.max_stale_stages == 2
     assert "msft.max_stale_stages" in _err(cfg_file, ["msft.max_stale_stages=0"])
     assert "train.progress_interval" in _err(cfg_file, ["train.progress_interval=0"])
+
+
+def test_exact_match_keys(cfg_file):
+    from msft_fast.config import scores_exact_match
+
+    cfg = load_config(cfg_file)
+    assert not scores_exact_match(cfg) and cfg.msft.min_delta == 0.0 and cfg.msft.generation_gather == "auto"
+    cfg = load_config(cfg_file, ["msft.metric=val_exact_match", r"msft.answer_pattern='####\s*(.+)'",
+                                 "msft.max_new_tokens=32", "msft.min_delta=0.02", "data.tasks[0].answer_pattern=''"])
+    assert scores_exact_match(cfg) and cfg.msft.answer_pattern == r"####\s*(.+)" and cfg.msft.max_new_tokens == 32
+    assert cfg.data.tasks[0].answer_pattern == "" and cfg.msft.min_delta == 0.02
+    assert scores_exact_match(load_config(cfg_file, ["msft.report_exact_match=true"]))
+    for override, key in (("msft.min_delta=-0.1", "msft.min_delta"), ("msft.min_delta=.nan", "msft.min_delta"),
+                          ("msft.max_new_tokens=0", "msft.max_new_tokens"),
+                          ("msft.generation_tokens_per_batch=0", "msft.generation_tokens_per_batch"),
+                          ("msft.generation_gather=always", "msft.generation_gather"),
+                          ("msft.metric=exact_match", "msft.metric")):
+        assert key in _err(cfg_file, [override]), override
