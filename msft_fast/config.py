@@ -294,6 +294,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
 
+    _check_not_placeholder(cfg)
     need(bool(cfg.output_dir), "output_dir", "a folder path", cfg.output_dir)
     need(bool(cfg.model.path), "model.path", f"a model folder or {BUILTIN_MODEL_PREFIX}tiny-llama", cfg.model.path)
     d, t, m = cfg.data, cfg.train, cfg.msft
@@ -366,12 +367,26 @@ def scores_exact_match(cfg: Config) -> bool:
     return cfg.msft.metric == "val_exact_match" or cfg.msft.report_exact_match
 
 
+# A template config (configs/paper.yaml) marks what the user must fill in as `<...>`.
+_PLACEHOLDER = re.compile(r"^<[^<>]*>$")
+
+
+def _check_not_placeholder(cfg: Config) -> None:
+    values = [("output_dir", cfg.output_dir), ("model.path", cfg.model.path)]
+    for i, t in enumerate(cfg.data.tasks):
+        values += [(f"data.tasks[{i}].{k}", getattr(t, k)) for k in ("name", "train", "val")]
+    for key, value in values:
+        if isinstance(value, str) and _PLACEHOLDER.match(value.strip()):
+            raise ConfigError(f"config key '{key}' is still the placeholder {value!r} of a template config: set it "
+                              f"in your copy of the file, or override it ({key}=...)")
+
+
 def _check_pattern(pattern: Optional[str], key: str) -> None:
     if pattern:
         try:
             re.compile(pattern)
         except re.error as e:
-            raise ConfigError(f"config key '{key}' ({pattern!r}) is not a valid regular expression: {e}") from None
+            raise ConfigError(f"config key '{key}' ('{pattern}') is not a valid regular expression: {e}") from None
 
 
 def max_trained_epochs(cfg: Config) -> float:

@@ -168,7 +168,7 @@ class ExactMatch:
             if reference is None:
                 raise on_every_rank(DataError(
                     f"task '{task.name}': the reference answer of validation document {d + 1} ({_clip(text)!r}) "
-                    f"does not match {source} ({spec!r}), so it cannot be compared; fix the pattern or the data"))
+                    f"does not match {source} ('{spec}'), so it cannot be compared; fix the pattern or the data"))
             prompts.append(prompt)
             references.append(reference)
         return AnswerTask(task.name, prompts, references, pattern, cfg.msft.max_new_tokens or longest)

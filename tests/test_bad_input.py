@@ -234,7 +234,7 @@ FATAL_CASES = [
     ("reference_answer_without_the_pattern",
      lambda c: c.config(msft={"report_exact_match": True, "answer_pattern": r"####\s*(.+)"}),
      ["task 't': the reference answer of validation document 1 ('x05') does not match msft.answer_pattern "
-      "('####\\\\s*(.+)')"]),
+      "('####\\s*(.+)')"]),
     # --- output folder -----------------------------------------------------------------------
     ("output_dir_is_a_file",
      lambda c: c.config(output_dir=_a_file(c, "out_file")),

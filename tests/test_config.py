@@ -360,3 +360,19 @@ def test_exact_match_keys(cfg_file):
                           ("msft.generation_gather=always", "msft.generation_gather"),
                           ("msft.metric=exact_match", "msft.metric")):
         assert key in _err(cfg_file, [override]), override
+
+
+def test_the_paper_preset_holds_the_papers_settings_and_names_its_placeholders():
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paper = os.path.join(repo, "configs", "paper.yaml")
+    msg = _err(paper, [])
+    assert msg.startswith("config key 'model.path' is still the placeholder '<your HF model folder>'"), msg
+    assert "data.tasks[0].name" in _err(paper, ["model.path=/models/m"])
+    cfg = load_config(paper, ["model.path=/models/m", "data.tasks=[{name: gsm8k, train: t.jsonl, val: v.jsonl}]"])
+    t, m = cfg.train, cfg.msft
+    assert (t.lr, t.schedule, t.warmup_steps, t.weight_decay, cfg.data.max_seq_len) == (1e-5, "constant", 0, 0.0, 512)
+    assert 8 * t.grad_accum * cfg.data.tokens_per_batch == 64 * 512  # about 64 sequences per step on 8 GPUs
+    assert (m.budget_epochs, m.evals_per_epoch, m.max_stages, m.max_epochs) == (10, 4, 10, float("inf"))
+    assert (m.metric, m.answer_pattern, m.restore, m.min_delta) == ("val_exact_match", r"####\s*(.+)", "weights", 0)

@@ -67,6 +67,28 @@ def test_a_chat_prompt_is_the_templates_generation_prompt(tokenizer, family, pol
         assert answer == row["messages"][-1]["content"].strip()
 
 
+def test_references_stops_and_the_default_max_new_tokens_come_from_the_validation_rows(tmp_path, tokenizer):
+    """Stops: EOS and the chat rows' end of turn; max_new_tokens: per task its longest reference
+    with its stop token; references trimmed and reduced by the task's pattern."""
+    from msft_fast.config import load_config
+    from msft_fast.data.tasks import load_tasks
+    from msft_fast.exact_match import ExactMatch
+
+    pc = [{"prompt": "q1 ", "completion": " 12 "}, {"prompt": "q2 ", "completion": "#### 7"}]
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "abcdef"}]}]
+    files = {n: write_jsonl(tmp_path / f"{n}.jsonl", rows) for n, rows in (("pc", pc), ("chat", chat))}
+    tasks = ", ".join(f"{{name: {n}, train: {f}, val: {f}}}" for n, f in files.items())
+    cfg = load_config(None, [f"output_dir={tmp_path}/run", f"data.tasks=[{tasks}]", f"data.cache_dir={tmp_path}/c",
+                             "msft.metric=val_exact_match", r"data.tasks[0].answer_pattern='(\d+)$'"])
+    em = ExactMatch(cfg, load_tasks(cfg.data, tokenizer), tokenizer, tiny_llama(tokenizer))
+    assert {tokenizer.convert_ids_to_tokens(i) for i in em.stops} == {"</s>", "<|end|>"}
+    pc_task, chat_task = em.tasks
+    assert pc_task.references == ["12", "7"] and chat_task.references == ["abcdef"]
+    assert (pc_task.max_new_tokens, chat_task.max_new_tokens) == (len("#### 7") + 1, len("abcdef") + 1)
+    assert chat_task.prompts[0] == prompt_ids(tokenizer, chat[0])
+    assert em.describe()["answer_pattern"] == {"pc": r"(\d+)$", "chat": None}
+
+
 def test_batches_are_the_same_on_any_number_of_ranks_and_each_goes_to_one_rank():
     rng = random.Random(0)
     tasks = [AnswerTask(f"t{k}", [[1] * rng.randint(3, 30) for _ in range(n)], ["x"] * n, None, new)
@@ -150,6 +172,41 @@ def test_weights_are_gathered_once_per_evaluation_not_once_per_token(sharded, to
             want.append(out[: next((i + 1 for i, t in enumerate(out) if t in stops), len(out))])
         assert seen["once", new] == seen["per_forward", new] == want
     assert steps[12] > steps[4] and gathers[12] - gathers[4] >= steps[12] - steps[4]  # per token, per_forward
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "llama3", "gemma2", "olmo2"])
+def test_batched_generation_matches_plain_hf_row_by_row_in_every_family(family):
+    """Left-padded batches, through the gathered copy and through the FSDP-wrapped model, give the
+    tokens plain HF generates one row at a time (tied embeddings, Gemma 2's soft-capping, sliding
+    window and eager attention, Qwen3's and OLMo 2's norms)."""
+    from families import conversations, family_config, family_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.generation import ShardedGenerator, greedy_generate
+    from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
+
+    rows = conversations(family, 3, seed=0, task="arith") + conversations(family, 3, seed=0, task="words")
+    tok = family_tokenizer(family, [m["content"] for r in rows for m in r["messages"]] + ["system user"])
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(AutoModelForCausalLM.from_config(family_config(family, tok), dtype=torch.float32).eval())
+    plain, lm = models
+    prompts = [prompt_ids(tok, r) for r in rows]
+    assert len({len(p) for p in prompts}) > 1  # the batch is padded
+    ctx = init_distributed()
+    try:
+        wrapper = CausalLMWithTaskLoss(lm, 1)
+        parallelize(wrapper, decoder_blocks(lm), torch.float32, ctx.device)
+        want = [greedy_generate(plain, [p], 8, [tok.eos_token_id], tok.pad_token_id, ctx.device)[0] for p in prompts]
+        for mode in ("once", "per_forward"):
+            gen = ShardedGenerator(wrapper, torch.float32, ctx.device, world_size=1)
+            gen.choose(mode, batch_tokens=1024, reserved_bytes=0, ranks_per_host=1)
+            with gen.session() as generate:
+                assert generate(prompts, 8, [tok.eos_token_id], tok.pad_token_id) == want, mode
+    finally:
+        shutdown_distributed()
 
 
 def test_auto_gathers_once_when_the_copy_fits_and_per_forward_when_not(sharded, monkeypatch):
