@@ -68,7 +68,8 @@ def test_bench_msft_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_budget_quick(tmp_path):
-    run_bench("bench_budget.py", tmp_path, "--quick", "msft.report_exact_match=true")
+    # about 30 s of CPU; the wall-clock limit leaves room for a loaded machine
+    run_bench("bench_budget.py", tmp_path, "--quick", "msft.report_exact_match=true", timeout=600)
     r = load(tmp_path, "budget_cpu_quick.json")
     labels = [x["label"] for x in r["runs"]]
     assert labels == ["sft_1ep", "sft_2ep", "msft_C0.5", "msft_C0.5_p1"]
@@ -79,7 +80,7 @@ def test_bench_budget_quick(tmp_path):
         assert 0 <= x["pooled_val_exact_match"] <= 1 and x["generated_tokens"] > 0  # beside the loss
         assert all(0 <= t["val_exact_match"] <= 1 for t in x["tasks"].values())
     md = (tmp_path / "out" / "budget_cpu_quick.md").read_text()
-    assert "| run | pooled val_loss | pooled val_loss | pooled exact match | copy | upper | reverse |" in md
+    assert "| run | pooled val_loss | pooled exact match | copy | upper | reverse |" in md
     sft = {x["label"]: x for x in r["runs"] if x["method"] == "sft"}
     assert sft["sft_2ep"]["train_flops"] == pytest.approx(2 * sft["sft_1ep"]["train_flops"], rel=0.05)
     assert set(r["comparison"]["msft"]) == {"msft_C0.5", "msft_C0.5_p1"}

@@ -308,3 +308,40 @@ def test_exact_match_of_a_run_is_known_and_its_decisions_follow_the_curves(tmp_p
     assert setup["answer_pattern"]["pattern"] == "(?s)^(.{3})" and setup["stop_tokens"] == ["</s>", "<|end|>"]
     assert history["final"]["pooled_val_exact_match"] == history["evals"][history["final"]["eval_id"]][
         "pooled_val_exact_match"]
+
+
+@pytest.mark.slow
+def test_sro_and_sft_read_peaks_and_pick_their_final_model_by_exact_match(tmp_path, known_tasks,
+                                                                          answering_model_dir):
+    """SRO and SFT select by the same exact-match scores as mSFT: each excluded task's peak is its
+    best probe evaluation by exact match, and the final model is the evaluation with the best pooled
+    exact match (over all answers), earliest on ties."""
+    entries, _ = known_tasks
+    history = _run(tmp_path, entries, f"model.path={answering_model_dir}", "method=sro", "train.epochs=0.5",
+                   "msft.evals_per_epoch=4")
+    assert history["metric"] == "val_exact_match" and history["higher_is_better"]
+    for e in history["evals"]:
+        assert e["pooled_metric"] == e["pooled_val_exact_match"]
+        assert all(t["metric"] == t["val_exact_match"] for t in e["tasks"].values())
+    probe, *schedule = history["stages"]
+    probe_evals = [e for e in history["evals"] if e["stage"] == 0]
+    for task, peak in probe["peak_evals"].items():  # the earliest best exact match of the probe
+        assert peak == max(probe_evals, key=lambda e: (e["tasks"][task]["val_exact_match"], -e["eval_id"]))["eval_id"]
+    assert [s["excluded"] for s in schedule if s["excluded"]] == sorted(
+        (t for t, i in probe["peak_evals"].items() if i < probe["end_eval"]),
+        key=lambda t: (probe["peak_evals"][t], history["tasks"].index(t)))
+    assert history["sro"]["second_pass"], "training moves the answers away from the model's own: a task peaks early"
+    candidates = [e for e in history["evals"] if e["stage"] >= 1] + [history["evals"][probe["start_eval"]]]
+    best = max(candidates, key=lambda e: (e["pooled_val_exact_match"], -e["eval_id"]))
+    assert history["final"]["eval_id"] == best["eval_id"]
+    assert history["final"]["pooled_val_exact_match"] == best["pooled_val_exact_match"]
+
+    # SFT: the evaluation with the best pooled exact match, not the best loss (they differ here:
+    # training lowers the loss while it moves the answers away from the model's own).
+    sft = _run(tmp_path / "sft", entries, f"model.path={answering_model_dir}", "method=sft", "train.epochs=0.5",
+               "msft.evals_per_epoch=4")
+    by_em = max(sft["evals"], key=lambda e: (e["pooled_val_exact_match"], -e["eval_id"]))["eval_id"]
+    assert by_em != min(sft["evals"], key=lambda e: (e["pooled_val_loss"], e["eval_id"]))["eval_id"]
+    assert sft["final"]["eval_id"] == by_em
+    assert sft["final"]["pooled_metric"] == sft["final"]["pooled_val_exact_match"] == sft["evals"][by_em][
+        "pooled_val_exact_match"]
