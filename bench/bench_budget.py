@@ -7,8 +7,12 @@ warmed-up tiny model, made in --workdir as `make demo` makes it). Writes
 bench/results/budget_<device>.json, .md and .png (quality vs FLOPs, one point per run).
 
     python bench/bench_budget.py [--config configs/demo.yaml] [--sft-epochs 1 2 3 4] [--budgets 0.5 1 2]
-                                 [--patience 1] [key.path=value ...]
+                                 [--patience 1] [--min-delta 0.02] [--seeds 0 1 2] [--name NAME] [key.path=value ...]
     python bench/bench_budget.py --quick    # a tiny mixture, four runs, about 30 s: checks that it runs
+
+Runs that score generated answers (msft.metric=val_exact_match, or msft.report_exact_match=true as
+the demo configs set it) report exact match beside the validation loss. --seeds repeats every run
+for each train.seed and adds a per-seed summary; --min-delta adds mSFT runs with that msft.min_delta.
 """
 from __future__ import annotations
 
@@ -29,9 +33,13 @@ def run_one(config: str, workdir: str, label: str, overrides: list[str]) -> dict
         "label": label, "method": h["method"], "overrides": overrides,
         "final_eval_id": final["eval_id"], "final_epoch": final["epoch"], "final_stage": final["stage"],
         "pooled_val_loss": final["pooled_val_loss"], "pooled_val_token_acc": final["pooled_val_token_acc"],
+        "pooled_val_exact_match": final.get("pooled_val_exact_match"),  # None: answers not scored
         "pooled_metric": final["pooled_metric"],
-        "tasks": {n: {"val_loss": t["val_loss"], "val_token_acc": t["val_token_acc"]}
+        "tasks": {n: {"val_loss": t["val_loss"], "val_token_acc": t["val_token_acc"],
+                      "val_exact_match": t.get("val_exact_match")}
                   for n, t in final["tasks"].items()},
+        "generated_tokens": tot.get("generated_tokens"), "generation_seconds": tot.get("generation_seconds"),
+        "eval_seconds": tot["eval_seconds"],
         "train_flops": tot["train_flops"], "discarded_flops": tot["discarded_flops"], "eval_flops": tot["eval_flops"],
         "trained_tokens": tot["trained_tokens"], "steps": tot["steps"], "wall_seconds": time.time() - t0,
         "excluded": [st["excluded"] for st in h["stages"] if st.get("excluded")],
@@ -69,7 +77,8 @@ def compare(runs: list[dict]) -> dict:
 
 
 def _task_metric(run: dict, name: str) -> float:
-    return run["tasks"][name]["val_token_acc" if run["metric"] == "val_token_acc" else "val_loss"]
+    metric = run["metric"] if run["metric"] in ("val_token_acc", "val_exact_match") else "val_loss"
+    return run["tasks"][name][metric]
 
 
 def plot(runs: list[dict], path: str, title: str) -> None:
@@ -112,7 +121,10 @@ def main(argv=None) -> dict:
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides for every run")
     p.add_argument("--sft-epochs", type=float, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 1, 2], help="mSFT roll-out budgets C")
-    p.add_argument("--patience", type=int, default=1, help="the msft.patience of the 'with patience' runs")
+    p.add_argument("--patience", type=int, default=1, help="the msft.patience of the 'with patience' runs (0: none)")
+    p.add_argument("--min-delta", type=float, nargs="*", default=[], help="also mSFT runs with these msft.min_delta")
+    p.add_argument("--seeds", type=int, nargs="*", default=[], help="repeat every run for each train.seed")
+    p.add_argument("--name", default="", help="a suffix of the output files (budget_<device>_<name>.*)")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR)
     p.add_argument("--threads", type=int, default=1, help="torch threads (results do not depend on it)")
     p.add_argument("--quick", action="store_true", help="a tiny mixture, SFT 1 and 2 epochs, mSFT C=0.5 (+patience)")
@@ -133,14 +145,22 @@ def main(argv=None) -> dict:
     plan = [(f"sft_{e:g}ep", ["method=sft", f"train.epochs={e:g}"]) for e in a.sft_epochs]
     for c in a.budgets:
         plan.append((f"msft_C{c:g}", ["method=msft", f"msft.budget_epochs={c:g}", "msft.patience=null"]))
-        plan.append((f"msft_C{c:g}_p{a.patience}", ["method=msft", f"msft.budget_epochs={c:g}",
-                                                     f"msft.patience={a.patience}"]))
+        for d in a.min_delta:
+            plan.append((f"msft_C{c:g}_d{d:g}", ["method=msft", f"msft.budget_epochs={c:g}", "msft.patience=null",
+                                                 f"msft.min_delta={d:g}"]))
+        if a.patience:
+            plan.append((f"msft_C{c:g}_p{a.patience}", ["method=msft", f"msft.budget_epochs={c:g}",
+                                                         f"msft.patience={a.patience}"]))
+    if a.seeds:
+        plan = [(f"{label}_s{seed}", [*overrides, f"train.seed={seed}"]) for seed in a.seeds for label, overrides in plan]
     runs = []
     for label, overrides in plan:
         runs.append(run_one(a.config, a.workdir, label, [*overrides, *a.overrides]))
         r = runs[-1]
-        print(f"{label:>14}: pooled {r['metric']} {r['pooled_metric']:.4f}  train {r['train_flops'] / 1e9:.0f} GFLOP "
-              f"(discarded {r['discarded_flops'] / 1e9:.0f})  {r['wall_seconds']:.0f} s", flush=True)
+        em = "" if r["pooled_val_exact_match"] is None or r["metric"] == "val_exact_match" \
+            else f"  exact match {r['pooled_val_exact_match']:.4f}"
+        print(f"{label:>14}: pooled {r['metric']} {r['pooled_metric']:.4f}{em}  train {r['train_flops'] / 1e9:.0f} "
+              f"GFLOP (discarded {r['discarded_flops'] / 1e9:.0f})  {r['wall_seconds']:.0f} s", flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {
         "what": "final pooled and per-task validation metric vs total training FLOPs (kept + discarded); "
@@ -149,12 +169,13 @@ def main(argv=None) -> dict:
         "machine": machine_info(),
         "setup": {"config": os.path.relpath(a.config, REPO) if a.config.startswith(REPO) else a.config,
                   "overrides": a.overrides, "sft_epochs": a.sft_epochs, "budgets": a.budgets,
-                  "patience": a.patience, "quick": a.quick},
+                  "patience": a.patience, "min_delta": a.min_delta, "seeds": a.seeds, "quick": a.quick},
         "runs": runs,
-        "comparison": compare(runs),
+        "comparison": compare(runs) if not a.seeds else
+        {str(seed): compare([r for r in runs if r["label"].endswith(f"_s{seed}")]) for seed in a.seeds},
         "bench_seconds": time.time() - t0,
     }
-    stem = f"budget_{device}" + ("_quick" if a.quick else "")
+    stem = f"budget_{device}" + ("_quick" if a.quick else "") + (f"_{a.name}" if a.name else "")
     os.makedirs(a.out, exist_ok=True)
     plot(runs, os.path.join(a.out, stem + ".png"),
          f"{report['setup']['config']} {' '.join(a.overrides)} - {report['date']}, {device}")
@@ -163,33 +184,47 @@ def main(argv=None) -> dict:
 
 
 def markdown(r: dict) -> list[str]:
-    runs, m, cmp_ = r["runs"], r["machine"], r["comparison"]
+    runs, m = r["runs"], r["machine"]
     tasks = list(runs[0]["tasks"])
     metric = runs[0]["metric"]
+    answers = runs[0]["pooled_val_exact_match"] is not None  # exact match beside the loss
+    extra = [] if not answers else (["pooled val_loss"] if metric != "val_loss" else []) + (
+        ["pooled exact match"] if metric != "val_exact_match" else [])
     lines = [f"# Quality vs training FLOPs: SFT epochs vs mSFT budgets ({m['device']})", "",
-             f"{r['date']}, {m['cores']} cores, torch {m['torch']}, {source_note(m)}; config "
-             f"`{r['setup']['config']}` {' '.join(r['setup']['overrides'])}; seed from the config; "
-             f"final = the evaluation with the best pooled {metric} (selected on the validation split it is "
-             "reported on, for every method alike)", "",
-             f"| run | pooled {metric} | " + " | ".join(tasks)
-             + " | train GFLOP (discarded) | eval GFLOP | excluded | wall s |",
-             "|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
-    best = cmp_["best_sft"]
+             f"{r['date']}, {m['cores']} cores, {m.get('torch_threads', '?')} torch thread(s), torch {m['torch']}, "
+             f"{source_note(m)}; config `{r['setup']['config']}` {' '.join(r['setup']['overrides'])}; "
+             + (f"train.seed {', '.join(map(str, r['setup']['seeds']))} (suffix _sN)" if r["setup"].get("seeds")
+                else "seed from the config")
+             + f"; final = the evaluation with the best pooled {metric} (selected on the validation split it is "
+             "reported on, for every method alike)"
+             + ("; exact match = greedy answers equal to the references, pooled over all answers" if answers else ""),
+             "",
+             f"| run | pooled {metric} | " + "".join(f"{c} | " for c in extra)
+             + " | ".join(tasks) + " | train GFLOP (discarded) | eval GFLOP | excluded | wall s |",
+             "|---|---|" + "---|" * len(extra) + "---|" * len(tasks) + "---|---|---|---|"]
+    comparisons = r["comparison"] if r["setup"].get("seeds") else {"": r["comparison"]}
+    best = {c["best_sft"] for c in comparisons.values()}
     for x in runs:
-        name = f"**{x['label']}**" if x["label"] == best else x["label"]
-        task_cells = " | ".join(f"{_task_metric(x, n):.3f}" for n in tasks)
-        lines.append(f"| {name} | {x['pooled_metric']:.4f} | {task_cells} | {x['train_flops'] / 1e9:.0f} "
-                     f"({x['discarded_flops'] / 1e9:.0f}) | {x['eval_flops'] / 1e9:.0f} | "
-                     f"{', '.join(x['excluded']) or '-'} | {x['wall_seconds']:.0f} |")
-    lines += ["", f"Best SFT run: {best}. Against SFT:", ""]
-    for label, c in cmp_["msft"].items():
-        verdict = {True: "wins", False: "loses", None: "has no SFT run as cheap to compare with, i.e. no verdict,"}[
-            c["beats_best_sft_with_no_more_flops"]]
-        lines.append(f"- {label}: {verdict} against the best SFT run with no more training FLOPs "
-                     f"({c['best_sft_with_no_more_flops'] or 'none that cheap'}); pooled {metric} "
-                     f"{c['pooled_metric_minus_best_sft']:+.4f} vs the best SFT at {c['flops_over_best_sft']:.2f}x "
-                     f"its FLOPs; the cheapest SFT run as good: {c['cheapest_sft_as_good'] or 'none'}; tasks better "
-                     f"than the best SFT: {', '.join(c['tasks_better_than_best_sft']) or 'none'}")
+        name = f"**{x['label']}**" if x["label"] in best else x["label"]
+        cells = [f"{_task_metric(x, n):.3f}" + (f" / {x['tasks'][n]['val_exact_match']:.3f}"
+                                                 if answers and metric != "val_exact_match" else "") for n in tasks]
+        head = f"| {name} | {x['pooled_metric']:.4f} | "
+        head += "".join(f"{x['pooled_val_loss' if c == 'pooled val_loss' else 'pooled_val_exact_match']:.4f} | "
+                        for c in extra)
+        lines.append(head + " | ".join(cells) + f" | {x['train_flops'] / 1e9:.0f} ({x['discarded_flops'] / 1e9:.0f}) | "
+                     f"{x['eval_flops'] / 1e9:.0f} | {', '.join(x['excluded']) or '-'} | {x['wall_seconds']:.0f} |")
+    if answers and metric != "val_exact_match":
+        lines += ["", f"Task cells: {metric} / exact match of the final model."]
+    for seed, cmp_ in comparisons.items():
+        lines += ["", f"Best SFT run{f' (seed {seed})' if seed else ''}: {cmp_['best_sft']}. Against SFT:", ""]
+        for label, c in cmp_["msft"].items():
+            verdict = {True: "wins", False: "loses", None: "has no SFT run as cheap to compare with, i.e. no verdict,"}[
+                c["beats_best_sft_with_no_more_flops"]]
+            lines.append(f"- {label}: {verdict} against the best SFT run with no more training FLOPs "
+                         f"({c['best_sft_with_no_more_flops'] or 'none that cheap'}); pooled {metric} "
+                         f"{c['pooled_metric_minus_best_sft']:+.4f} vs the best SFT at {c['flops_over_best_sft']:.2f}x "
+                         f"its FLOPs; the cheapest SFT run as good: {c['cheapest_sft_as_good'] or 'none'}; tasks "
+                         f"better than the best SFT: {', '.join(c['tasks_better_than_best_sft']) or 'none'}")
     return lines
 
 

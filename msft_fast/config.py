@@ -36,6 +36,9 @@ class TaskConfig:
     val_config: Optional[str] = None  # the same two for `val`, when it is a dataset of its own
     val_revision: Optional[str] = None
     columns: Optional[dict[str, str]] = None  # our field -> the dataset column: {prompt: question, completion: answer}
+    # Exact match (msft.metric=val_exact_match): a regex applied to the generated and the reference
+    # answer alike (its first group, else the whole match); null: msft.answer_pattern; "": none.
+    answer_pattern: Optional[str] = None
 
 
 @dataclass
@@ -101,11 +104,20 @@ class MsftConfig:
     # an epoch of the mixture active then). None: 2 x train.epochs; inf: no bound (the paper's loop).
     max_epochs: Optional[float] = None
     max_stale_stages: Optional[int] = None  # stop after this many stages in a row without a better pooled eval
-    metric: str = "val_loss"  # val_loss | val_token_acc | module:function (per-task scores, higher is better)
+    metric: str = "val_loss"  # val_loss | val_token_acc | val_exact_match | module:function (higher is better)
     tie_break: Literal["most_overfit", "first"] = "most_overfit"  # among tasks peaking at the same evaluation
     restore: Literal["full", "weights"] = "full"  # full: weights+optimizer+schedule+data+RNG; weights: fresh optimizer
     patience: Optional[int] = None  # end a roll-out once the earliest peak has held for this many evaluations
     snapshot_spill_dir: Optional[str] = None  # where older snapshot states go when host memory cannot hold them all
+    # A task has peaked before the roll-out's end only if its latest metric is worse than its best
+    # by more than this; 0: the paper's raw argmax (any earlier best counts, ties included).
+    min_delta: float = 0.0
+    # Exact match of generated answers (metric val_exact_match, or report_exact_match with another metric)
+    report_exact_match: bool = False  # also score generated answers when selecting by another metric
+    answer_pattern: Optional[str] = None  # default of data.tasks[i].answer_pattern, e.g. '####\s*(.+)'
+    max_new_tokens: Optional[int] = None  # null: per task, its longest reference answer (with its stop token)
+    generation_tokens_per_batch: Optional[int] = None  # rows x (longest prompt + max_new_tokens); null: data's
+    generation_gather: Literal["auto", "once", "per_forward"] = "auto"  # how generation gets the sharded weights
 
 
 @dataclass
@@ -308,6 +320,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
 
+    _check_not_placeholder(cfg)
     need(bool(cfg.output_dir), "output_dir", "a folder path", cfg.output_dir)
     need(bool(cfg.model.path), "model.path", f"a model folder or {BUILTIN_MODEL_PREFIX}tiny-llama", cfg.model.path)
     need(cfg.model.loss_chunk_mib >= 1, "model.loss_chunk_mib", "at least 1 (MiB)", cfg.model.loss_chunk_mib)
@@ -365,10 +378,48 @@ def validate(cfg: Config) -> None:
     need(m.max_stale_stages is None or m.max_stale_stages >= 1, "msft.max_stale_stages", "null (off) or at least 1",
          m.max_stale_stages)
     need(m.patience is None or m.patience >= 1, "msft.patience", "null (off) or at least 1", m.patience)
-    builtin_metric = m.metric in ("val_loss", "val_token_acc")
+    builtin_metric = m.metric in BUILTIN_METRICS
     module, sep, func = m.metric.partition(":")
     need(builtin_metric or (sep and module and func), "msft.metric",
-         "val_loss, val_token_acc or a callback 'module:function'", m.metric)
+         "val_loss, val_token_acc, val_exact_match or a callback 'module:function'", m.metric)
+    need(m.min_delta >= 0 and _finite(m.min_delta), "msft.min_delta", "0 or a positive number", m.min_delta)
+    need(m.max_new_tokens is None or m.max_new_tokens >= 1, "msft.max_new_tokens", "null (from the references) or "
+         "at least 1", m.max_new_tokens)
+    need(m.generation_tokens_per_batch is None or m.generation_tokens_per_batch >= 1, "msft.generation_tokens_per_batch",
+         "null (data.tokens_per_batch) or a positive number of tokens", m.generation_tokens_per_batch)
+    _check_pattern(m.answer_pattern, "msft.answer_pattern")
+    for i, task in enumerate(d.tasks):
+        _check_pattern(task.answer_pattern, f"data.tasks[{i}].answer_pattern")
+
+
+BUILTIN_METRICS = ("val_loss", "val_token_acc", "val_exact_match")
+
+
+def scores_exact_match(cfg: Config) -> bool:
+    """Whether evaluations generate answers and score them by exact match."""
+    return cfg.msft.metric == "val_exact_match" or cfg.msft.report_exact_match
+
+
+# A template config (configs/paper.yaml) marks what the user must fill in as `<...>`.
+_PLACEHOLDER = re.compile(r"^<[^<>]*>$")
+
+
+def _check_not_placeholder(cfg: Config) -> None:
+    values = [("output_dir", cfg.output_dir), ("model.path", cfg.model.path)]
+    for i, t in enumerate(cfg.data.tasks):
+        values += [(f"data.tasks[{i}].{k}", getattr(t, k)) for k in ("name", "train", "val")]
+    for key, value in values:
+        if isinstance(value, str) and _PLACEHOLDER.match(value.strip()):
+            raise ConfigError(f"config key '{key}' is still the placeholder {value!r} of a template config: set it "
+                              f"in your copy of the file, or override it ({key}=...)")
+
+
+def _check_pattern(pattern: Optional[str], key: str) -> None:
+    if pattern:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"config key '{key}' ('{pattern}') is not a valid regular expression: {e}") from None
 
 
 def max_trained_epochs(cfg: Config) -> float:

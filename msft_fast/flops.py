@@ -5,6 +5,11 @@ it is a matmul) plus attention over each packed document's own length, x3 for ba
 Evaluation: 2 x N per token plus the forward attention. Packed documents never attend to each
 other, so attention is counted per document, not per packed row, and per layer over the span that
 layer really sees (full causal, a sliding window, a chunk, or none for linear-time layers).
+Generation (exact match of generated answers) with a KV cache: a row of P prompt tokens that
+generates G tokens runs the prompt through once and feeds back every generated token but the last,
+each attending to all tokens before it, so it costs 2 x N x (P + G - 1) plus the forward attention
+of one causal document of P + G - 1 tokens: exactly `eval` of that document. Padding and the steps
+a row idles in its batch after its stop token are not useful work and are not counted.
 """
 from __future__ import annotations
 
@@ -127,6 +132,12 @@ class FlopCounter:
 
     def eval(self, num_tokens: int, doc_lengths: Iterable[int]) -> int:
         return 2 * self.matmul_params * num_tokens + self.attention_forward(doc_lengths)
+
+    def generation(self, prompt_lengths: Iterable[int], new_tokens: Iterable[int]) -> int:
+        """Greedy generation with a KV cache: row i has prompt_lengths[i] tokens and generated
+        new_tokens[i] >= 1 (its stop token included); see the module docstring."""
+        lengths = [int(p) + int(g) - 1 for p, g in zip(prompt_lengths, new_tokens)]
+        return self.eval(sum(lengths), lengths)
 
 
 def device_peak_flops(device: torch.device, compute_dtype: torch.dtype, override_tflops: Optional[float] = None

@@ -7,10 +7,11 @@ drawn on a `matplotlib.figure.Figure` rendered by the Agg backend, without pyplo
 (the interactive backend, pyplot's figure registry) is touched.
 
 Reading of the history (field names: README "Outputs"):
-- The validation metric is `history["metric"]` (default `val_loss`): `val_loss` and `val_token_acc`
-  are read from each task's record of the same name; any other metric (a `module:function`
-  callback) from the task's `metric` field. The pooled metric of an evaluation is its
-  `pooled_metric`, or `pooled_val_loss` when the metric is the loss.
+- The validation metric is `history["metric"]` (default `val_loss`): `val_loss`, `val_token_acc`
+  and `val_exact_match` are read from each task's record of the same name; any other metric (a
+  `module:function` callback) from the task's `metric` field. The pooled metric of an evaluation is
+  its `pooled_metric`, or `pooled_val_loss` when the metric is the loss. Runs that score generated
+  answers (`val_exact_match`, or `msft.report_exact_match`) show exact match beside the loss.
 - A stage with `rollback_to_eval = r` discards the evaluations after `r` up to its `end_eval`
   (default: its last evaluation): the state they measured was thrown away by the roll-back.
 - `train_flops` of an evaluation counts all training compute spent so far, the discarded part
@@ -90,7 +91,7 @@ class _Run:
             hib = metric.get("higher_is_better", hib)
             metric = metric.get("name") or "val_loss"
         self.metric: str = str(metric)
-        self.higher_is_better: bool = bool(hib) if hib is not None else self.metric == "val_token_acc"
+        self.higher_is_better: bool = bool(hib) if hib is not None else self.metric != "val_loss"
         self.stages: list[dict] = [s for s in history.get("stages") or [] if isinstance(s, dict)]
         self.final: Optional[dict] = history.get("final") if isinstance(history.get("final"), dict) else None
         self.totals: Optional[dict] = history.get("totals") if isinstance(history.get("totals"), dict) else None
@@ -117,7 +118,7 @@ class _Run:
         if not isinstance(rec, dict):
             return None
         metric = metric or self.metric
-        if metric in ("val_loss", "val_token_acc"):
+        if metric in ("val_loss", "val_token_acc", "val_exact_match"):
             v = rec.get(metric)
         else:
             v = rec.get("metric")
@@ -128,8 +129,8 @@ class _Run:
         if not rec:
             return None
         v = _float(rec.get("pooled_metric"))
-        if v is None and self.metric == "val_loss":
-            v = _float(rec.get("pooled_val_loss"))
+        if v is None and self.metric in ("val_loss", "val_exact_match"):
+            v = _float(rec.get(f"pooled_{self.metric}"))
         if v is None and self.metric == "val_token_acc" and "tasks" in rec:
             num = den = 0.0  # token-weighted mean of the per-task accuracies
             for t in rec["tasks"].values():
@@ -140,6 +141,11 @@ class _Run:
                 num, den = num + acc * n, den + n
             v = num / den if den else None
         return v
+
+    @property
+    def has_exact_match(self) -> bool:
+        """Generated answers were scored (msft.metric=val_exact_match or msft.report_exact_match)."""
+        return any("pooled_val_exact_match" in e for e in self.evals)
 
     def active(self, e: dict, task: str) -> bool:
         rec = (e.get("tasks") or {}).get(task)
@@ -475,8 +481,9 @@ def render_markdown(run: "_Run | dict") -> str:
         if fe:
             where = f" (stage {fe.get('stage', '-')}, epoch {_epoch(fe.get('epoch'))}, step {_int(fe.get('step'))})"
         extra = ""
-        if run.metric != "val_loss" and run.final.get("pooled_val_loss") is not None:
-            extra = f", pooled val_loss {_num(run.final.get('pooled_val_loss'))}"
+        for other in ("val_loss", "val_exact_match"):
+            if run.metric != other and run.final.get(f"pooled_{other}") is not None:
+                extra += f", pooled {other} {_num(run.final.get(f'pooled_{other}'))}"
         lines.append(f"- final: eval {run.final.get('eval_id', '-')}{where}: "
                      f"pooled {run.metric} {_num(run.pooled(run.final))}{extra}")
     else:
@@ -548,16 +555,18 @@ def render_markdown(run: "_Run | dict") -> str:
     else:
         title = "Final per-task metrics" if fe else "Per-task metrics at the latest evaluation"
         lines += [f"## {title} (eval {target.get('eval_id')}, epoch {_epoch(target.get('epoch'))})", ""]
-        custom = run.metric not in ("val_loss", "val_token_acc")
+        custom = run.metric not in ("val_loss", "val_token_acc", "val_exact_match")
+        answers = run.has_exact_match
         excluded = run.excluded_in()
         header = ["task", "active", "excluded in stage", "val_loss", "val_token_acc"] + \
-                 ([run.metric] if custom else []) + ["val_tokens"]
+                 (["val_exact_match", "answers"] if answers else []) + ([run.metric] if custom else []) + ["val_tokens"]
         body = []
         for t in run.tasks:
             rec = (target.get("tasks") or {}).get(t) or {}
             body.append([t, "yes" if rec.get("active", True) and rec else ("no" if rec else "-"),
                          str(excluded[t]) if t in excluded else "-",
                          _num(rec.get("val_loss")), _num(rec.get("val_token_acc"))]
+                        + ([_num(rec.get("val_exact_match")), _int(rec.get("val_answers"))] if answers else [])
                         + ([_num(rec.get("metric"))] if custom else []) + [_int(rec.get("val_tokens"))])
         lines += [_table(header, body), ""]
     return "\n".join(lines)
@@ -798,7 +807,9 @@ def _draw_curve(ax, run: _Run, value, active, xof, restore_x, color, lw: float, 
 def compare(dirs: Sequence[str]) -> str:
     """A markdown table with one row per run folder: method, final pooled metric, each task's final
     val_loss, FLOPs (train; of it, kept in the final model and discarded; eval; total = train + eval)
-    and wall seconds. A run still running shows '(running)' after its method."""
+    and wall seconds. A run still running shows '(running)' after its method. When a run scored
+    generated answers, the final pooled val_loss and val_exact_match and each task's exact match
+    are shown too, whatever metric selected the final model."""
     runs = [_Run(load_history(d), name=os.path.basename(os.path.normpath(os.path.abspath(d)))) for d in dirs]
     tasks: list[str] = []
     for r in runs:
@@ -806,7 +817,10 @@ def compare(dirs: Sequence[str]) -> str:
     metrics = {r.metric for r in runs}
     same_metric = len(metrics) == 1
     pooled_head = f"final pooled {next(iter(metrics))}" if same_metric else "final pooled metric"
-    header = ["run", "method", pooled_head] + [f"{t} val_loss" for t in tasks] + [
+    answers = any(r.has_exact_match for r in runs)
+    both = ["pooled val_loss", "pooled val_exact_match"] if answers else []
+    header = ["run", "method", pooled_head] + both + [f"{t} val_loss" for t in tasks] + \
+        ([f"{t} exact match" for t in tasks] if answers else []) + [
         "train FLOPs", "kept in final", "discarded", "eval FLOPs", "total FLOPs", "wall s"]
     rows = []
     for r in runs:
@@ -815,13 +829,18 @@ def compare(dirs: Sequence[str]) -> str:
         if not same_metric and pooled != "-":
             pooled += f" ({r.metric})"
         per_task = [_num(r.task_value(fe, t, "val_loss")) if fe else "-" for t in tasks]
+        if answers:
+            pooled = [pooled] + [_num(fe.get(f"pooled_{m}")) if fe else "-" for m in ("val_loss", "val_exact_match")]
+            per_task += [_num(r.task_value(fe, t, "val_exact_match")) if fe else "-" for t in tasks]
+        else:
+            pooled = [pooled]
         totals = r.totals or {}
         c = r.compute() if r.totals is not None else dict.fromkeys(("train", "eval", "kept", "discarded"))
         train, ev = c["train"], c["eval"]
         total = train + ev if train is not None and ev is not None else None
         disc = format_flops(c["discarded"]) + (f" ({_pct(c['discarded'], train)})" if c["discarded"] and train else "")
         method = r.method + ("" if r.status == "finished" else f" ({r.status})")
-        rows.append([r.name, method, pooled] + per_task + [
+        rows.append([r.name, method, *pooled] + per_task + [
             format_flops(train), format_flops(c["kept"]), disc, format_flops(ev), format_flops(total),
             _num(totals.get("wall_seconds"), ".1f")])
     return _table(header, rows)

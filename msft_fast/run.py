@@ -213,6 +213,9 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             "trained_tokens": c.trained_tokens,
             "loss_tokens": c.loss_tokens,
             "eval_tokens": c.eval_tokens,
+            # Exact-match evaluations: generated tokens, their FLOPs and time (inside eval_flops, eval_seconds)
+            **({"generated_tokens": c.generated_tokens, "generation_flops": c.generation_flops,
+                "generation_seconds": c.generation_seconds} if trainer_.exact_match is not None else {}),
             "steps": c.steps_trained,
             "discarded_flops": sum(st.get("discarded_flops", 0) for st in history.data["stages"]),
             # The steps behind the final weights (the method restored them last); the rest of

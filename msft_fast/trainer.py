@@ -20,17 +20,19 @@ from typing import Optional
 import torch
 
 from msft_fast import checkpoint as ckpt
-from msft_fast.config import Config
+from msft_fast.config import Config, scores_exact_match
 from msft_fast.data.loader import MixtureLoader
 from msft_fast.data.tasks import TaskData
 from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all, set_gradient_sync
 from msft_fast.errors import StopRequested, UserError
+from msft_fast.exact_match import ExactMatch, ExactMatchCounts
 from msft_fast.fault_injection import fault_point
 from msft_fast.flops import FlopCounter, device_peak_flops
+from msft_fast.generation import ShardedGenerator
 from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, LossOptions, decoder_blocks
 from msft_fast.optim import build_optimizer, build_scheduler
 from msft_fast.progress import make_progress
-from msft_fast.snapshot import Snapshot, SnapshotPool
+from msft_fast.snapshot import Snapshot, SnapshotPool, local_world_size, sharded_params
 from msft_fast.step_timer import PhaseTimer
 from msft_fast.trackers import Trackers
 
@@ -50,6 +52,9 @@ class TaskScore:
     loss: float  # mean token loss
     token_acc: float  # teacher-forced next-token accuracy
     tokens: int
+    exact_match: Optional[float] = None  # share of generated answers equal to the reference (when scored)
+    answers: int = 0  # validation rows answered
+    answers_correct: int = 0
 
 
 @dataclass
@@ -57,7 +62,8 @@ class EvalResult:
     tasks: dict[str, TaskScore]
     pooled_loss: float  # token-weighted over all tasks
     pooled_token_acc: float
-    flops: int
+    flops: int  # the packed pass, plus generation when answers are scored
+    exact_match: Optional[ExactMatchCounts] = None  # generated answers, when scored
 
 
 @dataclass
@@ -74,6 +80,9 @@ class Counters:
     trained_tokens: int = 0  # tokens through forward + backward
     loss_tokens: int = 0  # of those, tokens with a label
     eval_tokens: int = 0
+    generated_tokens: int = 0  # by exact-match evaluations; their FLOPs and time are in eval_*
+    generation_flops: int = 0
+    generation_seconds: float = 0.0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     bad_steps: int = 0  # steps whose update was skipped: non-finite loss or gradient norm
@@ -93,10 +102,14 @@ class Trainer:
         self.peak_flops = device_peak_flops(ctx.device, loaded.compute_dtype, cfg.train.peak_tflops)
         self.model = CausalLMWithTaskLoss(loaded.model, len(tasks), LossOptions.from_config(cfg.model))
         self.param_dtype = loaded.compute_dtype
+        # Prompts and references of generated-answer scoring, checked before the model is sharded.
+        self.exact_match = ExactMatch(cfg, tasks, loaded.tokenizer, loaded.model) if scores_exact_match(cfg) else None
         t = cfg.train
         parallelize(self.model, decoder_blocks(loaded.model), self.param_dtype, ctx.device,
                     activation_checkpointing=t.activation_checkpointing,
                     checkpoint_every=t.activation_checkpointing_every, compile=t.compile, replicas=t.hsdp_replicas)
+        self.generator = ShardedGenerator(self.model, self.param_dtype, ctx.device, ctx.world_size) \
+            if self.exact_match is not None else None
         self.optimizer = build_optimizer(self.model, cfg.train, ctx.device)
         self.loader = loader
         self.counters = Counters()
@@ -322,21 +335,66 @@ class Trainer:
             stats[1] += s.tokens.double()
             stats[2] += s.correct.double()
         fault_point("evaluate")
-        self.model.train()
         reshard_all(self.model)  # a forward without backward leaves the root (and the last block) unsharded
+        answers = self._score_answers() if self.exact_match is not None else None
+        self.model.train()
         all_reduce_sum(stats)
         stats = stats.cpu()
         self.log_finished_steps()  # the training steps before this pass are done on the device
         c = self.counters
-        c.eval_flops += self._eval_flops_per_pass
+        flops = self._eval_flops_per_pass + (answers.flops if answers is not None else 0)
+        c.eval_flops += flops
         c.eval_tokens += self._eval_tokens_per_pass
+        if answers is not None:
+            c.generated_tokens += answers.generated_tokens
+            c.generation_flops += answers.flops
+            c.generation_seconds += answers.seconds
         c.eval_seconds += time.perf_counter() - t0
         tasks = {
             name: TaskScore(_ratio(stats[0, i], stats[1, i]), _ratio(stats[2, i], stats[1, i]), int(stats[1, i]))
             for i, name in enumerate(self.task_names)
         }
+        if answers is not None:
+            for i, score in enumerate(tasks.values()):
+                score.exact_match = answers.accuracy(i)
+                score.answers, score.answers_correct = answers.answers[i], answers.correct[i]
         return EvalResult(tasks, _ratio(stats[0].sum(), stats[1].sum()), _ratio(stats[2].sum(), stats[1].sum()),
-                          self._eval_flops_per_pass)
+                          flops, answers)
+
+    def _score_answers(self) -> ExactMatchCounts:
+        """Greedy answers to every validation prompt, each rank its share (exact_match.py)."""
+        gen = self.generator
+        if gen.choice is None:
+            # Decided at the first evaluation, with the AdamW state still to come counted as taken
+            # (two fp32 tensors per parameter shard), so that later evaluations fit too.
+            adam = 0 if self.optimizer.state else 2 * sum(p.numel() * 4 for p in sharded_params(self.model))
+            choice = gen.choose(self.cfg.msft.generation_gather, self.exact_match.batch_tokens, adam,
+                                local_world_size())
+            if self.ctx.is_main:
+                em = self.exact_match
+                log.info("exact match: %d validation answers in %d generation batches per evaluation, max_new_tokens %s;"
+                         " weights gathered %s (%s)", sum(len(t.prompts) for t in em.tasks), len(em.batches),
+                         ", ".join(f"{t.name} {t.max_new_tokens}" for t in em.tasks),
+                         "once per evaluation" if choice.mode == "once" else "block by block for every forward",
+                         choice.reason)
+        with gen.session() as generate:
+            return self.exact_match.evaluate(generate, self.ctx.rank, self.ctx.world_size, gen.lockstep,
+                                             self.flop_counter, self.ctx.device)
+
+    def exact_match_setup(self) -> Optional[dict]:
+        """history.json `exact_match`: what is scored, and how the weights reach generation."""
+        if self.exact_match is None:
+            return None
+        choice = self.generator.choice
+        return {**self.exact_match.describe(), "gather": choice.mode if choice else None,
+                "gather_reason": choice.reason if choice else None}
+
+    def max_generation_flops(self) -> int:
+        """The most one evaluation's generation can cost: every answer runs to max_new_tokens."""
+        if self.exact_match is None:
+            return 0
+        return sum(self.flop_counter.generation([len(p) for p in t.prompts], [t.max_new_tokens] * len(t.prompts))
+                   for t in self.exact_match.tasks)
 
     def call_with_full_model(self, fn):
         """Run `fn(hf_model)` with every rank's weights gathered for the HF model's own forward

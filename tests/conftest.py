@@ -61,6 +61,16 @@ def user_model_dir(tmp_path_factory, tokenizer):
     return folder
 
 
+@pytest.fixture(scope="session")
+def answering_model_dir(tmp_path_factory, tokenizer):
+    """A model folder whose greedy answers are varied strings (untied; a tied random init tends to
+    stop at once), for exact-match tests whose scores are known in advance (tests/known_answers.py)."""
+    folder = tmp_path_factory.mktemp("answering-model")
+    tiny_llama(tokenizer, tie=False, seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def write_jsonl(path, rows) -> str:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

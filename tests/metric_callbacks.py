@@ -39,3 +39,14 @@ def getting_worse(model, tokenizer, task_names):
     """Every task worse at every evaluation: each peaks at its stage start, the pooled best never moves."""
     _WORSENING[0] += 1
     return {name: -float(_WORSENING[0]) for name in task_names}
+
+
+PLATEAU = [0]
+
+
+def plateau(model, tokenizer, task_names):
+    """Every task peaks at the second evaluation, then slips by 0.01 per evaluation (flat, jittery
+    curves; the first task slips a little faster). Reset PLATEAU[0] = 0 before a run."""
+    PLATEAU[0] += 1
+    n = PLATEAU[0]
+    return {name: 0.0 if n < 2 else 1.0 - (0.011 if i == 0 else 0.01) * (n - 2) for i, name in enumerate(task_names)}

@@ -220,6 +220,21 @@ FATAL_CASES = [
      ["config key 'msft.budget_epochs' must be a positive number, got 0.0"]),
     ("max_seq_len_above_positions", lambda c: c.config(data={"max_seq_len": 4096, "tokens_per_batch": 4096}),
      ["config key 'data.max_seq_len' (4096) exceeds the model's position limit (2048)"]),
+    # --- exact match of generated answers (msft.metric=val_exact_match) -------------------------
+    ("answer_pattern_not_a_regex", lambda c: c.config(msft={"metric": "val_exact_match", "answer_pattern": "####(.+"}),
+     ["config key 'msft.answer_pattern' ('####(.+') is not a valid regular expression: missing ), unterminated"]),
+    ("task_answer_pattern_not_a_regex", lambda c: c.config([c.task(answer_pattern="[0-9")]),
+     ["config key 'data.tasks[0].answer_pattern' ('[0-9') is not a valid regular expression"]),
+    ("exact_match_of_a_text_task",
+     lambda c: c.config([c.task(), c.task("prose", train=c.write("text.jsonl", [{"text": "abc"}] * 4),
+                                          val=c.write("text_val.jsonl", [{"text": "abd"}] * 2))],
+                        msft={"metric": "val_exact_match"}),
+     ["config key 'data.tasks[1]': task 'prose' has plain-text rows, with no prompt to generate an answer from",
+      "msft.metric=val_exact_match"]),
+    ("reference_answer_without_the_pattern",
+     lambda c: c.config(msft={"report_exact_match": True, "answer_pattern": r"####\s*(.+)"}),
+     ["task 't': the reference answer of validation document 1 ('x05') does not match msft.answer_pattern "
+      "('####\\s*(.+)')"]),
     # --- output folder -----------------------------------------------------------------------
     ("output_dir_is_a_file",
      lambda c: c.config(output_dir=_a_file(c, "out_file")),

@@ -68,7 +68,8 @@ def test_bench_msft_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_budget_quick(tmp_path):
-    run_bench("bench_budget.py", tmp_path, "--quick")
+    # about 30 s of CPU; the wall-clock limit leaves room for a loaded machine
+    run_bench("bench_budget.py", tmp_path, "--quick", "msft.report_exact_match=true", timeout=600)
     r = load(tmp_path, "budget_cpu_quick.json")
     labels = [x["label"] for x in r["runs"]]
     assert labels == ["sft_1ep", "sft_2ep", "msft_C0.5", "msft_C0.5_p1"]
@@ -76,10 +77,26 @@ def test_bench_budget_quick(tmp_path):
         assert {"pooled_metric", "pooled_val_loss", "tasks", "train_flops", "discarded_flops", "eval_flops"} <= x.keys()
         assert set(x["tasks"]) == {"copy", "upper", "reverse"}
         assert x["discarded_flops"] <= x["train_flops"]
+        assert 0 <= x["pooled_val_exact_match"] <= 1 and x["generated_tokens"] > 0  # beside the loss
+        assert all(0 <= t["val_exact_match"] <= 1 for t in x["tasks"].values())
+    md = (tmp_path / "out" / "budget_cpu_quick.md").read_text()
+    assert "| run | pooled val_loss | pooled exact match | copy | upper | reverse |" in md
     sft = {x["label"]: x for x in r["runs"] if x["method"] == "sft"}
     assert sft["sft_2ep"]["train_flops"] == pytest.approx(2 * sft["sft_1ep"]["train_flops"], rel=0.05)
     assert set(r["comparison"]["msft"]) == {"msft_C0.5", "msft_C0.5_p1"}
     assert (tmp_path / "out" / "budget_cpu_quick.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_generate_quick(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_generate.py"), "--quick", "--nproc", "1",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = load(tmp_path, "generate_cpu_quick.json")
+    (run,) = r["runs"]
+    assert run["world_size"] == 1 and run["generated_tokens"] > 0 and run["gather_seconds"] > 0
+    assert set(run["modes"]) == {"plain", "once", "per_forward"}
+    assert all(m["tokens_per_s"] > 0 for m in run["modes"].values()) and run["modes"]["plain"]["vs_plain"] == 1
 
 
 @pytest.mark.slow

@@ -342,3 +342,37 @@ def test_compute_bound_keys(cfg_file):
     assert load_config(cfg_file, ["msft.max_stale_stages=2"]).msft.max_stale_stages == 2
     assert "msft.max_stale_stages" in _err(cfg_file, ["msft.max_stale_stages=0"])
     assert "train.progress_interval" in _err(cfg_file, ["train.progress_interval=0"])
+
+
+def test_exact_match_keys(cfg_file):
+    from msft_fast.config import scores_exact_match
+
+    cfg = load_config(cfg_file)
+    assert not scores_exact_match(cfg) and cfg.msft.min_delta == 0.0 and cfg.msft.generation_gather == "auto"
+    cfg = load_config(cfg_file, ["msft.metric=val_exact_match", r"msft.answer_pattern='####\s*(.+)'",
+                                 "msft.max_new_tokens=32", "msft.min_delta=0.02", "data.tasks[0].answer_pattern=''"])
+    assert scores_exact_match(cfg) and cfg.msft.answer_pattern == r"####\s*(.+)" and cfg.msft.max_new_tokens == 32
+    assert cfg.data.tasks[0].answer_pattern == "" and cfg.msft.min_delta == 0.02
+    assert scores_exact_match(load_config(cfg_file, ["msft.report_exact_match=true"]))
+    for override, key in (("msft.min_delta=-0.1", "msft.min_delta"), ("msft.min_delta=.nan", "msft.min_delta"),
+                          ("msft.max_new_tokens=0", "msft.max_new_tokens"),
+                          ("msft.generation_tokens_per_batch=0", "msft.generation_tokens_per_batch"),
+                          ("msft.generation_gather=always", "msft.generation_gather"),
+                          ("msft.metric=exact_match", "msft.metric")):
+        assert key in _err(cfg_file, [override]), override
+
+
+def test_the_paper_preset_holds_the_papers_settings_and_names_its_placeholders():
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paper = os.path.join(repo, "configs", "paper.yaml")
+    msg = _err(paper, [])
+    assert msg.startswith("config key 'model.path' is still the placeholder '<your HF model folder>'"), msg
+    assert "data.tasks[0].name" in _err(paper, ["model.path=/models/m"])
+    cfg = load_config(paper, ["model.path=/models/m", "data.tasks=[{name: gsm8k, train: t.jsonl, val: v.jsonl}]"])
+    t, m = cfg.train, cfg.msft
+    assert (t.lr, t.schedule, t.warmup_steps, t.weight_decay, cfg.data.max_seq_len) == (1e-5, "constant", 0, 0.0, 512)
+    assert 8 * t.grad_accum * cfg.data.tokens_per_batch == 64 * 512  # about 64 sequences per step on 8 GPUs
+    assert (m.budget_epochs, m.evals_per_epoch, m.max_stages, m.max_epochs) == (10, 4, 10, float("inf"))
+    assert (m.metric, m.answer_pattern, m.restore, m.min_delta) == ("val_exact_match", r"####\s*(.+)", "weights", 0)

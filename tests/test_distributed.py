@@ -15,9 +15,10 @@ from conftest import kill_process_tree
 pytestmark = pytest.mark.slow
 
 
-def _write_config(tmp_path, demo_dir, model_dir) -> str:
+def _write_config(tmp_path, demo_dir, model_dir, val: dict | None = None) -> str:
+    val = val or {n: demo_dir / n / "val.jsonl" for n in ("upper", "noisy_codes", "sort")}
     tasks = "\n".join(
-        f"    - {{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
+        f"    - {{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {val[n]}}}"
         for n in ("upper", "noisy_codes", "sort")
     )
     path = tmp_path / "config.yaml"
@@ -67,7 +68,7 @@ def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_d
     extra = [f"method={method}", "msft.budget_epochs=0.75", "msft.max_stages=2", "msft.evals_per_epoch=4",
              "train.lr=5e-3"]
     if method == "msft":  # a scripted metric forces an exclusion with a real roll-back on any data
-        extra.append("msft.metric=metric_callbacks:scripted")
+        extra += ["msft.metric=metric_callbacks:scripted", "msft.report_exact_match=true"]  # weights gathered once
     for folder in (one, two):
         folder.mkdir()
     _run([sys.executable, counter, "--config", config, f"output_dir={one}", f"train.grad_accum={2 * k}", *extra],
@@ -102,6 +103,7 @@ def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_d
             assert e2["tasks"][name]["val_loss"] == pytest.approx(t["val_loss"], rel=1e-5)
             assert e2["tasks"][name]["metric"] == pytest.approx(t["metric"], rel=1e-5)
             assert e2["tasks"][name]["val_tokens"] == t["val_tokens"]
+            assert e2["tasks"][name].get("val_answers_correct") == t.get("val_answers_correct")
     # Both export the same model.
     from safetensors.torch import load_file
 
@@ -126,3 +128,56 @@ def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_d
                 # A one-rank shard group reduce-scatters nothing; 2-rank FSDP once per unit reduction.
                 assert s["reduce_scatters"] == (reductions if world == 2 and not hsdp else 0)
                 assert s["all_reduces"] == (units if hsdp and folder == two else 0)
+
+
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def known_val(tmp_path_factory, demo_dir, answering_model_dir, tokenizer):
+    """Validation files of upper (chat), noisy_codes and sort whose references are the answering
+    model's own greedy answers on even rows (tests/known_answers.py); and the correct rows."""
+    from known_answers import known_answer_rows
+    from transformers import AutoModelForCausalLM
+
+    from conftest import write_jsonl
+
+    model = AutoModelForCausalLM.from_pretrained(answering_model_dir).eval()
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")]
+    root, files, correct = tmp_path_factory.mktemp("known-val"), {}, {}
+    for n in ("upper", "noisy_codes", "sort"):
+        rows = [json.loads(line) for line in open(demo_dir / n / "val.jsonl")][:12]
+        rows, _, correct[n] = known_answer_rows(model, tokenizer, rows, MAX_NEW, stops)
+        files[n] = write_jsonl(root / f"{n}.jsonl", rows)
+    return files, correct
+
+
+def test_two_ranks_score_generated_answers_like_one_rank(tmp_path, demo_dir, answering_model_dir, known_val):
+    """Exact match: each rank generates its share of the validation rows and the counts are summed;
+    2 ranks gathering the weights block by block for every forward (in lockstep) count what one rank
+    gathering them once counts: exactly the known answers before training, and the same after."""
+    files, correct = known_val
+    config = _write_config(tmp_path, demo_dir, answering_model_dir, val=files)
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["method=sft", "msft.metric=val_exact_match", f"msft.max_new_tokens={MAX_NEW}", "train.epochs=0.5",
+             "msft.evals_per_epoch=4", "train.lr=2e-3", "msft.generation_tokens_per_batch=96"]
+    _run([sys.executable, "-m", "msft_fast", "train", "--config", config, f"output_dir={one}", "train.grad_accum=2",
+          *extra], env)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          "-m", "msft_fast.train", "--config", config, f"output_dir={two}", "train.grad_accum=1", *extra,
+          "msft.generation_gather=per_forward"], env)
+    h1, h2 = (json.load(open(folder / "history.json")) for folder in (one, two))
+    assert (h1["exact_match"]["gather"], h2["exact_match"]["gather"]) == ("once", "per_forward")
+    assert h1["exact_match"]["batches"] == h2["exact_match"]["batches"] > 3  # some for each rank, unevenly
+    for name, rows in correct.items():
+        t = h1["evals"][0]["tasks"][name]
+        assert (t["val_answers_correct"], t["val_answers"]) == (sum(rows), len(rows)), name
+    assert len(h1["evals"]) == len(h2["evals"]) >= 3
+    for e1, e2 in zip(h1["evals"], h2["evals"]):
+        assert e2["generation"]["tokens"] == e1["generation"]["tokens"]
+        assert e2["generation"]["flops"] == e1["generation"]["flops"]
+        for name, t in e1["tasks"].items():
+            assert (e2["tasks"][name]["val_answers_correct"], e2["tasks"][name]["val_answers"]) == \
+                (t["val_answers_correct"], t["val_answers"]), (e1["eval_id"], name)
+    assert h1["final"]["eval_id"] == h2["final"]["eval_id"]

@@ -72,6 +72,39 @@ def test_patience_confirms_the_earliest_peak_after_enough_evaluations():
     assert not peak_confirmed(curves(a=[3, 2, 1]), [A], patience=1)
 
 
+def test_min_delta_counts_a_task_within_it_of_its_best_as_still_improving():
+    costs = curves(a=[3, 1.0, 1.02, 1.01], b=[3, 2, 1.5, 1.2])
+    assert choose_exclusion(costs, [A, B], "first").excluded == A  # the raw argmax: a peaked at 1
+    d = choose_exclusion(costs, [A, B], "first", min_delta=0.05)
+    assert d.excluded is None and d.peaks == {A: 3, B: 3}
+    worse = curves(a=[3, 1.0, 1.02, 1.06], b=[3, 2, 1.5, 1.2])  # 0.06 worse than its best: peaked
+    assert (choose_exclusion(worse, [A, B], "first", min_delta=0.05).excluded,
+            choose_exclusion(worse, [A, B], "first", min_delta=0.05).peak_index) == (A, 1)
+    # A flat curve (exact match stuck at 0): the paper's argmax counts its first evaluation as the
+    # peak; with any min_delta it is still improving.
+    flat = curves(a=[-0.0, -0.0, -0.0], b=[3, 2, 1])
+    assert choose_exclusion(flat, [A, B], "first").peak_index == 0
+    assert choose_exclusion(flat, [A, B], "first", min_delta=1e-9).excluded is None
+    assert peak_confirmed(costs, [A, B], patience=2) and not peak_confirmed(costs, [A, B], 2, min_delta=0.05)
+
+
+@pytest.mark.slow
+def test_min_delta_keeps_a_jittery_task_and_the_run_goes_on_from_the_roll_outs_end(tmp_path, demo_dir):
+    import metric_callbacks
+
+    metric_callbacks.PLATEAU[0] = 0
+    history = _run(tmp_path, demo_dir, "method=msft", "msft.budget_epochs=1", "msft.max_stages=1",
+                   "msft.min_delta=0.05", "msft.metric=metric_callbacks:plateau", "train.epochs=1")
+    (stage,) = history["stages"]
+    for task in history["tasks"]:  # each task's raw argmax is eval 1, not the roll-out's last
+        curve = [e["tasks"][task]["metric"] for e in history["evals"]]
+        assert len(curve) == 5 and curve.index(max(curve)) == 1
+    assert stage["excluded"] is None and stage["rollback_to_eval"] is None
+    assert stage["peak_evals"] == dict.fromkeys(history["tasks"], 4)
+    assert history["snapshot_pool"]["states"] == 5  # tasks + the best pooled state + the latest
+    _assert_consistent(history)
+
+
 class _ShardedTinyModel:
     """A one-rank FSDP2 tiny Llama with AdamW and one packed batch: `step()` trains, `state()` copies
     this rank's parameter shards and Adam state for bitwise comparisons."""

@@ -201,6 +201,38 @@ def test_compare(tmp_path):
                                           "-", "-", "-"]
 
 
+def test_exact_match_shows_beside_the_loss_whichever_metric_selects(tmp_path):
+    """Runs that scored generated answers: report.md's per-task table and compare() show exact match
+    next to the loss; a run that selected by it reads its curves and pooled values from its fields."""
+    def with_answers(h, metric):
+        h["metric"], h["higher_is_better"] = metric, metric != "val_loss"
+        for e in h["evals"]:
+            e["pooled_val_exact_match"] = 0.1 * e["eval_id"]
+            for t in e["tasks"].values():
+                t.update(val_exact_match=0.05 * e["eval_id"], val_answers=20)
+                t["metric"] = t[metric]
+            e["pooled_metric"] = e[f"pooled_{metric}"]
+        final = h["evals"][h["final"]["eval_id"]]
+        h["final"].update(pooled_val_exact_match=final["pooled_val_exact_match"], pooled_metric=final["pooled_metric"])
+        return h
+
+    by_loss = _write(tmp_path, "by_loss", with_answers(sft_history(), "val_loss"))
+    by_match = _write(tmp_path, "by_match", with_answers(sft_history(), "val_exact_match"))
+    md = open(write_report(str(by_match))[1], encoding="utf-8").read()
+    assert "- metric: val_exact_match (higher is better)" in md
+    assert "pooled val_exact_match 0.4000, pooled val_loss 1.9000" in md
+    assert _row(md, "a")[5:7] == ["0.2000", "20"]  # val_exact_match, answers
+    md = open(write_report(str(by_loss))[1], encoding="utf-8").read()
+    assert "pooled val_loss 1.9000, pooled val_exact_match 0.4000" in md
+    table = compare([str(by_loss), str(by_match), _write(tmp_path, "plain", sft_history())])
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert header[:9] == ["run", "method", "final pooled metric", "pooled val_loss", "pooled val_exact_match",
+                          "a val_loss", "b val_loss", "a exact match", "b exact match"]
+    assert _row(table, "by_match")[2:9] == ["0.4000 (val_exact_match)", "1.9000", "0.4000", "1.6000", "2.2000",
+                                           "0.2000", "0.2000"]
+    assert _row(table, "plain")[3:9] == ["1.9000", "-", "1.6000", "2.2000", "-", "-"]
+
+
 def test_missing_or_bad_history(tmp_path):
     with pytest.raises(OutputError, match="history.json does not exist"):
         load_history(str(tmp_path))

@@ -38,12 +38,14 @@ class DocSet:
     starts: np.ndarray  # [D] int64
     lengths: np.ndarray  # [D] int64
     loss_tokens: np.ndarray  # [D] int64, tokens with a label in each document
+    format: Optional[str] = None  # the row format they were encoded from (messages, prompt_completion, text)
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def subset(self, docs: np.ndarray) -> "DocSet":
-        return DocSet(self.input_ids, self.labels, self.starts[docs], self.lengths[docs], self.loss_tokens[docs])
+        return DocSet(self.input_ids, self.labels, self.starts[docs], self.lengths[docs], self.loss_tokens[docs],
+                      self.format)
 
 
 @dataclass
@@ -270,7 +272,9 @@ def _tokenize_source(task: TaskConfig, src: DataSource, cfg: DataConfig, tokeniz
             }
         ),
     )
-    return _to_docset(tokenized, getattr(tokenizer, "unk_token_id", None))
+    docs, counts = _to_docset(tokenized, getattr(tokenizer, "unk_token_id", None))
+    docs.format = fmt
+    return docs, counts
 
 
 def _to_docset(tokenized: Any, unk_id: Optional[int] = None) -> tuple[DocSet, dict[str, int]]:

@@ -36,15 +36,29 @@ def task_peaks(costs: list[dict[str, float]], active: list[str]) -> dict[str, in
     return {k: min(range(len(costs)), key=lambda i: (costs[i][k], i)) for k in active}
 
 
-def choose_exclusion(costs: list[dict[str, float]], active: list[str], tie_break: str) -> Decision:
+def effective_peaks(costs: list[dict[str, float]], active: list[str], min_delta: float = 0.0) -> dict[str, int]:
+    """Each task's peak as the decisions count it (msft.min_delta): its best evaluation, unless
+    its latest cost is worse than that best by no more than `min_delta`; then the task counts as
+    still improving and its peak is the latest evaluation. min_delta 0 is the paper's raw argmax:
+    any earlier best counts, an exact tie with the latest included. A flat but jittery curve
+    (a small validation set) then no longer excludes its task on an early jitter."""
+    peaks = task_peaks(costs, active)
+    if min_delta <= 0:
+        return peaks
+    last = len(costs) - 1
+    return {k: p if costs[last][k] - costs[p][k] > min_delta else last for k, p in peaks.items()}
+
+
+def choose_exclusion(costs: list[dict[str, float]], active: list[str], tie_break: str,
+                     min_delta: float = 0.0) -> Decision:
     """costs[i][task]: cost (lower is better) at roll-out evaluation i (0 = the stage start).
 
-    The active task whose best evaluation comes first is excluded, unless that is the last
+    The active task whose peak (`effective_peaks`) comes first is excluded, unless that is the last
     evaluation (no task overfit within the budget). Several tasks peaking at that same evaluation:
     `most_overfit` takes the one whose cost rose most from its peak to the roll-out's end (ties, and
     `first`, by the order of data.tasks).
     """
-    peaks = task_peaks(costs, active)
+    peaks = effective_peaks(costs, active, min_delta)
     earliest = min(peaks.values())
     if earliest == len(costs) - 1:
         return Decision(None, None, peaks)
@@ -55,10 +69,11 @@ def choose_exclusion(costs: list[dict[str, float]], active: list[str], tie_break
     return Decision(tied[0], earliest, peaks)
 
 
-def peak_confirmed(costs: list[dict[str, float]], active: list[str], patience: int) -> bool:
+def peak_confirmed(costs: list[dict[str, float]], active: list[str], patience: int,
+                   min_delta: float = 0.0) -> bool:
     """The earliest peak has held for `patience` evaluations: a task's best can only move later,
     so the task peaking first now is the one to exclude unless it improves again."""
-    earliest = min(task_peaks(costs, active).values())
+    earliest = min(effective_peaks(costs, active, min_delta).values())
     return len(costs) - 1 - earliest >= patience
 
 
@@ -87,12 +102,13 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
     cfg = trainer.cfg.msft
     names = list(trainer.task_names)
     weights_only = cfg.restore == "weights"
-    # Worst case alive at once: one state per active task's best point plus the best pooled one.
-    plan = plan_pool(trainer.model, len(names) + 1, not weights_only, local_world_size(),
-                     spill_dir=cfg.snapshot_spill_dir)
+    # Worst case alive at once: one state per active task's best point plus the best pooled one
+    # (and, with msft.min_delta, the latest evaluation: a task close to its best peaks there).
+    states = len(names) + 1 + (1 if cfg.min_delta > 0 else 0)
+    plan = plan_pool(trainer.model, states, not weights_only, local_world_size(), spill_dir=cfg.snapshot_spill_dir)
     plan["spill_reason"] = spill_reason(plan, cfg.snapshot_spill_dir)
     history.data["snapshot_pool"] = plan
-    pool = trainer.make_pool(capacity=len(names) + 1, with_optimizer=not weights_only,
+    pool = trainer.make_pool(capacity=states, with_optimizer=not weights_only,
                              in_memory=plan["in_memory_states"], spill_dir=plan["spill_dir"])
     bound = compute_bound(trainer)
     history.data["compute_bound"] = bound
@@ -136,6 +152,8 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
             st.rollout.append(ev)
             costs = [e.costs for e in st.rollout]
             needed = set(task_peaks(costs, st.active).values())
+            if cfg.min_delta > 0:  # a task within min_delta of its best counts as peaking at the latest
+                needed.add(len(st.rollout) - 1)
             for i in [i for i in st.held if i not in needed]:
                 pool.release(st.held.pop(i))
             last = len(st.rollout) - 1
@@ -145,7 +163,7 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
                 pool.release(st.best_state)
                 st.best = ev
                 st.best_state = pool.retain(st.held[last]) if last in st.held else trainer.capture()
-            if cfg.patience is not None and peak_confirmed(costs, st.active, cfg.patience):
+            if cfg.patience is not None and peak_confirmed(costs, st.active, cfg.patience, cfg.min_delta):
                 break
         _end_stage(trainer, history, st, ledger, weights_only, report, metric.name, max_epochs)
         st.ledger = ledger.start
@@ -169,7 +187,7 @@ def _end_stage(trainer: Trainer, history: History, st: MsftState, ledger: StageL
                report: PeriodicReport, metric_name: str, max_epochs: float) -> None:
     """Record the roll-out's decision, say it, roll back if a task is excluded, and set up the next stage."""
     cfg, names, rollout, pool = trainer.cfg.msft, trainer.task_names, st.rollout, trainer.pool
-    decision = choose_exclusion([e.costs for e in rollout], st.active, cfg.tie_break)
+    decision = choose_exclusion([e.costs for e in rollout], st.active, cfg.tie_break, cfg.min_delta)
     peak_ids = {k: rollout[i].eval_id for k, i in decision.peaks.items()}
     epochs = trainer.epoch_position - st.begin  # trained in this roll-out, before any roll-back
     st.trained_epochs += epochs
@@ -257,7 +275,9 @@ def compute_bound(trainer: Trainer) -> dict:
         "epoch_train_flops": epoch_flops,  # one epoch of all tasks
         "worst_case_train_flops": worst * epoch_flops,
         "worst_case_evals": evals,
-        "worst_case_eval_flops": evals * trainer.flop_counter.eval(sum(val_lengths), val_lengths),
+        # Generation (exact match) at its most: every answer runs to max_new_tokens.
+        "worst_case_eval_flops": evals * (trainer.flop_counter.eval(sum(val_lengths), val_lengths)
+                                          + trainer.max_generation_flops()),
         "sft_train_flops": cfg.train.epochs * epoch_flops,  # SFT for train.epochs, for comparison
         "epochs_trained": None,  # filled in when the run ends
         "stop_reason": None,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from msft_fast.history import History
 from msft_fast.methods.metric import Metric
 from msft_fast.progress import above_progress
-from msft_fast.trainer import Trainer
+from msft_fast.trainer import EvalResult, Trainer
 
 log = logging.getLogger("msft_fast")
 
@@ -46,17 +46,32 @@ def evaluate(trainer: Trainer, history: History, metric: Metric, stage: int, act
         "eval_flops": c.eval_flops,
         "pooled_val_loss": result.pooled_loss,
         "pooled_val_token_acc": result.pooled_token_acc,
+        **_exact_match_fields(result),
         "pooled_metric": pooled,
         "tasks": {
             name: {"val_loss": s.loss, "val_token_acc": s.token_acc, "val_tokens": s.tokens,
+                   **({"val_exact_match": s.exact_match, "val_answers": s.answers,
+                       "val_answers_correct": s.answers_correct} if result.exact_match is not None else {}),
                    "metric": scores[name], "active": name in active}
             for name, s in result.tasks.items()
         },
     })
+    if result.exact_match is not None:
+        history.data["exact_match"] = trainer.exact_match_setup()
     history.write(trainer.ctx.is_main)
     _log(trainer, record, metric)
     return Evaluation(record["eval_id"], c.step, trainer.epoch_position,
                       {n: metric.cost(v) for n, v in scores.items()}, metric.cost(pooled), record)
+
+
+def _exact_match_fields(result: EvalResult) -> dict:
+    """An evaluation's pooled exact match (over all answers) and its generation's cost."""
+    em = result.exact_match
+    if em is None:
+        return {}
+    return {"pooled_val_exact_match": em.pooled,
+            "generation": {"tokens": em.generated_tokens, "flops": em.flops, "seconds": em.seconds,
+                           "tokens_per_s": em.generated_tokens / em.seconds if em.seconds > 0 else None}}
 
 
 def _log(trainer: Trainer, record: dict, metric: Metric) -> None:

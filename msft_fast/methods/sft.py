@@ -49,5 +49,6 @@ def run_sft(trainer: Trainer, history: History, metric: Metric) -> dict:
 
 
 def final_record(best) -> dict:
-    return {"eval_id": best.eval_id, "pooled_val_loss": best.record["pooled_val_loss"],
+    extra = {k: best.record[k] for k in ("pooled_val_exact_match",) if k in best.record}
+    return {"eval_id": best.eval_id, "pooled_val_loss": best.record["pooled_val_loss"], **extra,
             "pooled_metric": best.record["pooled_metric"]}

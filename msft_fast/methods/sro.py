@@ -14,7 +14,7 @@ from typing import Optional
 from msft_fast.history import History
 from msft_fast.methods.ledger import StageLedger
 from msft_fast.methods.metric import Metric
-from msft_fast.methods.msft import task_peaks
+from msft_fast.methods.msft import effective_peaks
 from msft_fast.methods.records import Evaluation, announce, eval_points, evaluate
 from msft_fast.methods.sft import final_record
 from msft_fast.snapshot import Snapshot
@@ -82,7 +82,7 @@ def run_sro(trainer: Trainer, history: History, metric: Metric) -> dict:
             st.next_target += 1
             if trainer.counters.step != st.probe[-1].step:
                 st.probe.append(evaluate(trainer, history, metric, stage=0, active=set(names)))
-        peaks = task_peaks([e.costs for e in st.probe], names)
+        peaks = effective_peaks([e.costs for e in st.probe], names, cfg.msft.min_delta)
         history.add_stage(0, excluded=None, rollback_to_eval=None, phase="probe",
                           peak_evals={k: st.probe[i].eval_id for k, i in peaks.items()},
                           epochs_trained=round(trainer.epoch_position, 6),
