@@ -50,8 +50,10 @@ LOSS_CHUNK_BYTES = 64 * 2**20  # one chunk of fp32 logits in the fused loss (ker
 
 
 # Backends that keep no [N, N] mask and handle GQA themselves (flash varlen, our packed FlexAttention
-# with its block mask).
-NO_MASK_ATTENTION = ("flash_attention_2", "flash_attention_3", "packed_flex_attention", "flex_attention")
+# with its block mask, our SDPA over length buckets: its q, k, v copies are padded to their bucket's
+# length, a few percent for documents of hundreds of tokens, which the estimate leaves out).
+NO_MASK_ATTENTION = ("flash_attention_2", "flash_attention_3", "packed_flex_attention", "flex_attention",
+                     "packed_sdpa")
 
 
 @dataclass(frozen=True)
