@@ -96,7 +96,7 @@ class Trainer:
         parallelize(self.model, decoder_blocks(loaded.model), self.param_dtype, ctx.device,
                     activation_checkpointing=t.activation_checkpointing,
                     checkpoint_every=t.activation_checkpointing_every, compile=t.compile, replicas=t.hsdp_replicas)
-        self.optimizer = build_optimizer(self.model, cfg.train, ctx.device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
         self.loader = loader
         self.counters = Counters()
         self._eval_batches = None
