@@ -71,6 +71,7 @@ class TrainConfig:
     activation_checkpointing_every: int = 2  # n for selective
     compile: bool = False  # torch.compile each decoder block
     hsdp_replicas: int = 1  # >1: HSDP, replicate over this many groups (nodes), shard within each
+    fsdp: Literal["auto", "always"] = "auto"  # auto: no FSDP2 for one CPU process in fp32 (nothing to shard)
     peak_tflops: Optional[float] = None  # one device's peak for MFU; None: the table for known GPUs
     checkpoint_every: int = 500  # optimizer steps between resumable checkpoints; 0 = none
     keep_checkpoints: int = 2  # newest checkpoints kept on disk

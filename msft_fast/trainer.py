@@ -23,7 +23,7 @@ from msft_fast import checkpoint as ckpt
 from msft_fast.config import Config
 from msft_fast.data.loader import MixtureLoader
 from msft_fast.data.tasks import TaskData
-from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all, set_gradient_sync
+from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all, set_gradient_sync, unshard
 from msft_fast.errors import StopRequested, UserError
 from msft_fast.fault_injection import fault_point
 from msft_fast.flops import FlopCounter, device_peak_flops
@@ -95,7 +95,8 @@ class Trainer:
         t = cfg.train
         parallelize(self.model, decoder_blocks(loaded.model), self.param_dtype, ctx.device,
                     activation_checkpointing=t.activation_checkpointing,
-                    checkpoint_every=t.activation_checkpointing_every, compile=t.compile, replicas=t.hsdp_replicas)
+                    checkpoint_every=t.activation_checkpointing_every, compile=t.compile, replicas=t.hsdp_replicas,
+                    fsdp=t.fsdp)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.loader = loader
         self.counters = Counters()
@@ -337,7 +338,7 @@ class Trainer:
     def call_with_full_model(self, fn):
         """Run `fn(hf_model)` with every rank's weights gathered for the HF model's own forward
         (e.g. `generate` in a user metric); every rank must call this together."""
-        self.model.unshard()  # the root (embeddings, head); the blocks gather in their own hooks
+        unshard(self.model)  # the root (embeddings, head); the blocks gather in their own hooks
         try:
             with torch.no_grad():
                 return fn(self.model.lm)
