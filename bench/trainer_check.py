@@ -72,7 +72,8 @@ def main(argv=None) -> int:
         f"model.attn_implementation={a.attn}", f"data.tasks=[{task_list}]", f"data.max_seq_len={a.seq}",
         f"data.tokens_per_batch={a.seq}", f"data.cache_dir={os.path.join(a.workdir, 'cache')}",
         f"train.precision={a.precision}", f"train.grad_accum={a.grad_accum}", "train.epochs=1",
-        "train.lr=1e-5", "train.schedule=constant", "train.progress=false", "train.checkpoint_every=0"])
+        "train.lr=1e-5", "train.schedule=constant", "train.progress=false", "train.checkpoint_every=0",
+        "train.fsdp=always"])  # a GPU always shards; the CPU rehearsal (fp32, one process) must too
     original = run.METHODS["sft"]
     run.METHODS["sft"] = lambda trainer, history, metric: checks(trainer, a, result)
     try:

@@ -45,7 +45,7 @@ class TaskConfig:
 class ModelConfig:
     path: str = "builtin:tiny-llama"  # a local HF model folder, a Hub repo id (org/name), or builtin:tiny-llama
     revision: Optional[str] = None  # branch, tag or commit of a Hub model; None: main
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
+    attn_implementation: Literal["auto", "packed_sdpa", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
     # The fused loss: auto = the chunked path on CUDA, the PyTorch reference on CPU (README "The loss kernel API")
     loss_impl: Literal["auto", "chunked", "triton", "torch"] = "auto"
     loss_chunk_mib: int = 1024  # memory budget of the chunked loss's transient buffers (kernels/chunk_plan.py)
@@ -86,6 +86,7 @@ class TrainConfig:
     activation_checkpointing_every: int = 2  # n for selective
     compile: bool = False  # torch.compile each decoder block
     hsdp_replicas: int = 1  # >1: HSDP, replicate over this many groups (nodes), shard within each
+    fsdp: Literal["auto", "always"] = "auto"  # auto: no FSDP2 for one CPU process in fp32 (nothing to shard)
     peak_tflops: Optional[float] = None  # one device's peak for MFU; None: the table for known GPUs
     checkpoint_every: int = 500  # optimizer steps between resumable checkpoints; 0 = none
     keep_checkpoints: int = 2  # newest checkpoints kept on disk

@@ -1,7 +1,10 @@
 """Process group setup and the one place that applies FSDP2 to the model.
 
-`msft-fast train` without torchrun gets a one-rank group, so the same FSDP2 code path runs at
-every world size.
+`msft-fast train` without torchrun gets a one-rank group, so the same code path runs at every
+world size. One process on a CPU in fp32 is the one case where `parallelize` leaves FSDP2 out
+(`train.fsdp: auto`): with nothing to shard, gather or cast, its per-block hooks only cost time.
+Everything downstream (step loop, snapshots, checkpoints, export) works on either kind of model
+through the helpers here, which do nothing for a plain module.
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ def shutdown_distributed() -> None:
 
 def parallelize(model: nn.Module, blocks: list[nn.Module], param_dtype: torch.dtype, device: torch.device, *,
                 activation_checkpointing: str = "off", checkpoint_every: int = 2, compile: bool = False,
-                replicas: int = 1) -> nn.Module:
+                replicas: int = 1, fsdp: str = "auto") -> nn.Module:
     """Apply, in this order, activation checkpointing and `torch.compile` to each decoder block, then
     `fully_shard` each block, then the root (`model`, which owns embeddings and head).
 
@@ -69,12 +72,15 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], param_dtype: torch.dt
         "selective" (every `checkpoint_every`-th block: memory and recompute in between).
     replicas > 1: HSDP, parameters replicated over `replicas` groups (across nodes) and sharded
         within each (a node); gradients are reduce-scattered in the group, then all-reduced across.
+    fsdp: "auto" shards unless `needs_fsdp` says it buys nothing; "always" shards in every case.
     """
     for i, block in enumerate(blocks):
         if activation_checkpointing == "full" or (activation_checkpointing == "selective" and i % checkpoint_every == 0):
             _checkpoint_forward(block)
         if compile:
             block.compile()  # in place: the module and its parameter names stay the same
+    if fsdp != "always" and not needs_fsdp(param_dtype, device):
+        return model
     mesh = device_mesh(device, replicas)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(blocks):
@@ -83,6 +89,22 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], param_dtype: torch.dt
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def needs_fsdp(param_dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether FSDP2 does anything for this process: shard over several ranks, cast to a compute dtype
+    (bf16 masters stay fp32), or move a CPU-built model onto its device shard by shard. One CPU
+    process in fp32 needs none of that: its hooks would gather, copy and reduce over a group of one
+    (8-12% of a small model's step, measured), so the model stays a plain module there."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return world > 1 or param_dtype != torch.float32 or device.type != "cpu"
+
+
+def unshard(model: nn.Module) -> None:
+    """Gather the root's parameters (embeddings, head) for a forward outside the model's own (the
+    blocks gather in their own hooks); nothing to do for a plain module."""
+    if isinstance(model, FSDPModule):
+        model.unshard()
 
 
 def device_mesh(device: torch.device, replicas: int = 1):

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from msft_fast.distributed import all_reduce_sum, reshard_all
+from msft_fast.distributed import all_reduce_sum, reshard_all, unshard
 
 GATHER_MODES = ("once", "per_forward")
 # Attention backends that take a padded batch and a KV cache as HF generate passes them; the
@@ -191,7 +191,7 @@ class ShardedGenerator:
         # per_forward: the root (embeddings, final norm, head) is gathered here, since generate
         # bypasses the root's forward; each block gathers in its own hooks, for every forward.
         attn, before = generation_attention(self.lm), str(self.lm.config._attn_implementation)
-        self.wrapper.unshard()
+        unshard(self.wrapper)
         if attn != before:
             self.lm.set_attn_implementation(attn)
         try:

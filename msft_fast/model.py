@@ -18,12 +18,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from msft_fast.attention import FLEX_ATTENTION, packed_attention_inputs
+from msft_fast.attention import FLEX_ATTENTION, PACKED_SDPA, packed_attention_inputs
 from msft_fast.builtin import BUILTIN_MODELS, char_tokenizer, tiny_llama_config
 from msft_fast.config import BUILTIN_MODEL_PREFIX, ModelConfig, resolve_path
 from msft_fast.data.chat_template import override_chat_template
 from msft_fast.data.packing import PackedBatch
 from msft_fast.errors import ConfigError, ModelError
+from msft_fast.flops import LINEAR_TIME_LAYER_TYPES, SLIDING_LAYER_TYPES
 from msft_fast.hub import model_snapshot, model_source
 from msft_fast.kernels import TaskStats, fused_linear_cross_entropy, loss_memory_bytes, plan_chunks
 from msft_fast.kernels.fused_linear_cross_entropy import choose_backend
@@ -319,6 +320,27 @@ def _flex_unusable(s: AttentionSetting) -> Optional[str]:
     return None
 
 
+# Layer kinds whose attention is fully described by causal masking within a document and the
+# `sliding_window` HF passes to the attention function; the others ignore attention entirely.
+_BUCKETED_LAYER_TYPES = ("full_attention",) + SLIDING_LAYER_TYPES + LINEAR_TIME_LAYER_TYPES
+
+
+def _packed_sdpa_unusable(s: AttentionSetting) -> Optional[str]:
+    # Ours is a registered attention function: the model's layers must call through HF's interface,
+    # and SDPA must suit the model (no soft-capping, no sinks: what HF's _supports_sdpa says).
+    if s.model_lacks("_supports_sdpa") or s.model_lacks("_supports_attention_backend"):
+        return f"packed_sdpa is not supported by {s.model_name} (HF marks it so)"
+    config = s.config.get_text_config() if hasattr(s.config, "get_text_config") else s.config
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"packed_sdpa has no attention logit soft-capping, which {s.model_name} uses"
+    if getattr(config, "attention_chunk_size", None):
+        return f"packed_sdpa has no chunked attention, which {s.model_name} uses"
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - set(_BUCKETED_LAYER_TYPES))
+    if other:
+        return f"packed_sdpa does not know the attention of {s.model_name}'s {', '.join(other)} layers"
+    return None
+
+
 def _sdpa_unusable(s: AttentionSetting) -> Optional[str]:
     if s.model_lacks("_supports_sdpa"):  # e.g. Gemma 2: SDPA has no attention-logit soft-capping
         return f"sdpa is not supported by {s.model_name} (HF marks it so)"
@@ -330,6 +352,7 @@ def _sdpa_unusable(s: AttentionSetting) -> Optional[str]:
 ATTENTION_BACKENDS = (
     AttentionBackend("flash_attention_2", "flash_attention_2", _flash_unusable),  # varlen, bf16/fp16
     AttentionBackend("flex_attention", FLEX_ATTENTION, _flex_unusable),  # document block mask, any dtype
+    AttentionBackend("packed_sdpa", PACKED_SDPA, _packed_sdpa_unusable),  # SDPA per length bucket, no [N, N] mask
     AttentionBackend("sdpa", "sdpa", _sdpa_unusable),  # dense document mask from position_ids
     AttentionBackend("eager", "eager", lambda s: None),  # every HF model has it
 )
@@ -341,8 +364,9 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype,
 
     auto: the first of ATTENTION_BACKENDS that can train with this device, compute dtype, installed
     packages and model class: flash-attn varlen on CUDA in bf16/fp16 when installed, else
-    FlexAttention on CUDA, else SDPA, else eager (Gemma 2 on a CPU). A named backend that cannot
-    train here is refused with one sentence that lists the values that can.
+    FlexAttention on CUDA, else SDPA over length buckets of documents (CPUs), else SDPA with a
+    dense document mask, else eager (Gemma 2 on a CPU). A named backend that cannot train here is
+    refused with one sentence that lists the values that can.
     """
     setting = AttentionSetting(device, dtype, model_class, config)
     usable = [b for b in ATTENTION_BACKENDS if b.unusable(setting) is None]
@@ -404,6 +428,8 @@ class CausalLMWithTaskLoss(nn.Module):
         self.head_transform = HeadTransform.of(lm)
         config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
         self.sliding_window = getattr(config, "sliding_window", None)  # FlexAttention needs a mask for it
+        heads = config.num_attention_heads
+        self.attn_width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)  # sizes buckets
 
     def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, TaskStats]:
         hidden = self.hidden_states(batch)
@@ -440,10 +466,12 @@ class CausalLMWithTaskLoss(nn.Module):
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """[N, H] final hidden states of a packed row; documents never attend to each other.
 
-        What keeps them apart (cu_seqlens for flash-attn, a BlockMask for FlexAttention, the
-        per-document position_ids for SDPA/eager) is built here once and used by every layer.
+        What keeps them apart (cu_seqlens for flash-attn, a BlockMask for FlexAttention, length
+        buckets for packed_sdpa, the per-document position_ids for SDPA/eager) is built here once
+        and used by every layer.
         """
-        attention = packed_attention_inputs(self.lm.config._attn_implementation, batch, self.sliding_window)
+        attention = packed_attention_inputs(self.lm.config._attn_implementation, batch, self.sliding_window,
+                                            self.attn_width)
         out = self.lm.get_decoder()(
             input_ids=batch.input_ids[None],
             position_ids=batch.position_ids[None],

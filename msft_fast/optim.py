@@ -9,16 +9,20 @@ from torch import nn
 from msft_fast.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Weight decay on matrices only: norms and biases are not decayed."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel for the parameters' device and dtype (CUDA and,
+    since torch 2.4, CPU: one pass over each tensor instead of a dozen foreach ops; the same
+    update up to float rounding), else foreach. Weight decay on matrices only: norms and biases
+    are not decayed."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"  # one kernel for all params on GPU; foreach on CPU
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused, foreach=None if fused else True
-    )
+    hyper = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **hyper)
+    except RuntimeError:  # torch checks devices and dtypes up front: no fused kernel for these parameters
+        return torch.optim.AdamW(groups, foreach=True, **hyper)
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: TrainConfig) -> float:

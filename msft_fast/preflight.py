@@ -50,8 +50,10 @@ FRAGMENTATION = 1.10  # the caching allocator rarely packs tensors tighter than 
 
 
 # Backends that keep no [N, N] mask and handle GQA themselves (flash varlen, our packed FlexAttention
-# with its block mask).
-NO_MASK_ATTENTION = ("flash_attention_2", "flash_attention_3", "packed_flex_attention", "flex_attention")
+# with its block mask, our SDPA over length buckets: its q, k, v copies are padded to their bucket's
+# length, a few percent for documents of hundreds of tokens, which the estimate leaves out).
+NO_MASK_ATTENTION = ("flash_attention_2", "flash_attention_3", "packed_flex_attention", "flex_attention",
+                     "packed_sdpa")
 
 
 @dataclass(frozen=True)

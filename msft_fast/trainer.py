@@ -23,7 +23,7 @@ from msft_fast import checkpoint as ckpt
 from msft_fast.config import Config, scores_exact_match
 from msft_fast.data.loader import MixtureLoader
 from msft_fast.data.tasks import TaskData
-from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all, set_gradient_sync
+from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all, set_gradient_sync, unshard
 from msft_fast.errors import StopRequested, UserError
 from msft_fast.exact_match import ExactMatch, ExactMatchCounts
 from msft_fast.fault_injection import fault_point
@@ -107,10 +107,11 @@ class Trainer:
         t = cfg.train
         parallelize(self.model, decoder_blocks(loaded.model), self.param_dtype, ctx.device,
                     activation_checkpointing=t.activation_checkpointing,
-                    checkpoint_every=t.activation_checkpointing_every, compile=t.compile, replicas=t.hsdp_replicas)
+                    checkpoint_every=t.activation_checkpointing_every, compile=t.compile, replicas=t.hsdp_replicas,
+                    fsdp=t.fsdp)
         self.generator = ShardedGenerator(self.model, self.param_dtype, ctx.device, ctx.world_size) \
             if self.exact_match is not None else None
-        self.optimizer = build_optimizer(self.model, cfg.train, ctx.device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
         self.loader = loader
         self.counters = Counters()
         self._eval_batches = None
@@ -399,7 +400,7 @@ class Trainer:
     def call_with_full_model(self, fn):
         """Run `fn(hf_model)` with every rank's weights gathered for the HF model's own forward
         (e.g. `generate` in a user metric); every rank must call this together."""
-        self.model.unshard()  # the root (embeddings, head); the blocks gather in their own hooks
+        unshard(self.model)  # the root (embeddings, head); the blocks gather in their own hooks
         try:
             with torch.no_grad():
                 return fn(self.model.lm)

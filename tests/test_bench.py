@@ -164,18 +164,47 @@ def test_bench_ce_quick(tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_quick(tmp_path):
-    """Ours vs HF Trainer, both sides run (accelerate is pinned in requirements/dev-cpu.txt)."""
-    run_bench("bench_train.py", tmp_path, "--quick")
+    """Ours vs HF Trainer padded and padding-free, all three sides run (accelerate is pinned in
+    requirements/dev-cpu.txt) on the very same documents."""
+    run_bench("bench_train.py", tmp_path, "--quick", timeout=300)
     r = load(tmp_path, "train_cpu_quick.json")
-    ours, hf = r["results"]["msft_fast"], r["results"]["hf_trainer"]
+    assert r["machine"]["accelerate_for_hf"] and r["threads"] == 1
+    st = r["settings"]["quick"]
+    ours, hf, flat = (st["results"][k] for k in ("msft_fast", "hf_trainer", "hf_trainer_flat"))
     assert ours["status"] == "ok" and ours["train_tokens_per_s"] > 0 and ours["peak_mem_gib"] > 0
     assert ours["memory_kind"] == "max RSS"
+    # One CPU process in fp32: auto picks the bucketed packed attention and leaves FSDP2 out.
+    assert ours["attn_implementation"] == "packed_sdpa" and ours["fsdp2"] is False
     assert hf["status"] == "ok", hf
-    assert r["machine"]["accelerate_for_hf"]
-    assert hf["useful_tokens"] == ours["useful_tokens"]  # the same documents, once each
-    assert hf["padded_tokens"] > hf["useful_tokens"] and hf["train_tokens_per_s"] > 0
-    assert r["ratios"]["same_useful_tokens"]
-    assert r["ratios"]["tokens_per_s_ours_over_hf"] > 0 and r["ratios"]["peak_memory_ours_over_hf"] > 0
+    assert flat["status"] == "ok", flat
+    assert hf["collator"] == "DataCollatorForSeq2Seq" and flat["collator"] == "DataCollatorWithFlattening"
+    assert hf["useful_tokens"] == flat["useful_tokens"] == ours["useful_tokens"]  # the same documents, once each
+    assert hf["padded_tokens"] > hf["useful_tokens"] and flat["padded_tokens"] == flat["useful_tokens"]
+    # Same batches, same seed: padding-free only if HF kept the flattened documents apart (position ids).
+    assert flat["final_loss"] == pytest.approx(hf["final_loss"], rel=1e-4)
+    for key in ("over_hf_padded", "over_hf_flat"):
+        x = st["ratios"][key]
+        assert x["same_useful_tokens"] and x["tokens_per_s"] > 0 and x["peak_memory"] > 0
+        assert len(x["tokens_per_s_per_round"]) == r["repeats"] == 1
+    assert r["ratios"]["quick over_hf_flat tokens_per_s"] == st["ratios"]["over_hf_flat"]["tokens_per_s"]
+    md = (tmp_path / "out" / "train_cpu_quick.md").read_text()
+    assert "HF Trainer, padding-free" in md and "OMP_NUM_THREADS=1" in md
+
+
+def test_bench_packed_attention_quick(tmp_path):
+    run_bench("bench_packed_attention.py", tmp_path, "--quick")
+    r = load(tmp_path, "packed_attention_cpu_quick.json")
+    assert r["threads"] == 1 and r["rows"]
+    for row in r["rows"].values():
+        st = row["strategies"]
+        assert set(st) == {"dense_mask", "pow2", "exact", "planned"}
+        assert all(e["layer_fwd_bwd_ms"] > 0 for e in st.values())
+        assert st["exact"]["padding"] == 0 and st["exact"]["attention_area_over_exact"] == 1
+        assert st["exact"]["buckets"] >= st["planned"]["buckets"] >= 1
+        assert max(st["pow2"]["bucket_lengths"]) >= row["max_len"]
+    cost = r["cost_model"]
+    assert cost["in_use"]["BUCKET_OVERHEAD"] > 0 and len(cost["points"]) > 3
+    assert (tmp_path / "out" / "packed_attention_cpu_quick.md").exists()
 
 
 def test_gpu_check_scripts_parse():

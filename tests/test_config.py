@@ -376,3 +376,15 @@ def test_the_paper_preset_holds_the_papers_settings_and_names_its_placeholders()
     assert 8 * t.grad_accum * cfg.data.tokens_per_batch == 64 * 512  # about 64 sequences per step on 8 GPUs
     assert (m.budget_epochs, m.evals_per_epoch, m.max_stages, m.max_epochs) == (10, 4, 10, float("inf"))
     assert (m.metric, m.answer_pattern, m.restore, m.min_delta) == ("val_exact_match", r"####\s*(.+)", "weights", 0)
+
+
+def test_every_attention_backend_the_model_module_offers_is_a_valid_config_value(cfg_file):
+    from msft_fast.model import ATTENTION_BACKENDS
+
+    for name in ["auto"] + [b.name for b in ATTENTION_BACKENDS]:
+        assert load_config(cfg_file, [f"model.attn_implementation={name}"]).model.attn_implementation == name
+
+
+def test_an_unknown_attention_backend_names_the_key(cfg_file):
+    with pytest.raises(ConfigError, match="model.attn_implementation"):
+        load_config(cfg_file, ["model.attn_implementation=dense"])

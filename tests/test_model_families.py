@@ -112,16 +112,17 @@ def test_qwen3_empty_think_block_policies(family_dirs, tmp_path):
 def test_auto_attention_asks_the_model_class_what_it_supports(monkeypatch):
     from transformers import Gemma2ForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM
 
-    # On a CPU: SDPA where HF marks the model as supporting it, else eager (Gemma 2: no soft-capping in SDPA).
+    # On a CPU: SDPA over length buckets where HF marks the model as supporting SDPA, else eager
+    # (Gemma 2: no soft-capping in SDPA).
     assert choose_attention("auto", CPU, torch.float32, Gemma2ForCausalLM) == "eager"
-    assert choose_attention("auto", CPU, torch.float32, Qwen3ForCausalLM) == "sdpa"
+    assert choose_attention("auto", CPU, torch.float32, Qwen3ForCausalLM) == model_mod.PACKED_SDPA
     assert choose_attention("eager", CPU, torch.float32, Gemma2ForCausalLM) == "eager"
     with pytest.raises(ConfigError) as e:
         choose_attention("sdpa", CPU, torch.float32, Gemma2ForCausalLM)
     assert str(e.value) == ("config key 'model.attn_implementation': sdpa is not supported by Gemma2ForCausalLM "
                             "(HF marks it so); values that work for Gemma2ForCausalLM here: auto (picks eager), eager")
     with pytest.raises(ConfigError, match="flex_attention needs CUDA.*values that work for LlamaForCausalLM here: "
-                                          "auto \\(picks sdpa\\), sdpa, eager$"):
+                                          "auto \\(picks packed_sdpa\\), packed_sdpa, sdpa, eager$"):
         choose_attention("flex_attention", CPU, torch.float32, LlamaForCausalLM)
 
     # On CUDA with Triton (and no flash-attn): FlexAttention for both; a model without Flex support gets SDPA.
@@ -133,7 +134,7 @@ def test_auto_attention_asks_the_model_class_what_it_supports(monkeypatch):
     class NoFlex(LlamaForCausalLM):
         _supports_flex_attn = False
 
-    assert choose_attention("auto", CUDA, torch.bfloat16, NoFlex) == "sdpa"
+    assert choose_attention("auto", CUDA, torch.bfloat16, NoFlex) == model_mod.PACKED_SDPA
     with pytest.raises(ConfigError, match="flex_attention is not supported by NoFlex"):
         choose_attention("flex_attention", CUDA, torch.bfloat16, NoFlex)
 
@@ -147,7 +148,7 @@ def test_a_new_backend_is_one_more_candidate(monkeypatch):
                                lambda s: None if s.device.type == "cpu" and not s.model_lacks("_supports_sdpa")
                                else "sdpa_buckets needs a CPU and SDPA")
     backends = list(model_mod.ATTENTION_BACKENDS)
-    backends.insert([b.name for b in backends].index("sdpa"), buckets)
+    backends.insert([b.name for b in backends].index("packed_sdpa"), buckets)
     monkeypatch.setattr(model_mod, "ATTENTION_BACKENDS", tuple(backends))
     assert choose_attention("auto", CPU, torch.float32, LlamaForCausalLM) == "sdpa_buckets"
     assert choose_attention("auto", CPU, torch.float32, Gemma2ForCausalLM) == "eager"
@@ -219,7 +220,7 @@ def test_each_family_trains_exports_and_reloads_with_plain_hf(family, family_dir
 
     cfg, history = _run_family(family, family_dirs, tmp_path)
     assert history["status"] == "finished" and history["totals"]["steps"] > 0
-    assert history["attn_implementation"] == ("eager" if family == "gemma2" else "sdpa")
+    assert history["attn_implementation"] == ("eager" if family == "gemma2" else model_mod.PACKED_SDPA)
     assert history["compute_dtype"] == "float32" and history["loss_implementation"] == "torch"
     final_dir = tmp_path / "run" / "final"
     assert AutoTokenizer.from_pretrained(final_dir).chat_template == FAMILIES[family][4]

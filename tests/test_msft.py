@@ -117,7 +117,7 @@ class _ShardedTinyModel:
 
         lm = tiny_llama(tokenizer)
         self.model = CausalLMWithTaskLoss(lm, num_tasks=2)
-        parallelize(self.model, decoder_blocks(lm), torch.float32, device)
+        parallelize(self.model, decoder_blocks(lm), torch.float32, device, fsdp="always")  # sharded state
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
         docsets = [t.train for t in _tasks(6, 4, seed=1)]
         self.batch = collate(plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0], docsets, [0, 1])

@@ -54,7 +54,8 @@ def test_attention_choice_follows_device_dtype_and_flash_attn(monkeypatch):
     from msft_fast import model as model_mod
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert model_mod.choose_attention("auto", cpu, torch.bfloat16) == "sdpa"
+    assert model_mod.choose_attention("auto", cpu, torch.bfloat16) == "packed_sdpa"  # no varlen attention on a CPU
+    assert model_mod.choose_attention("sdpa", cpu, torch.bfloat16) == "sdpa"
     real = importlib.util.find_spec
     monkeypatch.setattr(model_mod.importlib.util, "find_spec",
                         lambda name: object() if name in ("flash_attn", "triton") else real(name))

@@ -83,7 +83,9 @@ def test_gradients_are_reduced_once_per_step_unless_asked_per_micro_batch(tmp_pa
             seen["per_step"].append(counted.units)
         return _finish(trainer, history, metric)
 
-    _train_with(tmp_path, demo_dir, monkeypatch, method, "train.grad_accum=3", f"train.grad_sync={grad_sync}")
+    # One CPU rank in fp32 trains without FSDP2 unless asked (train.fsdp): here FSDP2's reductions are the subject.
+    _train_with(tmp_path, demo_dir, monkeypatch, method, "train.grad_accum=3", f"train.grad_sync={grad_sync}",
+                "train.fsdp=always")
     units, micro_batches = seen["units"], 3
     assert units == 4  # three blocks of the built-in model and the root
     assert seen["per_step"] == [units if grad_sync == "step" else units * micro_batches] * 3
@@ -102,7 +104,8 @@ def test_both_grad_sync_modes_train_alike(tmp_path, demo_dir, monkeypatch):
                 runs[mode] = [(r["loss"], r["grad_norm"]) for r in map(json.loads, f)]
             return _finish(trainer, history, metric)
 
-        _train_with(tmp_path / mode, demo_dir, monkeypatch, method, "train.grad_accum=3", f"train.grad_sync={mode}")
+        _train_with(tmp_path / mode, demo_dir, monkeypatch, method, "train.grad_accum=3", f"train.grad_sync={mode}",
+                    "train.fsdp=always")
     assert len(runs["step"]) == 4
     for (la, ga), (lb, gb) in zip(runs["step"], runs["micro_batch"]):
         assert la == pytest.approx(lb, rel=1e-6) and ga == pytest.approx(gb, rel=1e-5)

@@ -63,7 +63,7 @@ def test_snapshot_after_an_evaluation_restores_bitwise_under_fsdp2(tokenizer):
     try:
         lm = tiny_llama(tokenizer)
         model = CausalLMWithTaskLoss(lm, num_tasks=2)
-        parallelize(model, decoder_blocks(lm), torch.float32, ctx.device)
+        parallelize(model, decoder_blocks(lm), torch.float32, ctx.device, fsdp="always")
         docsets = [t.train for t in _tasks(6, 4, seed=1)]
         batch = collate(plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0], docsets, [0, 1])
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
