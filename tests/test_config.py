@@ -342,3 +342,14 @@ def test_compute_bound_keys(cfg_file):
     assert load_config(cfg_file, ["msft.max_stale_stages=2"]).msft.max_stale_stages == 2
     assert "msft.max_stale_stages" in _err(cfg_file, ["msft.max_stale_stages=0"])
     assert "train.progress_interval" in _err(cfg_file, ["train.progress_interval=0"])
+
+
+def test_ies_and_dynamix_keys(cfg_file):
+    cfg = load_config(cfg_file, ["method=ies"])
+    assert (cfg.method, cfg.ies.threshold, cfg.ies.window, cfg.ies.k) == ("ies", 1e-3, 3, 1)
+    cfg = load_config(cfg_file, ["method=dynamix", "dynamix.update_every=10"])
+    assert (cfg.dynamix.beta, cfg.dynamix.gamma, cfg.dynamix.alpha, cfg.dynamix.update_every) == (4.0, 0.3, 0.95, 10)
+    for bad in ("ies.threshold=0", "ies.threshold=nan", "ies.window=0", "ies.k=0", "dynamix.beta=-1",
+                "dynamix.gamma=1.5", "dynamix.alpha=1", "dynamix.update_every=0", "dynamix.epsilon=0"):
+        assert bad.split("=")[0] in _err(cfg_file, [bad]), bad
+    assert "ies.treshold" in _err(cfg_file, ["ies.treshold=0.1"])  # a misspelt key is named
