@@ -121,6 +121,8 @@ def render(paths: list[str], workdir: str, out: str) -> dict:
                                            key=lambda r: (r["seed"], list(METHODS).index(r["label"].rsplit("_s", 1)[0])))}
     report["setup"] = {**reports[0]["setup"], "seeds": sorted({r["seed"] for r in report["runs"]})}
     report["bench_seconds"] = sum(rep.get("bench_seconds", 0) for rep in reports)
+    commits = sorted({rep["machine"].get("git_commit", "?") for rep in reports})
+    report["machine"] = {**report["machine"], "git_commit": ", ".join(commits)}  # one per process
     for r in report["runs"]:
         if "final_discarded_train_flops" not in r:
             h = json.load(open(os.path.join(workdir, "runs", f"budget_{r['label']}", "history.json")))
