@@ -107,7 +107,9 @@ def markdown(r: dict) -> list[str]:
                      f"{x['wall_seconds']:.0f} |")
     lines += ["", "Not in the final model: training FLOPs the final weights do not descend from (history.json "
               "`totals.final_discarded_train_flops`): steps after the selected evaluation, mSFT's roll-backs, "
-              "SRO's probe run, DynamixSFT's undone look-ahead steps. All of them are in the train column."]
+              "SRO's probe run, DynamixSFT's undone look-ahead steps. All of them are in the train column. "
+              "FLOPs are counted by the trainer (6N per trained token plus attention, 2N per evaluated token), "
+              "not timed; wall seconds depend on what else the machine ran and compare nothing."]
     return lines
 
 
