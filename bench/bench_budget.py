@@ -1,13 +1,15 @@
 """Compute saving at a low budget: plain SFT at several epoch counts against mSFT at C in {0.5, 1, 2},
-with and without `msft.patience`, same model, data and seed. For every run: the final pooled and
-per-task validation metric against total training FLOPs (kept + discarded by roll-backs).
+with and without `msft.patience`, and the paper's other baselines (SRO, IES, DynamixSFT) at the
+config's epoch count, same model, data and seed. For every run: the final pooled and per-task
+validation metric against total training FLOPs (kept + discarded by roll-backs or look-aheads).
 
 Runs the real trainer in this process, one run after another (default: the demo mixture from the
 warmed-up tiny model, made in --workdir as `make demo` makes it). Writes
 bench/results/budget_<device>.json, .md and .png (quality vs FLOPs, one point per run).
 
     python bench/bench_budget.py [--config configs/demo.yaml] [--sft-epochs 1 2 3 4] [--budgets 0.5 1 2]
-                                 [--patience 1] [--min-delta 0.02] [--seeds 0 1 2] [--name NAME] [key.path=value ...]
+                                 [--patience 1] [--min-delta 0.02] [--seeds 0 1 2] [--name NAME]
+                                 [--baselines sro ies dynamix] [key.path=value ...]
     python bench/bench_budget.py --quick    # a tiny mixture, four runs, about 30 s: checks that it runs
 
 Runs that score generated answers (msft.metric=val_exact_match, or msft.report_exact_match=true as
@@ -22,6 +24,13 @@ import time
 
 from bench_msft import (DEFAULT_WORKDIR, REPO, machine_info, prepare_demo, quick_config, source_note, train_config,
                         write_outputs)
+
+
+# The baselines beside SFT and mSFT, with the overrides they need on the demo. IES's reference rule
+# (window 3, k 1) needs 6 recorded losses per document, i.e. 6 epochs, before it may master one,
+# and decides at epoch ends that more training follows: within the demo's 6 epochs it could never
+# fire, so the demo runs it with window 1 (4 losses; first decision at the end of epoch 4).
+BASELINES = {"sro": [], "ies": ["ies.window=1"], "dynamix": []}
 
 
 def run_one(config: str, workdir: str, label: str, overrides: list[str]) -> dict:
@@ -44,6 +53,9 @@ def run_one(config: str, workdir: str, label: str, overrides: list[str]) -> dict
         "trained_tokens": tot["trained_tokens"], "steps": tot["steps"], "wall_seconds": time.time() - t0,
         "excluded": [st["excluded"] for st in h["stages"] if st.get("excluded")],
         "stages": len(h["stages"]), "metric": h["metric"], "higher_is_better": h["higher_is_better"],
+        "lookahead_flops": tot.get("lookahead_flops", 0),
+        "final_discarded_train_flops": tot["final_discarded_train_flops"],
+        "method_summary": (h.get(h["method"]) or {}).get("summary") if isinstance(h.get(h["method"]), dict) else None,
     }
 
 
@@ -104,6 +116,9 @@ def plot(runs: list[dict], path: str, title: str) -> None:
             patient = "_p" in r["label"]
             ax.plot([x(r)], [r["pooled_metric"]], "s" if patient else "D", color=colors.get(c, "tab:red"),
                     fillstyle="none" if patient else "full", markersize=8, label=r["label"])
+        for r in runs:
+            if r["method"] not in ("sft", "msft"):
+                ax.plot([x(r)], [r["pooled_metric"]], "^", markersize=8, label=r["label"])
         ax.set_xlabel("GFLOP: training incl. discarded" + (" + evaluation" if with_eval else ""))
         ax.set_ylabel(f"final pooled {metric} ({'higher' if runs[0]['higher_is_better'] else 'lower'} is better)")
         ax.grid(alpha=0.3)
@@ -125,6 +140,8 @@ def main(argv=None) -> dict:
     p.add_argument("--min-delta", type=float, nargs="*", default=[], help="also mSFT runs with these msft.min_delta")
     p.add_argument("--seeds", type=int, nargs="*", default=[], help="repeat every run for each train.seed")
     p.add_argument("--name", default="", help="a suffix of the output files (budget_<device>_<name>.*)")
+    p.add_argument("--baselines", nargs="*", default=None, choices=list(BASELINES),
+                   help="other methods, one run each at the config's epoch count (default: all; none with --quick)")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR)
     p.add_argument("--threads", type=int, default=1, help="torch threads (results do not depend on it)")
     p.add_argument("--quick", action="store_true", help="a tiny mixture, SFT 1 and 2 epochs, mSFT C=0.5 (+patience)")
@@ -139,6 +156,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     if a.quick:
         a.config, a.sft_epochs, a.budgets = quick_config(a.workdir), [1, 2], [0.5]
+        a.baselines = a.baselines or []
     else:
         prepare_demo(a.workdir)
     t0 = time.time()
@@ -151,6 +169,7 @@ def main(argv=None) -> dict:
         if a.patience:
             plan.append((f"msft_C{c:g}_p{a.patience}", ["method=msft", f"msft.budget_epochs={c:g}",
                                                          f"msft.patience={a.patience}"]))
+    plan += [(m, [f"method={m}", *BASELINES[m]]) for m in (list(BASELINES) if a.baselines is None else a.baselines)]
     if a.seeds:
         plan = [(f"{label}_s{seed}", [*overrides, f"train.seed={seed}"]) for seed in a.seeds for label, overrides in plan]
     runs = []

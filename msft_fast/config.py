@@ -122,13 +122,35 @@ class MsftConfig:
 
 
 @dataclass
+class IesConfig:
+    """Instance-dependent early stopping (Yuan et al., ICLR 2025; their code's defaults)."""
+
+    threshold: float = 1e-3  # a document is mastered once its smoothed |second difference of loss| is below this
+    window: int = 3  # second differences averaged per window (the reference's --moving_average_rate)
+    k: int = 1  # newest windows summed against the threshold (the reference's --k)
+
+
+@dataclass
+class DynamixConfig:
+    """DynamixSFT (Shin et al., arXiv 2508.12116; the paper's settings for its 1B model)."""
+
+    beta: float = 4.0  # Boltzmann sharpness on the reward estimates Q
+    gamma: float = 0.3  # share of the sampling mass spread uniformly over the tasks (exploration floor)
+    alpha: float = 0.95  # EMA weight of the old Q against the new normalised reward
+    update_every: int = 50  # optimizer steps between look-ahead reward updates (T_update)
+    epsilon: float = 1e-8  # in the relative loss drop (L_pre - L_post) / (L_pre + epsilon)
+
+
+@dataclass
 class Config:
     output_dir: str
-    method: Literal["sft", "msft", "sro"] = "sft"
+    method: Literal["sft", "msft", "sro", "ies", "dynamix"] = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     msft: MsftConfig = field(default_factory=MsftConfig)
+    ies: IesConfig = field(default_factory=IesConfig)
+    dynamix: DynamixConfig = field(default_factory=DynamixConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -302,7 +324,7 @@ def _suggest(prefix: str, key: str, fields: dict) -> str:
 
 
 def _section_keys() -> dict[str, list[str]]:
-    """Key names of each top-level section (model, data, train, msft)."""
+    """Key names of each top-level section (model, data, train, msft, ies, dynamix)."""
     hints = typing.get_type_hints(Config)
     return {f.name: [g.name for g in dataclasses.fields(hints[f.name])]
             for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
@@ -379,6 +401,15 @@ def validate(cfg: Config) -> None:
     need(m.max_stale_stages is None or m.max_stale_stages >= 1, "msft.max_stale_stages", "null (off) or at least 1",
          m.max_stale_stages)
     need(m.patience is None or m.patience >= 1, "msft.patience", "null (off) or at least 1", m.patience)
+    ies, dx = cfg.ies, cfg.dynamix
+    need(ies.threshold > 0 and _finite(ies.threshold), "ies.threshold", "a positive number", ies.threshold)
+    need(ies.window >= 1, "ies.window", "at least 1", ies.window)
+    need(ies.k >= 1, "ies.k", "at least 1", ies.k)
+    need(dx.beta >= 0 and _finite(dx.beta), "dynamix.beta", "0 or a positive number", dx.beta)
+    need(0.0 <= dx.gamma <= 1.0, "dynamix.gamma", "in [0, 1]", dx.gamma)
+    need(0.0 <= dx.alpha < 1.0, "dynamix.alpha", "in [0, 1)", dx.alpha)
+    need(dx.update_every >= 1, "dynamix.update_every", "at least 1 (optimizer steps)", dx.update_every)
+    need(dx.epsilon > 0 and _finite(dx.epsilon), "dynamix.epsilon", "a positive number", dx.epsilon)
     builtin_metric = m.metric in BUILTIN_METRICS
     module, sep, func = m.metric.partition(":")
     need(builtin_metric or (sep and module and func), "msft.metric",

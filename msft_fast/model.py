@@ -431,7 +431,10 @@ class CausalLMWithTaskLoss(nn.Module):
         heads = config.num_attention_heads
         self.attn_width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)  # sizes buckets
 
-    def forward(self, batch: PackedBatch) -> tuple[torch.Tensor, TaskStats]:
+    def forward(self, batch: PackedBatch, per_document: bool = False):
+        """(summed token loss, TaskStats [T]); with `per_document`, also TaskStats [D] of each of the
+        batch's D documents, from the same loss pass: the kernel then sums per document (documents
+        as its "tasks") and the per-task sums are folded from those."""
         hidden = self.hidden_states(batch)
         head, t = self.lm.get_output_embeddings(), self.head_transform
         if t.scale != 1.0:
@@ -440,10 +443,19 @@ class CausalLMWithTaskLoss(nn.Module):
         if torch.is_grad_enabled() not in self._loss_logged:
             self._loss_logged.add(torch.is_grad_enabled())
             self._log_loss_plan(hidden, head.weight)
-        return fused_linear_cross_entropy(
-            hidden, head.weight, batch.labels, batch.task_ids, self.num_tasks, reduction="sum", impl=o.impl,
-            bias=getattr(head, "bias", None), softcap=t.softcap, chunk_bytes=o.chunk_bytes,
+        if per_document:
+            group_ids, groups = batch.document_ids()
+        else:
+            group_ids, groups = batch.task_ids, None
+        loss, stats = fused_linear_cross_entropy(
+            hidden, head.weight, batch.labels, group_ids, self.num_tasks if groups is None else len(groups),
+            reduction="sum", impl=o.impl, bias=getattr(head, "bias", None), softcap=t.softcap,
+            chunk_bytes=o.chunk_bytes,
         )
+        if groups is None:
+            return loss, stats
+        tasks = TaskStats(*(s.new_zeros(self.num_tasks).index_add_(0, groups, s) for s in stats))
+        return loss, tasks, stats
 
     def loss_implementation(self, device: torch.device, dtype: torch.dtype) -> str:
         """The loss backend forward runs on hidden states of this device and dtype ("chunked",

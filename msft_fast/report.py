@@ -310,6 +310,9 @@ def describe_compute(history: "dict | _Run") -> str:
                 f"{format_flops(disc)} ({_pct(disc, train)}) discarded")
         if rolled:
             text += f", of which {format_flops(rolled)} rolled back by roll-backs"
+        lookahead = run.total("lookahead_flops")
+        if lookahead:
+            text += f", of which {format_flops(lookahead)} in undone look-ahead steps"
     else:
         so_far = " so far" if run.totals is None else ""
         text = f"train {format_flops(train)}{so_far}"
@@ -509,9 +512,10 @@ def render_markdown(run: "_Run | dict") -> str:
             if bound.get("stop_reason"):
                 text += f"; the loop stopped because {STOP_TEXT.get(bound['stop_reason'], bound['stop_reason'])}"
         lines.append(text)
-    sro = run.h.get("sro") if isinstance(run.h.get("sro"), dict) else None
-    if sro:
-        lines.append(f"- SRO: {sro.get('summary', '-')}")
+    for key, label in (("sro", "SRO"), ("ies", "IES"), ("dynamix", "DynamixSFT")):
+        section = run.h.get(key)
+        if isinstance(section, dict):
+            lines.append(f"- {label}: {section.get('summary', '-')}")
     if run.totals and run.totals.get("trained_tokens") is not None:
         lines.append(f"- trained tokens: {_int(run.totals.get('trained_tokens'))}")
     lines.append(f"- wall time: {_wall_split(run.totals)}")

@@ -34,6 +34,8 @@ from msft_fast.errors import (
 from msft_fast.export import export_hf_folder
 from msft_fast.history import HISTORY_FILE, History
 from msft_fast.hub import pin_commits
+from msft_fast.methods.dynamix import run_dynamix
+from msft_fast.methods.ies import run_ies
 from msft_fast.methods.metric import Metric
 from msft_fast.methods.msft import run_msft
 from msft_fast.methods.sft import run_sft
@@ -46,7 +48,7 @@ from msft_fast.trainer import METRICS_FILE, Trainer, peak_memory_gib
 
 log = logging.getLogger("msft_fast")
 
-METHODS = {"sft": run_sft, "msft": run_msft, "sro": run_sro}
+METHODS = {"sft": run_sft, "msft": run_msft, "sro": run_sro, "ies": run_ies, "dynamix": run_dynamix}
 FINAL_DIR = "final"
 RUN_ARTIFACTS = (HISTORY_FILE, METRICS_FILE, "config.yaml", "curves.png", "report.md", FINAL_DIR, FINAL_DIR + ".tmp",
                  FINAL_DIR + ".old", CHECKPOINT_DIR, TENSORBOARD_DIR)  # wandb/ is W&B's, with other runs in it
@@ -170,7 +172,7 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
         # The lr schedule spans train.epochs of the full mixture for every method, so methods see the
         # same learning rate at the same step; mSFT cannot know its length, so it may run past the
         # horizon (at the floor lr) or stop before it.
-        trainer_.set_total_steps(steps, known=cfg.method == "sft")
+        trainer_.set_total_steps(steps, known=cfg.method in ("sft", "dynamix"))
         pad = padding_fraction(loader.epoch_plan(0), cfg.data.tokens_per_batch)
         backends = {"attn_implementation": loaded.attn_implementation,
                     "compute_dtype": str(trainer_.param_dtype).removeprefix("torch."),
@@ -224,6 +226,8 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             "final_discarded_train_flops": c.train_flops - c.kept_train_flops,
             # Epochs of training over all stages, kept and discarded (each stage records its own).
             "epochs_trained": round(sum(st.get("epochs_trained", 0.0) for st in history.data["stages"]), 6),
+            # Of train_flops, DynamixSFT's undone look-ahead steps (0 for the other methods).
+            "lookahead_flops": c.lookahead_flops,
             "train_seconds": c.train_seconds,
             "eval_seconds": c.eval_seconds,
             "snapshot_seconds": sum(trainer_.pool.capture_seconds) if trainer_.pool else 0.0,

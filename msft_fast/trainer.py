@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from msft_fast import checkpoint as ckpt
@@ -89,6 +90,8 @@ class Counters:
     bad_in_row: int = 0
     bad_restores: int = 0  # recoveries from the newest checkpoint after max_bad_steps in a row
     checkpoint_seconds: float = 0.0
+    lookahead_flops: int = 0  # of train_flops, virtual steps that were undone (DynamixSFT's look-ahead)
+    lookahead_tokens: int = 0
 
 
 class Trainer:
@@ -127,6 +130,10 @@ class Trainer:
         self.method_state = None
         self.history_data = lambda: {}
         self.stop_signal: Optional[str] = None  # set by a signal handler; acted on after the step
+        # A method that follows each document's training loss (IES) sets this: it is called after
+        # every step with (task index [D], document index [D], mean token loss [D]) of the step's
+        # documents on all ranks, from the step's own loss pass and reduction.
+        self.doc_loss_observer = None
         self.last_checkpoint: Optional[str] = None
         self._resumed: Optional[ckpt.LoadedCheckpoint] = None
         self._pending: Optional[ckpt.PendingCheckpoint] = None
@@ -155,6 +162,14 @@ class Trainer:
     def steps_until(self, target_epochs: float) -> int:
         """Optimizer steps from the current position to `target_epochs` (as train_until takes them)."""
         return self.loader.steps_between(self.counters.epoch, self.counters.step_in_epoch, target_epochs)
+
+    def train_steps(self, n: int) -> None:
+        """Take `n` optimizer steps from the current position, into the next epochs as needed."""
+        c = self.counters
+        for _ in range(n):
+            while c.step_in_epoch >= self.loader.steps_in_epoch(c.epoch):
+                c.epoch, c.step_in_epoch = c.epoch + 1, 0
+            self.train_step()
 
     def train_until(self, target_epochs: float) -> None:
         c = self.counters
@@ -192,32 +207,28 @@ class Trainer:
         loss_tokens = self.loader.step_loss_tokens(c.epoch, c.step_in_epoch)
         scale = ctx.world_size / max(1, loss_tokens)
         T = len(self.tasks)
-        # loss_sum, tokens, correct per task; the last slot counts ranks asked to stop, so one
+        # loss_sum, tokens, correct per task; then a slot that counts ranks asked to stop; then, for a
+        # method that follows documents, loss sum and tokens of each of the step's D documents: one
         # reduction per step carries the statistics and the stop decision.
-        reduced = torch.zeros(3 * T + 1, dtype=torch.float64, device=ctx.device)
-        stats = reduced[: 3 * T].view(3, T)
-        for i, batch in enumerate(batches):
-            # Gradients are reduced across ranks once, after the last micro-batch (train.grad_sync).
-            set_gradient_sync(self.model, last_micro_batch=i == len(batches) - 1, mode=self.cfg.train.grad_sync)
-            loss_sum, s = self.model(batch)
-            (loss_sum * scale).backward()
-            stats[0] += s.loss_sum.double()
-            stats[1] += s.tokens.double()
-            stats[2] += s.correct.double()
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        reduced[-1] = 1.0 if self.stop_signal else 0.0
+        n_docs = sum(len(p.docs) for p in plans) if self.doc_loss_observer is not None else 0
+        reduced = torch.zeros(3 * T + 1 + 2 * n_docs, dtype=torch.float64, device=ctx.device)
+        stats, docs = reduced[: 3 * T].view(3, T), reduced[3 * T + 1:].view(2, n_docs)
+        slots = self.loader.document_slots(plans) if n_docs else None
+        self._forward_backward(batches, scale, stats, docs, slots)
+        grad_norm = self._clip_gradients()
+        reduced[3 * T] = 1.0 if self.stop_signal else 0.0
         all_reduce_sum(reduced)
         timer.mark("fwd_bwd")
         # The step's one host-device sync: forward, backward, clipping and the reduction are done.
         host = read_to_host(reduced, grad_norm)
         self.log_finished_steps()  # the previous step's marks have passed by now
         loss_sums, token_counts, correct = host[:T], host[T:2 * T], host[2 * T:3 * T]
-        stop, grad_norm_value = host[3 * T] > 0, host[3 * T + 1]
+        stop, grad_norm_value = host[3 * T] > 0, host[-1]
         # The gradient norm is global and the loss is reduced, so every rank takes the same decision.
         finite = math.isfinite(grad_norm_value) and math.isfinite(sum(loss_sums))
         lr = self.scheduler.get_last_lr()[0]
+        if n_docs:
+            self.doc_loss_observer(*self.loader.documents_of(plans), _doc_means(host[3 * T + 1: 3 * T + 1 + 2 * n_docs]))
         fault_point("train_step")  # gradients computed, weights not yet updated
         if self.pool is not None:
             self.pool.wait()  # a snapshot still copying must read the weights before they change
@@ -263,6 +274,68 @@ class Trainer:
         }
         self._unlogged.append(_UnloggedStep(record, timer, step_flops, host_seconds))
         self._after_step(finite, stop=stop)
+
+    def _forward_backward(self, batches: list, scale: float, stats: torch.Tensor, docs: torch.Tensor,
+                          slots: Optional[list]) -> None:
+        """Forward and backward over this rank's micro-batches, the loss sum scaled by `scale`; adds
+        their per-task loss sum, tokens and hits into stats [3, T] and, with `slots` (this rank's
+        micro-batches' document positions, loader.document_slots), each document's loss sum and tokens
+        into docs [2, D]."""
+        for i, batch in enumerate(batches):
+            # Gradients are reduced across ranks once, after the last micro-batch (train.grad_sync).
+            set_gradient_sync(self.model, last_micro_batch=i == len(batches) - 1, mode=self.cfg.train.grad_sync)
+            out = self.model(batch, per_document=True) if slots is not None else self.model(batch)
+            (out[0] * scale).backward()
+            _add_stats(stats, docs, out, None if slots is None else slots[i])
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip to train.grad_clip; the global gradient norm before clipping (a device scalar)."""
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
+    def lookahead(self, plans: list) -> tuple[np.ndarray, np.ndarray]:
+        """A virtual optimizer step on `plans` (all ranks' micro-batches of one step), undone: each
+        document's mean token loss [D] (in loader.documents_of(plans) order) before the step, from
+        the forward of its backward, and after it, from one more forward; then every rank goes back
+        to the state before (weights, optimizer, schedule, RNG; bitwise, through the snapshot pool,
+        which must keep optimizer state). The step is the run's own (clipping, AdamW at the current
+        lr, gradient sync). Its FLOPs (fwd + bwd + fwd) and time count as training, never as kept."""
+        if self.pool is None or not self.pool.with_optimizer:
+            raise RuntimeError("a look-ahead needs a snapshot pool that keeps the optimizer state")
+        c, ctx, T = self.counters, self.ctx, len(self.tasks)
+        t0 = time.perf_counter()
+        base = self.capture()
+        batches = [b.to(ctx.device) for b in self.loader.batches_of(plans)]
+        slots = self.loader.document_slots(plans)
+        n_docs = sum(len(p.docs) for p in plans)
+        # Per-task and per-document sums before (row 0) and after (row 1) the step: one reduction.
+        both = torch.zeros(2, 3 * T + 2 * n_docs, dtype=torch.float64, device=ctx.device)
+        before, after = both[0], both[1]
+        self._forward_backward(batches, ctx.world_size / max(1, self.loader.loss_tokens_of(plans)),
+                               before[:3 * T].view(3, T), before[3 * T:].view(2, n_docs), slots)
+        grad_norm = self._clip_gradients()
+        self.pool.wait()  # the capture must have read the weights before they change
+        if math.isfinite(grad_norm.item()):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for batch, slot in zip(batches, slots):
+                _add_stats(after[:3 * T].view(3, T), after[3 * T:].view(2, n_docs),
+                           self.model(batch, per_document=True), slot)
+        reshard_all(self.model)  # a forward without backward leaves the root (and the last block) unsharded
+        all_reduce_sum(both)
+        host = read_to_host(before[3 * T:], after[3 * T:])
+        self.restore(base)
+        self.pool.release(base)
+        tokens = sum(p.num_tokens for p in plans)
+        lengths = self.loader.doc_lengths(plans)
+        flops = self.flop_counter.train(tokens, lengths) + self.flop_counter.eval(tokens, lengths)
+        c.train_flops += flops
+        c.lookahead_flops += flops
+        c.lookahead_tokens += tokens
+        c.train_seconds += time.perf_counter() - t0
+        return _doc_means(host[:2 * n_docs]), _doc_means(host[2 * n_docs:])
 
     def _after_step(self, finite: bool, stop: bool) -> None:
         c, t = self.counters, self.cfg.train
@@ -576,6 +649,26 @@ def _short_hash(text: str) -> str:
 def _ratio(num, den) -> float:
     """num / den for host numbers or tensors already on the host; NaN when den is 0."""
     return float(num) / float(den) if float(den) > 0 else float("nan")
+
+
+def _add_stats(stats: torch.Tensor, docs: torch.Tensor, out: tuple, slot: Optional[np.ndarray]) -> None:
+    """Add a micro-batch's per-task sums (out[1]) into stats [3, T] and, when it has documents of the
+    step (`slot`: their positions), its per-document sums (out[2]) into docs [2, D]."""
+    s = out[1]
+    stats[0] += s.loss_sum.double()
+    stats[1] += s.tokens.double()
+    stats[2] += s.correct.double()
+    if slot is not None:
+        at = torch.from_numpy(slot).to(docs.device, non_blocking=True)
+        docs[0].index_add_(0, at, out[2].loss_sum.double())
+        docs[1].index_add_(0, at, out[2].tokens.double())
+
+
+def _doc_means(sums_then_tokens: list[float]) -> np.ndarray:
+    """[D] mean token loss per document from D loss sums followed by D token counts (NaN without tokens)."""
+    v = np.asarray(sums_then_tokens, dtype=np.float64).reshape(2, -1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(v[1] > 0, v[0] / np.maximum(v[1], 1), np.nan)
 
 
 def read_to_host(*tensors: torch.Tensor) -> list[float]:

@@ -388,3 +388,14 @@ def test_every_attention_backend_the_model_module_offers_is_a_valid_config_value
 def test_an_unknown_attention_backend_names_the_key(cfg_file):
     with pytest.raises(ConfigError, match="model.attn_implementation"):
         load_config(cfg_file, ["model.attn_implementation=dense"])
+
+
+def test_ies_and_dynamix_keys(cfg_file):
+    cfg = load_config(cfg_file, ["method=ies"])
+    assert (cfg.method, cfg.ies.threshold, cfg.ies.window, cfg.ies.k) == ("ies", 1e-3, 3, 1)
+    cfg = load_config(cfg_file, ["method=dynamix", "dynamix.update_every=10"])
+    assert (cfg.dynamix.beta, cfg.dynamix.gamma, cfg.dynamix.alpha, cfg.dynamix.update_every) == (4.0, 0.3, 0.95, 10)
+    for bad in ("ies.threshold=0", "ies.threshold=nan", "ies.window=0", "ies.k=0", "dynamix.beta=-1",
+                "dynamix.gamma=1.5", "dynamix.alpha=1", "dynamix.update_every=0", "dynamix.epsilon=0"):
+        assert bad.split("=")[0] in _err(cfg_file, [bad]), bad
+    assert "ies.treshold" in _err(cfg_file, ["ies.treshold=0.1"])  # a misspelt key is named

@@ -119,7 +119,7 @@ def sharded(tokenizer):
         lm = tiny_llama(tokenizer, seed=3)
         plain = tiny_llama(tokenizer, seed=3)
         wrapper = CausalLMWithTaskLoss(lm, 1)
-        parallelize(wrapper, decoder_blocks(lm), torch.float32, ctx.device)
+        parallelize(wrapper, decoder_blocks(lm), torch.float32, ctx.device, fsdp="always")  # FSDP2 even on one CPU rank
         yield wrapper, plain, ctx.device
     finally:
         shutdown_distributed()

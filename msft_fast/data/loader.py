@@ -4,16 +4,26 @@ Step s of an epoch uses global micro-batches [s*W*A, (s+1)*W*A) of that epoch's 
 A accumulation steps), dealt to ranks in equal numbers with balanced token counts. So 1 rank with
 grad_accum=2k and 2 ranks with grad_accum=k train on the same micro-batches in every step. At an epoch's end the last step
 may hold fewer micro-batches; ranks that run short get empty ones so all ranks step in lockstep.
+
+Two methods change what an epoch holds: IES leaves mastered documents out of the epochs after they
+are mastered (`drop_documents`), and DynamixSFT draws each step's documents from task proportions
+(`ProportionalSampler`, installed with `set_sampler`); an epoch then keeps its length in steps.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from msft_fast.data.packing import MicroBatchPlan, PackedBatch, best_fit_pack, collate, empty_batch, plan_epoch
+from msft_fast.data.packing import (
+    MicroBatchPlan, PackedBatch, best_fit_pack, collate, empty_batch, plan_epoch, sample_step,
+)
 from msft_fast.data.tasks import TaskData
+
+# Independent random streams of one seed: epoch shuffles use [seed, epoch]; these add a tag first.
+SAMPLED_STEP_STREAM = 1_000_003
+LOOKAHEAD_STREAM = 1_000_033
 
 
 class MixtureLoader:
@@ -26,16 +36,35 @@ class MixtureLoader:
         self.world_size = world_size
         self.per_step = world_size * grad_accum  # micro-batches in one optimizer step, all ranks
         self.active: tuple[int, ...] = tuple(range(len(self.tasks)))
+        self.dropped: dict[int, np.ndarray] = {}  # task index -> bool mask of documents left out
+        self._dropped_version = 0
+        self.sampler: Optional[ProportionalSampler] = None
         self._plans: dict[tuple, list[MicroBatchPlan]] = {}
 
     def set_active(self, active: Sequence[int]) -> None:
         self.active = tuple(sorted(active))
 
+    def drop_documents(self, task: int, docs: Sequence[int]) -> None:
+        """Leave these documents of task index `task` out of every epoch planned from now on (an
+        epoch already planned keeps them: IES drops documents at epoch ends only)."""
+        mask = self.dropped.setdefault(task, np.zeros(len(self.tasks[task].train), dtype=bool))
+        mask[np.asarray(docs, dtype=np.int64)] = True
+        self._dropped_version += 1
+
+    def set_dropped(self, dropped: dict[int, np.ndarray]) -> None:
+        """Replace every task's mask of left-out documents (a resumed run's)."""
+        self.dropped = {t: np.array(m, dtype=bool) for t, m in dropped.items()}
+        self._dropped_version += 1
+
+    def set_sampler(self, sampler: Optional["ProportionalSampler"]) -> None:
+        """Draw every step's documents with `sampler` (None: the epoch plans again)."""
+        self.sampler = sampler
+
     def epoch_plan(self, epoch: int) -> list[MicroBatchPlan]:
-        key = (self.active, epoch)
+        key = (self.active, epoch, self._dropped_version)
         if key not in self._plans:
             docsets = [t.train for t in self.tasks]
-            self._plans[key] = plan_epoch(docsets, self.active, self.capacity, self.seed, epoch)
+            self._plans[key] = plan_epoch(docsets, self.active, self.capacity, self.seed, epoch, self.dropped)
         return self._plans[key]
 
     def steps_in_epoch(self, epoch: int) -> int:
@@ -59,17 +88,40 @@ class MixtureLoader:
 
     def step_plans(self, epoch: int, step: int) -> list[MicroBatchPlan]:
         """All micro-batches of optimizer step `step` of `epoch`, over all ranks."""
+        if self.sampler is not None:
+            return self.sampler.step_plans(epoch, step)
         return self.epoch_plan(epoch)[step * self.per_step : (step + 1) * self.per_step]
 
     def step_batches(self, epoch: int, step: int) -> list[PackedBatch]:
         """This rank's micro-batches of optimizer step `step` of `epoch`."""
-        return self._deal(self.step_plans(epoch, step), [t.train for t in self.tasks])
+        return self.batches_of(self.step_plans(epoch, step))
+
+    def batches_of(self, plans: list[MicroBatchPlan]) -> list[PackedBatch]:
+        """This rank's share of `plans` (all ranks' micro-batches of one step), collated."""
+        return self._deal(plans, [t.train for t in self.tasks])
 
     def step_loss_tokens(self, epoch: int, step: int) -> int:
         """Trained tokens of the whole step over all ranks. Every rank knows the global plan, so this
         equals an all-reduce of the per-rank counts without the collective."""
-        return sum(int(self.tasks[t].train.loss_tokens[d])
-                   for p in self.step_plans(epoch, step) for t, d in zip(p.tasks, p.docs))
+        return self.loss_tokens_of(self.step_plans(epoch, step))
+
+    def loss_tokens_of(self, plans: Sequence[MicroBatchPlan]) -> int:
+        return sum(int(self.tasks[t].train.loss_tokens[d]) for p in plans for t, d in zip(p.tasks, p.docs))
+
+    def documents_of(self, plans: Sequence[MicroBatchPlan]) -> tuple[np.ndarray, np.ndarray]:
+        """(task index [D], document index [D]) of every document in `plans`, in plan order: the
+        order of the per-document slots that `document_slots` gives each rank."""
+        if not plans:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate([p.tasks for p in plans]), np.concatenate([p.docs for p in plans])
+
+    def document_slots(self, plans: Sequence[MicroBatchPlan]) -> list[Optional[np.ndarray]]:
+        """For each of this rank's micro-batches of `plans` (as `batches_of` gives them), the positions
+        [D_b] of its documents in `documents_of(plans)`; None for an empty filler micro-batch."""
+        offsets = np.cumsum([0] + [len(p.docs) for p in plans])
+        mine = [np.arange(offsets[i], offsets[i + 1]) for i in rank_share_indices(plans, self.rank, self.world_size)]
+        slots = math.ceil(len(plans) / self.world_size)
+        return mine + [None] * (slots - len(mine))
 
     def doc_lengths(self, plans: Sequence[MicroBatchPlan]) -> list[int]:
         return [int(self.tasks[t].train.lengths[d]) for p in plans for t, d in zip(p.tasks, p.docs)]
@@ -97,11 +149,48 @@ class MixtureLoader:
 def rank_share(plans: Sequence[MicroBatchPlan], rank: int, world_size: int) -> list[MicroBatchPlan]:
     """Rank `rank`'s micro-batches: the largest first, dealt in rounds of W, every other round in
     reverse (0..W-1, W-1..0, ...)."""
+    return [plans[i] for i in rank_share_indices(plans, rank, world_size)]
+
+
+def rank_share_indices(plans: Sequence[MicroBatchPlan], rank: int, world_size: int) -> list[int]:
+    """Indices into `plans` of rank `rank`'s micro-batches, in the order `rank_share` gives them."""
     order = sorted(range(len(plans)), key=lambda i: (-plans[i].num_tokens, i))
     share = []
     for k, i in enumerate(order):
         pos = k % world_size
         if (pos if (k // world_size) % 2 == 0 else world_size - 1 - pos) == rank:
-            share.append(plans[i])
+            share.append(i)
     return share
+
+
+class ProportionalSampler:
+    """DynamixSFT's data: every optimizer step's documents drawn from task proportions [T] (over
+    documents), each task's document uniformly with replacement (packing.sample_step), into the
+    step's world_size x grad_accum micro-batches. Step (epoch, step) is a pure function of the seed
+    and the proportions in force, so a run resumes from the proportions alone."""
+
+    def __init__(self, loader: MixtureLoader, proportions: np.ndarray):
+        self.loader = loader
+        self.proportions = np.asarray(proportions, dtype=np.float64)
+        self._last: Optional[tuple[tuple, list[MicroBatchPlan]]] = None
+
+    def set_proportions(self, proportions: np.ndarray) -> None:
+        self.proportions = np.asarray(proportions, dtype=np.float64)
+
+    def step_plans(self, epoch: int, step: int) -> list[MicroBatchPlan]:
+        key = (epoch, step, self.proportions.tobytes())
+        if self._last is None or self._last[0] != key:  # a step asks for its plans several times
+            rng = np.random.default_rng([self.loader.seed, SAMPLED_STEP_STREAM, epoch, step])
+            self._last = key, self._draw(self.proportions, rng)
+        return self._last[1]
+
+    def lookahead_plans(self, task: int, update: int) -> list[MicroBatchPlan]:
+        """One step's worth of micro-batches of task index `task` alone, for look-ahead number `update`."""
+        onehot = np.zeros(len(self.loader.tasks))
+        onehot[task] = 1.0
+        return self._draw(onehot, np.random.default_rng([self.loader.seed, LOOKAHEAD_STREAM, update, task]))
+
+    def _draw(self, proportions: np.ndarray, rng: np.random.Generator) -> list[MicroBatchPlan]:
+        docsets = [t.train for t in self.loader.tasks]
+        return sample_step(docsets, proportions, self.loader.capacity, self.loader.per_step, rng)
 

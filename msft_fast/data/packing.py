@@ -1,14 +1,16 @@
 """Best-fit packing of documents from all active tasks into micro-batches, and their collation.
 
 A micro-batch is one row of at most `tokens_per_batch` tokens holding whole documents. The order
-of an epoch is a pure function of (seed, epoch, active tasks), so any rank can recompute it and a
-run can resume mid-epoch from a step index alone.
+of an epoch is a pure function of (seed, epoch, active tasks, documents left out), so any rank can
+recompute it and a run can resume mid-epoch from a step index alone. A method that draws each
+step's documents from task proportions instead (DynamixSFT) packs them with `sample_step`, a pure
+function of its random generator and the proportions.
 """
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +53,13 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
+    def document_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(doc [N] int64: each token's document, 0..D-1; task [D] int64: each document's task id),
+        on the batch's device, without a host sync."""
+        starts, ends = self.cu_seqlens[:-1].long(), self.cu_seqlens[1:].long()
+        docs = torch.arange(len(self.doc_lengths), device=starts.device)
+        return torch.repeat_interleave(docs, ends - starts, output_size=self.num_tokens), self.task_ids[starts]
+
     def to(self, device: torch.device) -> "PackedBatch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(
@@ -85,12 +94,20 @@ def best_fit_pack(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 
 def plan_epoch(
-    docsets: Sequence[DocSet], active: Sequence[int], capacity: int, seed: int, epoch: int
+    docsets: Sequence[DocSet], active: Sequence[int], capacity: int, seed: int, epoch: int,
+    dropped: Optional[dict[int, np.ndarray]] = None,
 ) -> list[MicroBatchPlan]:
-    """The micro-batches of one epoch over the active tasks (indices into `docsets`)."""
-    task_of = np.concatenate([np.full(len(docsets[t]), t, dtype=np.int64) for t in active] or [np.zeros(0, np.int64)])
-    doc_of = np.concatenate([np.arange(len(docsets[t]), dtype=np.int64) for t in active] or [np.zeros(0, np.int64)])
-    lengths = np.concatenate([docsets[t].lengths for t in active] or [np.zeros(0, np.int64)])
+    """The micro-batches of one epoch over the active tasks (indices into `docsets`).
+
+    dropped: per task index, a boolean mask [len(docsets[t])] of documents left out (IES's mastered
+    documents); tasks not in it keep every document.
+    """
+    dropped = dropped or {}
+    kept = [np.flatnonzero(~dropped[t]) if t in dropped else np.arange(len(docsets[t]), dtype=np.int64)
+            for t in active]
+    task_of = np.concatenate([np.full(len(k), t, dtype=np.int64) for t, k in zip(active, kept)] or [np.zeros(0, np.int64)])
+    doc_of = np.concatenate([k.astype(np.int64) for k in kept] or [np.zeros(0, np.int64)])
+    lengths = np.concatenate([docsets[t].lengths[k] for t, k in zip(active, kept)] or [np.zeros(0, np.int64)])
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))
     plans = []
@@ -101,6 +118,36 @@ def plan_epoch(
             plans.append(MicroBatchPlan(task_of[sel], doc_of[sel], int(lengths[sel].sum())))
     # Bins come out longest-document first; shuffle so the step order carries no length trend.
     return [plans[i] for i in rng.permutation(len(plans))]
+
+
+def sample_step(docsets: Sequence[DocSet], proportions: np.ndarray, capacity: int, bins: int,
+                rng: np.random.Generator, max_misses: int = 8) -> list[MicroBatchPlan]:
+    """`bins` micro-batches of documents drawn one at a time: the task from `proportions` [T] (over
+    documents; they sum to 1), the document uniformly within it, with replacement (DynamixSFT's
+    sampling). Each document goes into the fullest micro-batch it still fits in; drawing stops after
+    `max_misses` draws in a row that fit nowhere (a document always fits an empty micro-batch, so
+    none stays empty). A pure function of the generator's state and the inputs.
+    """
+    proportions = np.asarray(proportions, dtype=np.float64)
+    cdf = np.cumsum(proportions)
+    last = int(np.flatnonzero(proportions)[-1])  # takes any rounding slack at the top of the sum
+    members: list[list[tuple[int, int]]] = [[] for _ in range(bins)]
+    used = [0] * bins
+    misses = 0
+    while misses < max_misses:
+        t = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), last)
+        d = int(rng.integers(len(docsets[t])))
+        n = int(docsets[t].lengths[d])
+        fits = [b for b in range(bins) if used[b] + n <= capacity]
+        if not fits:
+            misses += 1
+            continue
+        misses = 0
+        b = max(fits, key=lambda i: (used[i], -i))  # the fullest; ties: the first
+        members[b].append((t, d))
+        used[b] += n
+    return [MicroBatchPlan(np.array([t for t, _ in m], dtype=np.int64), np.array([d for _, d in m], dtype=np.int64), u)
+            for m, u in zip(members, used)]
 
 
 def padding_fraction(plans: Sequence[MicroBatchPlan], capacity: int) -> float:
