@@ -345,3 +345,32 @@ def test_sro_and_sft_read_peaks_and_pick_their_final_model_by_exact_match(tmp_pa
     assert sft["final"]["eval_id"] == by_em
     assert sft["final"]["pooled_metric"] == sft["final"]["pooled_val_exact_match"] == sft["evals"][by_em][
         "pooled_val_exact_match"]
+
+
+def test_generation_from_a_plain_module_without_fsdp2_gives_the_plain_models_tokens(tokenizer):
+    """One CPU process in fp32 trains a plain module (train.fsdp=auto): both gather modes must still
+    generate from it, and leave its own weights in place."""
+    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.generation import ShardedGenerator
+    from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
+
+    ctx = init_distributed()
+    try:
+        lm, plain = tiny_llama(tokenizer, seed=3), tiny_llama(tokenizer, seed=3)
+        wrapper = CausalLMWithTaskLoss(lm, 1)
+        parallelize(wrapper, decoder_blocks(lm), torch.float32, ctx.device)
+        assert not any(isinstance(p, torch.distributed.tensor.DTensor) for p in wrapper.parameters())
+        prompts = [tokenizer(t)["input_ids"] for t in ["Uppercase: abc", "12+34="]]
+        stops = [tokenizer.eos_token_id]
+        want = [plain.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, eos_token_id=stops,
+                               pad_token_id=tokenizer.pad_token_id)[0, len(p):].tolist() for p in prompts]
+        want = [w[: next((i + 1 for i, t in enumerate(w) if t in stops), len(w))] for w in want]
+        for mode in ("once", "per_forward"):
+            gen = ShardedGenerator(wrapper, torch.float32, ctx.device, world_size=1)
+            gen.choose(mode, batch_tokens=256, reserved_bytes=0, ranks_per_host=1)
+            with gen.session() as generate:
+                assert generate(prompts, 5, stops, tokenizer.pad_token_id) == want, mode
+        for (name, p), q in zip(lm.named_parameters(), plain.parameters()):
+            assert p.device.type == "cpu" and torch.equal(p, q), name
+    finally:
+        shutdown_distributed()
