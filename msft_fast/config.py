@@ -132,7 +132,8 @@ class IesConfig:
 
 @dataclass
 class DynamixConfig:
-    """DynamixSFT (Shin et al., arXiv 2508.12116; the paper's settings for its 1B model)."""
+    """DynamixSFT (Shin et al., arXiv 2508.12116). Defaults as read from the paper for its 1B model;
+    not re-checked against its full text (README, Methods)."""
 
     beta: float = 4.0  # Boltzmann sharpness on the reward estimates Q
     gamma: float = 0.3  # share of the sampling mass spread uniformly over the tasks (exploration floor)
