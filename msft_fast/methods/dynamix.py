@@ -33,7 +33,7 @@ from msft_fast.history import History
 from msft_fast.methods.ledger import StageLedger
 from msft_fast.methods.metric import Metric
 from msft_fast.methods.records import Evaluation, announce, eval_points, evaluate
-from msft_fast.methods.sft import final_record
+from msft_fast.methods.sft import final_record, keep_if_best
 from msft_fast.snapshot import Snapshot
 from msft_fast.trainer import Trainer
 
@@ -135,9 +135,7 @@ def run_dynamix(trainer: Trainer, history: History, metric: Metric) -> dict:
         if st.last is not None and st.last.step == c.step:
             continue  # fewer steps per epoch than evaluations: this state is already evaluated
         st.last = evaluate(trainer, history, metric, stage=0, active=everyone)
-        if st.best is None or st.last.pooled_cost < st.best.pooled_cost:
-            pool.release(st.best_state)  # first, so its buffers serve the new capture
-            st.best, st.best_state = st.last, trainer.capture()
+        keep_if_best(st, pool, trainer)
     trainer.loader.set_sampler(None)
     _summarise(trainer, history, st)
     history.add_stage(0, excluded=None, rollback_to_eval=None, epochs_trained=round(trainer.epoch_position, 6),

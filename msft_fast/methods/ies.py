@@ -26,7 +26,7 @@ from msft_fast.history import History
 from msft_fast.methods.ledger import StageLedger
 from msft_fast.methods.metric import Metric
 from msft_fast.methods.records import Evaluation, announce, eval_points, evaluate
-from msft_fast.methods.sft import final_record
+from msft_fast.methods.sft import final_record, keep_if_best
 from msft_fast.snapshot import Snapshot
 from msft_fast.trainer import Trainer
 
@@ -128,9 +128,7 @@ def run_ies(trainer: Trainer, history: History, metric: Metric) -> dict:
         if position in evals and (st.last is None or st.last.step != trainer.counters.step):
             active = {n for i, n in enumerate(names) if st.tracker.remaining(i)}
             st.last = evaluate(trainer, history, metric, stage=0, active=active)
-            if st.best is None or st.last.pooled_cost < st.best.pooled_cost:
-                pool.release(st.best_state)  # first, so its buffers serve the new capture
-                st.best, st.best_state = st.last, trainer.capture()
+            keep_if_best(st, pool, trainer)
         if position in ends:
             _decide(trainer, history, st, int(position))
             if st.stop_reason is not None:

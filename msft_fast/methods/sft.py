@@ -39,13 +39,20 @@ def run_sft(trainer: Trainer, history: History, metric: Metric) -> dict:
         if st.last is not None and st.last.step == trainer.counters.step:
             continue  # fewer steps per epoch than evaluations: this state is already evaluated
         st.last = evaluate(trainer, history, metric, stage=0, active=everyone)
-        if st.best is None or st.last.pooled_cost < st.best.pooled_cost:
-            pool.release(st.best_state)  # first, so its buffers serve the new capture
-            st.best, st.best_state = st.last, trainer.capture()
+        keep_if_best(st, pool, trainer)
     history.add_stage(0, excluded=None, rollback_to_eval=None, epochs_trained=round(trainer.epoch_position, 6),
                       **ledger.close(start_eval=0, end_eval=st.last.eval_id))
     trainer.restore(st.best_state, weights_only=True)
     return final_record(st.best)
+
+
+def keep_if_best(st, pool, trainer: Trainer) -> None:
+    """Hold the state behind `st.last` in `st.best_state` when its pooled metric beats `st.best`'s
+    (the first evaluation always does). The previous best is released first, so its buffers serve
+    the new capture."""
+    if st.best is None or st.last.pooled_cost < st.best.pooled_cost:
+        pool.release(st.best_state)
+        st.best, st.best_state = st.last, trainer.capture()
 
 
 def final_record(best) -> dict:

@@ -16,7 +16,7 @@ from msft_fast.methods.ledger import StageLedger
 from msft_fast.methods.metric import Metric
 from msft_fast.methods.msft import effective_peaks
 from msft_fast.methods.records import Evaluation, announce, eval_points, evaluate
-from msft_fast.methods.sft import final_record
+from msft_fast.methods.sft import final_record, keep_if_best
 from msft_fast.snapshot import Snapshot
 from msft_fast.trainer import Trainer
 
@@ -134,9 +134,7 @@ def run_sro(trainer: Trainer, history: History, metric: Metric) -> dict:
         st.next_position += 1
         if position in points and trainer.counters.step != st.last.step:
             st.last = evaluate(trainer, history, metric, stage=st.stage, active=set(st.active))
-            if st.last.pooled_cost < st.best.pooled_cost:
-                pool.release(st.best_state)
-                st.best, st.best_state = st.last, trainer.capture()
+            keep_if_best(st, pool, trainer)  # st.best is the probe's start evaluation here
         exclude_due()
     if st.active:  # the tasks that peaked at the probe's end trained to the end in this last stage
         close_stage(None, None)
