@@ -11,7 +11,7 @@ import os
 import sys
 
 import pytest
-from test_distributed import _run
+from test_distributed import _run, _write_config
 
 from msft_fast.config import load_config
 
@@ -28,20 +28,8 @@ OPTIONS = {
 def test_ies_and_dynamix_match_on_one_and_two_ranks(tmp_path, demo_dir, user_model_dir):
     from msft_fast.run import train
 
-    tasks = "\n".join(f"    - {{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in ("upper", "noisy_codes"))
-    config = tmp_path / "config.yaml"
-    config.write_text(f"""
-model: {{path: {user_model_dir}}}
-output_dir: unused
-data:
-  tasks:
-{tasks}
-  max_seq_len: 64
-  tokens_per_batch: 256
-  cache_dir: {tmp_path / 'cache'}
-train: {{lr: 3.0e-3, warmup_steps: 2, progress: false}}
-""")
+    # train.epochs and msft.evals_per_epoch come from OPTIONS.
+    config = _write_config(tmp_path, demo_dir, user_model_dir, names=("upper", "noisy_codes"), lr=3.0e-3)
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}

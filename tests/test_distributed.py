@@ -16,12 +16,10 @@ from conftest import kill_process_tree
 pytestmark = pytest.mark.slow
 
 
-def _write_config(tmp_path, demo_dir, model_dir, val: dict | None = None) -> str:
-    val = val or {n: demo_dir / n / "val.jsonl" for n in ("upper", "noisy_codes", "sort")}
-    tasks = "\n".join(
-        f"    - {{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {val[n]}}}"
-        for n in ("upper", "noisy_codes", "sort")
-    )
+def _write_config(tmp_path, demo_dir, model_dir, val: dict | None = None,
+                  names: tuple = ("upper", "noisy_codes", "sort"), lr: float = 2.0e-3) -> str:
+    val = val or {n: demo_dir / n / "val.jsonl" for n in names}
+    tasks = "\n".join(f"    - {{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {val[n]}}}" for n in names)
     path = tmp_path / "config.yaml"
     path.write_text(f"""
 model: {{path: {model_dir}}}
@@ -32,7 +30,7 @@ data:
   max_seq_len: 64
   tokens_per_batch: 256
   cache_dir: {tmp_path / 'cache'}
-train: {{lr: 2.0e-3, epochs: 1, warmup_steps: 2, progress: false}}
+train: {{lr: {lr}, epochs: 1, warmup_steps: 2, progress: false}}
 msft: {{evals_per_epoch: 2}}
 """)
     return str(path)
