@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from typing import Optional
 
 import yaml
@@ -73,7 +74,13 @@ def train(cfg: Optional[Config], overwrite: bool = False, config_error: Optional
             # A metric callback that does not import fails here, before any work.
             metric = _agreed(ctx, lambda: _metric_of(cfg, config_error))
             return _train(cfg, ctx, overwrite, metric, box)
+    except (UserError, StopRequested, Interrupted, KeyboardInterrupt) as e:
+        # Reported in one line, never as a traceback: the locals of its frames (the model among them,
+        # whose mesh holds the process group) go now, so that shutdown_distributed ends the group.
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
+        box[0] = None
         shutdown_distributed()
 
 
