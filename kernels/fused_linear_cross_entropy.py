@@ -34,6 +34,7 @@ def fused_linear_cross_entropy(
     return_z_loss: bool = False,
     chunk_bytes: int | None = None,
     filter_eps: float | str | None = None,
+    num_valid: int | None = None,
 ) -> tuple[torch.Tensor, TaskStats] | tuple[torch.Tensor, TaskStats, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without materialising the [N, V] logits.
 
@@ -75,9 +76,16 @@ def fused_linear_cross_entropy(
             |dloss/dlogit| (before the incoming gradient) stays below it; "auto" is
             torch.finfo(dtype).eps / 32 (2**-12 for bfloat16), below what the 16-bit gradient can hold
             relative to its largest entries. Any other impl refuses it.
+        num_valid: the number of tokens whose label is not ``ignore_index``, when the caller knows it
+            (a trainer counts them on the host while it packs the batch). None: the call counts them
+            and checks the label and task-id ranges on the host, one host sync per call; given, the
+            call makes no host sync, and the same checks (and the count) become one device-side
+            assertion: a CPU call raises RuntimeError at once, a GPU one fails its CUDA context at a
+            later synchronisation, so pass it only for ids checked before (the trainer checks every
+            token id against the vocabulary when it loads the data).
 
-    Tokens whose label is ``ignore_index`` are dropped before any matmul (one host sync per call
-    counts them and checks the ids), so prompt tokens cost nothing beyond that gather.
+    Tokens whose label is ``ignore_index`` are dropped before any matmul (their count comes from
+    ``num_valid`` or one host sync), so prompt tokens cost nothing beyond that gather.
 
     Returns:
         (loss, stats), or (loss, stats, z_loss_sum) with ``return_z_loss``: loss in float32 (float64
@@ -97,7 +105,7 @@ def fused_linear_cross_entropy(
     backend = choose_backend(impl, hidden.device, hidden.dtype)
     filter_eps = _validate_filter(filter_eps, backend, impl, hidden.dtype)
     hidden, weight, labels, task_ids, num_tasks, kept = _validate(
-        hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size
+        hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size, num_valid
     )
     bias, softcap, z_loss = _validate_options(hidden, weight, bias, softcap, z_loss)
     n = hidden.shape[0]
@@ -204,8 +212,8 @@ def _validate_options(hidden, weight, bias, softcap, z_loss):
     return bias, softcap, float(z_loss)
 
 
-def _validate(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size):
-    """Check shapes, dtypes and value ranges.
+def _validate(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_size, num_valid):
+    """Check shapes, dtypes and value ranges (on the host, or on the device given ``num_valid``).
 
     Returns contiguous inputs, int64 labels and task ids, the task count T and the indices [N'] of
     the non-ignored tokens (None when every token carries a loss).
@@ -248,12 +256,22 @@ def _validate(hidden, weight, labels, task_ids, num_tasks, ignore_index, chunk_s
             raise ValueError(f"num_tasks must be >= 1 when task_ids is given, got {num_tasks}.")
         task_ids = task_ids.long()
         bad_tasks = valid & ((task_ids < 0) | (task_ids >= num_tasks))
-    # The one host sync of a call: both checks and the number of tokens that carry a loss.
-    any_bad_label, any_bad_task, n_valid = torch.stack([bad_labels.any().long(), bad_tasks.any().long(), valid.sum()]).tolist()
-    if any_bad_label:
-        raise ValueError(f"labels must lie in [0, V={vocab}) or equal ignore_index={ignore_index}.")
-    if any_bad_task:
-        raise ValueError(f"task ids of non-ignored tokens must lie in [0, num_tasks={num_tasks}).")
+    if num_valid is None:
+        # The one host sync of a call: both checks and the number of tokens that carry a loss.
+        any_bad_label, any_bad_task, n_valid = torch.stack(
+            [bad_labels.any().long(), bad_tasks.any().long(), valid.sum()]).tolist()
+        if any_bad_label:
+            raise ValueError(f"labels must lie in [0, V={vocab}) or equal ignore_index={ignore_index}.")
+        if any_bad_task:
+            raise ValueError(f"task ids of non-ignored tokens must lie in [0, num_tasks={num_tasks}).")
+    else:
+        if isinstance(num_valid, bool) or not isinstance(num_valid, int) or not 0 <= num_valid <= n:
+            raise ValueError(f"num_valid must be None or an integer in [0, N={n}], got {num_valid!r}.")
+        n_valid = num_valid
+        # No host sync: the same checks, and the caller's count, as one device-side assertion.
+        torch._assert_async(~(bad_labels.any() | bad_tasks.any()) & (valid.sum() == n_valid),
+                            f"num_valid={n_valid} must count the labels other than ignore_index={ignore_index}, "
+                            f"labels must lie in [0, V={vocab}) and task ids in [0, num_tasks={num_tasks})")
     # Indices of the tokens with a loss, in order (a stable sort: no second sync); None when all have one.
     kept = None if n_valid == n else torch.argsort((~valid).to(torch.uint8), stable=True)[:n_valid]
     return hidden.contiguous(), weight.contiguous(), labels.contiguous(), task_ids.contiguous(), num_tasks, kept

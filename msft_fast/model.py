@@ -451,6 +451,8 @@ class CausalLMWithTaskLoss(nn.Module):
             hidden, head.weight, batch.labels, group_ids, self.num_tasks if groups is None else len(groups),
             reduction="sum", impl=o.impl, bias=getattr(head, "bias", None), softcap=t.softcap,
             chunk_bytes=o.chunk_bytes,
+            # Counted on the host while packing, and every id checked at load: no host sync here.
+            num_valid=batch.num_loss_tokens,
         )
         if groups is None:
             return loss, stats

@@ -187,6 +187,50 @@ def test_validation_errors(change):
         fused_linear_cross_entropy(**{**args, **change})
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("n,ignore_frac", [(37, 0.25), (23, 1.0), (0, 0.25), (19, 0.0)])
+def test_a_known_label_count_gives_the_same_results_without_a_host_read(n, ignore_frac, reduction):
+    """num_valid (the trainer's count from packing) skips the host sync, not the result: awkward N,
+    ignored labels (all of them, none of them), an empty task, N = 0."""
+    from msft_fast.step_audit import HostSyncAudit
+
+    hidden, weight, labels, task_ids = make_inputs(n, 11, 29, num_tasks=4, ignore_frac=ignore_frac)
+    count = int((labels != IGN).sum())
+    upstream = torch.rand(n, dtype=torch.float64) if reduction == "none" else 1.0
+    checked = loss_and_grads(lambda: fused_linear_cross_entropy(hidden, weight, labels, task_ids, 4, reduction=reduction),
+                             hidden, weight, reduction, upstream)
+    with HostSyncAudit(torch.device("cpu")) as audit:
+        counted = loss_and_grads(lambda: fused_linear_cross_entropy(hidden, weight, labels, task_ids, 4,
+                                                                    reduction=reduction, num_valid=count),
+                                 hidden, weight, reduction, upstream)
+    assert not [e for e in audit.events if e.came_through("kernels/")], audit.events
+    for a, b in zip(checked, counted):
+        if isinstance(a, TaskStats):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+        else:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change,error", [
+    (dict(num_valid=2), RuntimeError),  # three labels are not ignore_index
+    (dict(num_valid=4), RuntimeError),
+    (dict(labels=torch.tensor([0, IGN, 7, 2])), RuntimeError),  # label >= V, with the right count
+    (dict(task_ids=torch.tensor([0, 1, 0, 5])), RuntimeError),  # task id out of range
+    (dict(num_valid=5), ValueError),  # more than N
+    (dict(num_valid=-1), ValueError),
+    (dict(num_valid=True), ValueError),
+    (dict(num_valid=3.0), ValueError),
+])
+def test_a_known_label_count_is_checked_on_the_device(change, error):
+    """Given num_valid, the range checks and the count become one device-side assertion: on a CPU
+    it fails at once (a RuntimeError naming num_valid); arguments of the wrong kind stay ValueErrors."""
+    args = dict(hidden=torch.randn(4, 3, dtype=torch.float64), weight=torch.randn(7, 3, dtype=torch.float64),
+                labels=torch.tensor([0, IGN, 1, 2]), task_ids=torch.tensor([0, 1, 0, 1]), num_tasks=2, num_valid=3)
+    fused_linear_cross_entropy(**args)  # the unchanged arguments are valid
+    with pytest.raises(error, match="num_valid"):
+        fused_linear_cross_entropy(**{**args, **change})
+
+
 def test_triton_refuses_float64():
     with pytest.raises(ValueError, match="float64"):
         fused_linear_cross_entropy(torch.randn(2, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64),
