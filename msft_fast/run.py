@@ -146,6 +146,9 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
         check_token_ids(tasks, spec.text_config.vocab_size)
     except UserError as e:
         raise on_every_rank(e) from None
+    digests = {t.name: {"train": t.train.digest(), "val": t.val.digest()} for t in tasks}
+    if resume is not None:
+        _agreed(ctx, lambda: _check_same_data(out, resume, digests))
     if ctx.world_size % cfg.train.hsdp_replicas:
         raise on_every_rank(ConfigError(f"config key 'train.hsdp_replicas' ({cfg.train.hsdp_replicas}) must divide "
                                         f"the number of ranks ({ctx.world_size})"))
@@ -198,6 +201,7 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             "padding_fraction": pad,
             "data": {t.name: t.counts for t in tasks},
             "data_sources": {t.name: t.sources for t in tasks},
+            "data_digests": digests,  # what a resume compares (see _check_same_data)
         })
         if resume is not None:
             history.data = trainer_.resume_from(resume)
@@ -391,6 +395,26 @@ def _check_same_config(out: str, cfg: Config) -> None:
             raise OutputError(f"output_dir {out} holds an unfinished run with another value of '{key}' "
                               f"({before.get(key)!r} there, {now.get(key)!r} now); rerun with the same config "
                               "to resume it, or pass --overwrite to start over")
+
+
+def _check_same_data(out: str, checkpoint: str, digests: dict) -> None:
+    """The documents tokenized now must be those the run trained on: a data file edited in place,
+    another tokenizer or chat template leaves config.yaml the same but changes what the resumed steps
+    would train on."""
+    try:
+        with open(os.path.join(checkpoint, HISTORY_FILE), encoding="utf-8") as f:
+            before = json.load(f).get("data_digests")
+    except (OSError, ValueError):
+        return  # an unreadable checkpoint is named when it is loaded
+    if not before:  # a checkpoint from a release that did not record them
+        return
+    for task, splits in digests.items():
+        for split, digest in splits.items():
+            if before.get(task, {}).get(split) != digest:
+                raise OutputError(
+                    f"output_dir {out} holds an unfinished run whose {split} documents of task '{task}' differ "
+                    "from those tokenized now (its data, the tokenizer or the chat template changed); restore "
+                    "them to resume it, or pass --overwrite to start over")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -436,3 +436,24 @@ def test_saved_dataset_dict_without_train_split(tmp_path, tokenizer):
     datasets.DatasetDict({"test": datasets.Dataset.from_list(_pc_rows(2))}).save_to_disk(folder)
     msg = _err(_data_cfg(tmp_path, [TaskConfig("t", folder, val=folder)]), tokenizer)
     assert folder in msg and "test" in msg
+
+
+def test_a_docset_digest_follows_the_documents_not_the_storage(monkeypatch):
+    """DocSet.digest (what a resume compares): the same documents hash alike however they are stored
+    and sliced for hashing; a changed token, label or boundary changes it."""
+    rng = np.random.default_rng(0)
+    ids, labels = rng.integers(0, 50, 40).astype(np.int32), rng.integers(-100, 50, 40).astype(np.int32)
+    docs = DocSet(ids, labels, np.array([30, 0, 12, 5]), np.array([7, 5, 9, 4]), np.ones(4, np.int64))
+    digest = docs.digest()
+    # The same documents laid out contiguously, in order.
+    order = np.concatenate([np.arange(s, s + n) for s, n in zip(docs.starts, docs.lengths)])
+    packed = DocSet(ids[order], labels[order], np.array([0, 7, 12, 21]), docs.lengths, docs.loss_tokens)
+    assert packed.digest() == digest
+    for per_slice in (1, 3):
+        monkeypatch.setattr(tasks_mod, "DIGEST_DOCS", per_slice)
+        assert docs.digest() == digest
+    changed = labels.copy()
+    changed[13] += 1  # inside the third document
+    assert DocSet(ids, changed, docs.starts, docs.lengths, docs.loss_tokens).digest() != digest
+    assert DocSet(ids, labels, docs.starts, np.array([7, 5, 8, 4]), docs.loss_tokens).digest() != digest
+    assert docs.subset(np.array([1, 0, 2, 3])).digest() != digest  # another order

@@ -153,6 +153,37 @@ def test_resuming_with_another_config_is_refused_and_names_the_key(tmp_path, dem
     assert "unfinished run" in err and "'train.lr'" in err and "Traceback" not in err
 
 
+def test_resuming_on_other_data_is_refused_and_names_the_task(tmp_path, demo_dir, monkeypatch, capsys, caplog):
+    """config.yaml names files, not their contents: a train file edited in place (or another tokenizer or
+    chat template) would change what the resumed steps train on. The tokenized documents' digests in
+    the checkpoint are compared; the refusal loses nothing, and the restored file resumes."""
+    import shutil
+
+    from msft_fast.cli import main
+
+    data, out = tmp_path / "data", str(tmp_path / "run")
+    shutil.copytree(demo_dir, data)
+    _crash_after(monkeypatch, 3)
+    with pytest.raises(_Crash):
+        _train(tmp_path, data, out, "method=sft")
+    monkeypatch.undo()
+    newest = latest_checkpoint(out)
+    train_file = data / "sort" / "train.jsonl"
+    original = train_file.read_text()
+    rows = original.splitlines(keepends=True)
+    row = json.loads(rows[7])
+    row["completion"] = row["completion"] + " x"  # one answer changed by one token's worth
+    train_file.write_text("".join(rows[:7] + [json.dumps(row) + "\n"] + rows[8:]))
+    assert main(["train", *_overrides(tmp_path, data, out, "method=sft")]) == 2
+    err = capsys.readouterr().err
+    assert "train documents of task 'sort' differ" in err and "Traceback" not in err, err
+    assert latest_checkpoint(out) == newest
+    train_file.write_text(original)
+    with caplog.at_level(logging.INFO, logger="msft_fast"):
+        assert main(["train", *_overrides(tmp_path, data, out, "method=sft")]) == 0
+    assert RESUMED.findall(caplog.text) == [(out, newest, "3")]
+
+
 def test_half_written_checkpoints_are_skipped_and_named_in_the_log(tmp_path, caplog):
     """What a crash leaves behind (step-N.tmp: a write that did not finish; step-N without meta.json:
     a deletion that did not finish) is never taken for the newest checkpoint, and the log names it."""

@@ -29,6 +29,9 @@ OK, TRUNCATED, DROPPED_OVERLONG, NO_TRAINED_TOKENS, TRUNCATED_EMPTY = 0, 1, 2, 3
 LOST_ROWS_WARNING = 0.10
 
 
+DIGEST_DOCS = 4096  # documents hashed per slice by DocSet.digest
+
+
 @dataclass
 class DocSet:
     """Documents of one split of one task. Document d is tokens[starts[d] : starts[d] + lengths[d]]."""
@@ -42,6 +45,20 @@ class DocSet:
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    def digest(self) -> str:
+        """A hash of exactly the documents this set holds: their token ids and labels, in order. It
+        changes with the data, the tokenizer, the chat template or any option that shapes them."""
+        ids, labels = hashlib.sha256(), hashlib.sha256()
+        for lo in range(0, len(self), DIGEST_DOCS):  # a few thousand documents at a time: bounded memory
+            starts = self.starts[lo : lo + DIGEST_DOCS].astype(np.int64)
+            lengths = self.lengths[lo : lo + DIGEST_DOCS].astype(np.int64)
+            # Each document's token positions, documents in order: start + (0 .. length-1).
+            idx = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+            ids.update(self.input_ids[idx].astype(np.int32).tobytes())
+            labels.update(self.labels[idx].astype(np.int32).tobytes())
+        lengths = self.lengths.astype(np.int64).tobytes()
+        return hashlib.sha256(lengths + ids.digest() + labels.digest()).hexdigest()[:32]
 
     def subset(self, docs: np.ndarray) -> "DocSet":
         return DocSet(self.input_ids, self.labels, self.starts[docs], self.lengths[docs], self.loss_tokens[docs],
