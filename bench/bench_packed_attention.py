@@ -170,6 +170,19 @@ def fit_cost_model(repeats: int, quick: bool) -> dict:
             "points": [{"width": int(w), "docs": int(c), "length": int(s), "ms": 1e3 * x} for w, c, s, x in rows]}
 
 
+def cost_model_line(model: dict) -> str:
+    """The fitted model in words, beside the constants attention.py uses. b <= 0 (timings too noisy to
+    fit: a loaded machine, --quick) leaves the ratios undefined, and the line says so."""
+    ratio = lambda x: "undefined (fitted b <= 0)" if x is None else f"{x:.3g}"  # noqa: E731
+    return (f"Cost model fitted over {len(model['points'])} buckets (widths 128 and 256): c0 = "
+            f"{1e3 * model['c0_s']:.3f} ms per bucket, a = {model['a_s_per_token_channel']:.2e} s per padded "
+            f"token and channel, b = {model['b_s_per_score_channel']:.2e} s per score and channel (median "
+            f"error {100 * model['median_abs_relative_error']:.0f}%): c0/b = "
+            f"{ratio(model['bucket_overhead_scores'])} and a/b = {ratio(model['token_cost_scores'])}, against "
+            f"BUCKET_OVERHEAD = {attention.BUCKET_OVERHEAD:.3g} and TOKEN_COST = {attention.TOKEN_COST:.3g} "
+            "in msft_fast/attention.py")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny rows and grid, seconds: checks that it runs")
@@ -205,13 +218,7 @@ def main(argv=None) -> dict:
         once = r["once_per_row_ms"]
         lines.append(f"| {name}: once per row | | | " + "; ".join(f"{k} {v:.2f} ms" for k, v in once.items())
                      + " | | | | |")
-    lines += ["", f"Cost model fitted over {len(model['points'])} buckets (widths 128 and 256): c0 = "
-                  f"{1e3 * model['c0_s']:.3f} ms per bucket, a = {model['a_s_per_token_channel']:.2e} s per padded "
-                  f"token and channel, b = {model['b_s_per_score_channel']:.2e} s per score and channel (median "
-                  f"error {100 * model['median_abs_relative_error']:.0f}%): c0/b = "
-                  f"{model['bucket_overhead_scores']:.3g} and a/b = {model['token_cost_scores']:.3g}, against "
-                  f"BUCKET_OVERHEAD = {attention.BUCKET_OVERHEAD:.3g} and TOKEN_COST = {attention.TOKEN_COST:.3g} "
-                  "in msft_fast/attention.py"]
+    lines += ["", cost_model_line(model)]
     write_outputs(a.out, "packed_attention_cpu" + ("_quick" if a.quick else ""), report, lines)
     return report
 

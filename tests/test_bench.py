@@ -207,6 +207,20 @@ def test_bench_packed_attention_quick(tmp_path):
     assert (tmp_path / "out" / "packed_attention_cpu_quick.md").exists()
 
 
+def test_packed_attention_cost_line_says_when_the_fit_is_undefined():
+    """A noisy --quick fit can give b <= 0 (ratios None): the report says so instead of failing."""
+    sys.path.insert(0, BENCH)
+    try:
+        from bench_packed_attention import cost_model_line
+    finally:
+        sys.path.remove(BENCH)
+    model = {"points": [{}] * 6, "c0_s": 1e-4, "a_s_per_token_channel": 2e-9, "b_s_per_score_channel": -1e-12,
+             "median_abs_relative_error": 0.3, "bucket_overhead_scores": None, "token_cost_scores": None}
+    assert "c0/b = undefined (fitted b <= 0) and a/b = undefined (fitted b <= 0)" in cost_model_line(model)
+    model.update(b_s_per_score_channel=1e-11, bucket_overhead_scores=1e7, token_cost_scores=200.0)
+    assert "c0/b = 1e+07 and a/b = 200" in cost_model_line(model)
+
+
 def test_gpu_check_scripts_parse():
     for script in ("gpu_check.sh", "gpu_check_ce.sh", "gpu_check_train.sh", "gather_wheels.sh", "gpu_check_lib.sh"):
         out = subprocess.run(["bash", "-n", os.path.join(BENCH, script)], capture_output=True, text=True)
