@@ -39,6 +39,13 @@ def demo_dir(tmp_path_factory):
     return out
 
 
+def demo_tasks(demo_dir, names) -> str:
+    """The entries of `data.tasks` (without the brackets) for the demo tasks `names`, each with its
+    train and val file: `f"data.tasks=[{demo_tasks(demo_dir, names)}]"`."""
+    return ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
+                     for n in names)
+
+
 def tiny_llama(tokenizer, tie: bool = False, seed: int = 0):
     from transformers import LlamaForCausalLM
 

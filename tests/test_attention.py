@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, MistralConfig
+from conftest import demo_tasks
 
 from msft_fast import attention as attention_mod
 from msft_fast import model as model_mod
@@ -468,8 +469,7 @@ def test_a_cpu_run_asking_for_flex_attention_stops_with_one_config_error(tmp_pat
     from msft_fast.config import load_config
     from msft_fast.run import train
 
-    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in ("upper", "sort"))
+    tasks = demo_tasks(demo_dir, ("upper", "sort"))
     cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", "model.attn_implementation=flex_attention",
                              f"data.tasks=[{tasks}]", "data.max_seq_len=64", "data.tokens_per_batch=256",
                              f"data.cache_dir={tmp_path / 'c'}", "train.progress=false"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from conftest import demo_tasks
 
 from msft_fast.config import load_config
 from msft_fast.copy_engine import CopyEngine, SyncCopyEngine, copy_engine_for
@@ -64,8 +65,7 @@ def _run_method(tmp_path, demo_dir, monkeypatch, method):
         return _finish(trainer, history, metric)
 
     monkeypatch.setitem(run.METHODS, "sft", wrapped)
-    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in ("upper", "sort"))
+    tasks = demo_tasks(demo_dir, ("upper", "sort"))
     run.train(load_config(None, [
         f"output_dir={tmp_path / 'run'}", f"data.tasks=[{tasks}]", "data.max_seq_len=64", "data.tokens_per_batch=256",
         f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false", "train.lr=3e-3", "train.epochs=1",

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import demo_tasks
 
 from msft_fast.config import load_config
 from msft_fast.methods.dynamix import (
@@ -119,8 +120,7 @@ def test_steps_are_drawn_from_the_proportions_deterministically(tokenizer, demo_
 
 
 def _overrides(tmp_path, demo_dir, out, *extra):
-    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in ("upper", "noisy_codes"))
+    tasks = demo_tasks(demo_dir, ("upper", "noisy_codes"))
     return [f"output_dir={out}", f"data.tasks=[{tasks}]", "data.max_seq_len=64", "data.tokens_per_batch=512",
             f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false", "train.lr=3e-3", "train.epochs=2",
             "train.schedule=constant", "msft.evals_per_epoch=2", "method=dynamix", "dynamix.update_every=3",

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from conftest import kill_process_tree
+from conftest import demo_tasks, kill_process_tree
 from hf_reference import document, document_loss_sum
 
 from msft_fast.config import load_config
@@ -26,8 +26,7 @@ MICRO_BATCHES = 4  # per optimizer step, over all ranks
 
 
 def _overrides(tmp_path, demo_dir, model_dir, out, grad_accum: int) -> list[str]:
-    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in ("upper", "noisy_codes", "sort"))  # chat and prompt/completion rows
+    tasks = demo_tasks(demo_dir, ("upper", "noisy_codes", "sort"))  # chat and prompt/completion rows
     return [f"output_dir={out}", f"model.path={model_dir}", f"data.tasks=[{tasks}]", "data.max_seq_len=64",
             "data.tokens_per_batch=256", f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false",
             "method=sft", "train.epochs=0.1", "msft.evals_per_epoch=1", "train.grad_clip=0",

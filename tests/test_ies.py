@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import demo_tasks
 
 from msft_fast.config import load_config
 from msft_fast.methods.ies import MasteryTracker
@@ -185,8 +186,7 @@ def test_per_document_losses_come_from_the_same_loss_pass(tokenizer):
 
 
 def _overrides(tmp_path, demo_dir, out, *extra):
-    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in ("upper", "noisy_codes"))
+    tasks = demo_tasks(demo_dir, ("upper", "noisy_codes"))
     return [f"output_dir={out}", f"data.tasks=[{tasks}]", "data.max_seq_len=64", "data.tokens_per_batch=512",
             f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false", "train.lr=3e-3", "train.epochs=6",
             "train.schedule=constant", "msft.evals_per_epoch=1", "method=ies", "ies.window=1", "ies.threshold=0.05",

@@ -12,13 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 from test_resume import _finish, _wait_for_steps  # a subprocess's end; a run's progress in metrics.jsonl
+from conftest import demo_tasks
 
 from msft_fast.launch import _failure_code, parse_launch_args
 
 
 def _config(tmp_path, demo_dir) -> str:
-    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in ("upper", "noisy_codes", "sort"))
+    tasks = demo_tasks(demo_dir, ("upper", "noisy_codes", "sort"))
     path = tmp_path / "config.yaml"
     path.write_text(f"method: msft\noutput_dir: {tmp_path / 'run'}\n"
                     f"data: {{tasks: [{tasks}], max_seq_len: 64, tokens_per_batch: 512, "

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import demo_tasks, tiny_llama
 
 from msft_fast.config import load_config
 from msft_fast.errors import ConfigError
@@ -243,8 +243,7 @@ def _run(tmp_path, demo_dir, *overrides):
     from msft_fast.run import train
 
     names = ("upper", "noisy_codes", "sort")
-    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in names)
+    tasks = demo_tasks(demo_dir, names)
     cfg = load_config(None, [
         f"output_dir={tmp_path / 'run'}", f"data.tasks=[{tasks}]", "data.max_seq_len=64",
         "data.tokens_per_batch=512", f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false",

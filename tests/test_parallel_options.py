@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import demo_tasks, tiny_llama
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -106,8 +106,7 @@ def test_an_msft_run_with_checkpoints_is_the_same_with_or_without_fsdp2(tmp_path
     from msft_fast.config import load_config
     from msft_fast.run import train
 
-    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in ("upper", "noisy_codes", "sort"))
+    tasks = demo_tasks(demo_dir, ("upper", "noisy_codes", "sort"))
     runs = {}
     for fsdp in ("always", "auto"):
         out = tmp_path / fsdp

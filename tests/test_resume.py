@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import forked_cli
-from conftest import kill_process_tree
+from conftest import demo_tasks, kill_process_tree
 
 from msft_fast.checkpoint import complete_checkpoints, latest_checkpoint, read_meta
 from msft_fast.config import load_config
@@ -35,8 +35,7 @@ TIMING_KEYS = {"train_seconds", "eval_seconds", "snapshot_seconds", "restore_sec
 
 
 def _overrides(tmp_path, demo_dir, out, *extra):
-    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in ("upper", "noisy_codes", "sort"))
+    tasks = demo_tasks(demo_dir, ("upper", "noisy_codes", "sort"))
     return [f"output_dir={out}", f"data.tasks=[{tasks}]", "data.max_seq_len=64", "data.tokens_per_batch=512",
             f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false", "train.lr=3e-3", "train.epochs=1",
             "train.schedule=constant", "msft.evals_per_epoch=4", "msft.budget_epochs=0.5", "msft.max_stages=3",

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 from torch.distributed.fsdp import FSDPModule
+from conftest import demo_tasks
 
 from msft_fast.config import load_config
 from msft_fast.step_audit import GradientReductions, HostSyncAudit
@@ -29,8 +30,7 @@ def _train_with(tmp_path, demo_dir, monkeypatch, method, *overrides):
     from msft_fast import run
 
     monkeypatch.setitem(run.METHODS, "sft", method)
-    tasks = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in ("upper", "sort"))
+    tasks = demo_tasks(demo_dir, ("upper", "sort"))
     cfg = load_config(None, [
         f"output_dir={tmp_path / 'run'}", f"data.tasks=[{tasks}]", "data.max_seq_len=64", "data.tokens_per_batch=256",
         f"data.cache_dir={tmp_path / 'cache'}", "train.progress=false", "train.lr=3e-3", "train.epochs=1",

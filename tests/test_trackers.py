@@ -11,7 +11,7 @@ import math
 import os
 
 import pytest
-from conftest import tiny_llama
+from conftest import demo_tasks, tiny_llama
 from hub_cache import commit_of, folder_files, put_repo, toy_dataset_files
 
 from msft_fast.config import load_config
@@ -21,8 +21,7 @@ MAIN = commit_of("main")
 
 
 def _tasks(demo_dir) -> str:
-    local = ", ".join(f"{{name: {n}, train: {demo_dir / n / 'train.jsonl'}, val: {demo_dir / n / 'val.jsonl'}}}"
-                      for n in ("upper", "noisy_codes"))
+    local = demo_tasks(demo_dir, ("upper", "noisy_codes"))
     hub = ("{name: toy, train: org/toy, config: main, val_split: test, "
            "columns: {prompt: question, completion: answer}}")
     return f"[{local}, {hub}]"
