@@ -6,11 +6,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DATA ?= data/demo
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast test-newest test-floor demo clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py requirements/dev-cpu.txt
+$(STAMP): pyproject.toml setup.py requirements/dev-cpu.txt requirements/torch-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/dev-cpu.txt
@@ -18,10 +18,35 @@ $(STAMP): pyproject.toml setup.py requirements/dev-cpu.txt
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) tests/stack_versions.py pinned
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The smoke selection (marker `stack`) on two other stacks, each in a venv made afresh: the newest
+# releases the package index serves today (torch and triton pinned to the CPU build as above), and the
+# oldest that pyproject.toml allows (requirements/floor.txt). Both run from the checkout's root, as
+# `python -m pytest` and `torchrun -m` do on a user's machine.
+NEWEST_VENV ?= .venv-newest
+FLOOR_VENV  ?= .venv-floor
+
+test-newest:
+	rm -rf $(NEWEST_VENV) && $(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(NEWEST_VENV)/bin/python -m pip install --quiet -r requirements/torch-cpu.txt
+	$(NEWEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt \
+		'.[test]' transformers tokenizers datasets huggingface_hub accelerate safetensors
+	$(NEWEST_VENV)/bin/python tests/stack_versions.py newest
+	$(NEWEST_VENV)/bin/python -m pytest -q -m stack -p no:cacheprovider --disable-warnings
+
+test-floor:
+	rm -rf $(FLOOR_VENV) && $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install --quiet -r requirements/floor.txt
+	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-deps .
+	$(FLOOR_VENV)/bin/python tests/stack_versions.py floor
+	$(FLOOR_VENV)/bin/python -m pytest -q -m stack -p no:cacheprovider --disable-warnings
 
 # The demo: a warm-up of the built-in tiny model (a stand-in for pretraining; redone only when its
 # config or the data change), then SFT and mSFT on the same mixture, compared side by side.
@@ -42,4 +67,4 @@ demo: $(WARMUP)
 	@echo "each run folder has history.json, metrics.jsonl and final/ (a HF model folder)"
 
 clean:
-	rm -rf $(VENV) runs data/demo
+	rm -rf $(VENV) $(NEWEST_VENV) $(FLOOR_VENV) runs data/demo

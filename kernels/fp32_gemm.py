@@ -4,11 +4,10 @@ cuBLAS multiplies bf16/fp16 operands on the tensor cores and accumulates in fp32
 an fp32 *output* (`out_dtype`, torch >= 2.8 on CUDA) keeps that accumulator instead of rounding it
 to 16 bits. Elsewhere (CPU tensors under the Triton interpreter) the operands are upcast, which
 gives the same exact products and fp32 sums in another order. On a GPU whose torch lacks
-`out_dtype` the product is rounded to 16 bits first, and a warning says so once.
+`out_dtype` the fused loss refuses to run: rounding the logits to 16 bits before the softmax would
+lose precision silently.
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 
@@ -29,21 +28,25 @@ def _support(device: torch.device) -> tuple[bool, bool]:
                     ok[i] = True
                 except (RuntimeError, TypeError, NotImplementedError):
                     pass
-            if not ok[0]:
-                warnings.warn("this torch has no fp32-output 16-bit matmul (torch >= 2.8 has): the fused loss "
-                              "rounds its 16-bit logits products to 16 bits before the fp32 softmax", stacklevel=3)
         _SUPPORT[device.type] = (ok[0], ok[1])
     return _SUPPORT[device.type]
+
+
+def require_fp32_output(device: torch.device) -> None:
+    """Raises RuntimeError where 16-bit operands on `device` cannot give an fp32 product (a CUDA device
+    whose torch lacks `out_dtype`); CPUs upcast instead."""
+    if device.type == "cuda" and not _support(device)[0]:
+        raise RuntimeError(f"the fused loss needs fp32-output 16-bit matmuls (torch.mm(..., out_dtype=torch.float32), "
+                           f"torch >= 2.8), which torch {torch.__version__} lacks it on CUDA")
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[M, K] (fp32) = a[M, N] @ b[N, K] for a, b of one dtype (fp32, bf16 or fp16); returns out."""
     if a.dtype == torch.float32:
         return torch.mm(a, b, out=out)
+    require_fp32_output(a.device)
     if _support(a.device)[0]:
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    if a.device.type == "cuda":
-        return out.copy_(torch.mm(a, b))
     return torch.mm(a.float(), b.float(), out=out)
 
 
@@ -52,12 +55,11 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
+    require_fp32_output(a.device)
     mm_ok, addmm_ok = _support(a.device)
     if addmm_ok:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     elif mm_ok:  # an fp32 product, added in a second pass
         acc += torch.mm(a, b, out_dtype=torch.float32)
-    elif a.device.type == "cuda":
-        acc += torch.mm(a, b)
     else:
         acc.addmm_(a.float(), b.float())

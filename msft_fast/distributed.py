@@ -77,6 +77,9 @@ def _clear_dtensor_caches() -> None:
     up with care: one that moved in another release is skipped here, and tests/test_teardown.py
     fails instead."""
     for module, path in (("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
+                         # torch 2.8 (the floor) has no helper for this one; its cache is thread-local
+                         ("torch.distributed.tensor", "DTensor._op_dispatcher.sharding_propagator."
+                                                      "propagate_op_sharding.cache.cache_clear"),
                          ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
                          ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
                          ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear")):
@@ -120,6 +123,13 @@ def parallelize(model: nn.Module, blocks: list[nn.Module], param_dtype: torch.dt
         # (torchtitan does the same); every other block frees its gathered copy after forward.
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if dist.get_backend() == "gloo":
+        # gloo's reduce_scatter_tensor sums where FSDP2 asks for ReduceOp.AVG on torch 2.8 (measured:
+        # [1, 2] gives 3, not 1.5; all_reduce averages), which doubled 2-rank gradients there. Plain
+        # sums with FSDP2's own division are right on every torch; NCCL keeps its native average.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
     return model
 
 

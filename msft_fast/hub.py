@@ -251,12 +251,15 @@ def model_snapshot(source: HubSource, commit: Optional[str]) -> str:
             names = HfApi().list_repo_files(source.repo_id, revision=commit)
         except Exception as e:  # unreachable: what the cache holds is all there is
             why = _short(e)
-    if names is None:
+    names_from_cache = names is None
+    if names_from_cache:
         if cached is None:
             raise source.not_cached(why)
         names = [os.path.relpath(p, cached) for p in glob.glob(os.path.join(cached, "*"))]
 
     def fetch(files: list[str]) -> str:
+        if names_from_cache:  # nothing to download from; snapshot_download's offline behaviour differs
+            return cached   # between huggingface_hub releases (1.33 refuses a complete cached commit)
         try:
             return snapshot_download(source.repo_id, revision=commit, cache_dir=cache,
                                      allow_patterns=[glob.escape(f) for f in files] or ["config.json"])

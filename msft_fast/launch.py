@@ -64,7 +64,8 @@ def parse_launch_args(argv: list[str]) -> Optional[argparse.Namespace]:
 
     parser.error = refuse  # one line, like every other error, instead of argparse's usage block
     args = parser.parse_args([*argv[:start], "--module", "msft_fast.train", *argv[start:]])
-    if args.shutdown_timeout is None and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
+    # Older torchrun (torch 2.8) has no --shutdown-timeout: its agent gives workers 30 s after a signal.
+    if getattr(args, "shutdown_timeout", 0) is None and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
         args.shutdown_timeout = SHUTDOWN_TIMEOUT_S
     return args
 

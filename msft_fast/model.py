@@ -27,6 +27,7 @@ from msft_fast.errors import ConfigError, ModelError
 from msft_fast.flops import LINEAR_TIME_LAYER_TYPES, SLIDING_LAYER_TYPES
 from msft_fast.hub import model_snapshot, model_source
 from msft_fast.kernels import TaskStats, fused_linear_cross_entropy, loss_memory_bytes, plan_chunks
+from msft_fast.kernels.fp32_gemm import require_fp32_output
 from msft_fast.kernels.fused_linear_cross_entropy import choose_backend
 
 log = logging.getLogger("msft_fast")
@@ -80,6 +81,22 @@ class ModelSpec:
         return self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
 
 
+def check_loss_impl(loss_impl: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuses, before anything loads, a fused loss (model.loss_impl) that cannot run here as it should:
+    Triton kernels on a CPU outside the interpreter, or 16-bit logits that this torch would round."""
+    backend = choose_backend(loss_impl, device, dtype)
+    if backend in ("chunked", "triton") and device.type != "cuda" \
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ConfigError(f"config key 'model.loss_impl' ({loss_impl}) runs Triton kernels, which need a CUDA "
+                          f"device (this run is on {device.type}); use auto or torch")
+    if backend in ("chunked", "triton") and dtype != torch.float32:
+        try:
+            require_fp32_output(device)
+        except RuntimeError as e:
+            raise ConfigError(f"config key 'model.loss_impl' ({loss_impl}): {e}; upgrade torch or set "
+                              f"model.loss_impl=torch") from None
+
+
 def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device,
                     chat_template: Optional[str] = None, commits: Optional[dict] = None) -> ModelSpec:
     """Tokenizer and config of `cfg.path` (or of the built-in tiny model); no weights yet.
@@ -92,10 +109,7 @@ def load_model_spec(cfg: ModelConfig, precision: str, device: torch.device,
     from transformers.utils import logging as hf_logging
 
     dtype = compute_dtype_for(precision, device)
-    if cfg.loss_impl in ("chunked", "triton") and device.type != "cuda" \
-            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ConfigError(f"config key 'model.loss_impl' ({cfg.loss_impl}) runs Triton kernels, which need a CUDA "
-                          f"device (this run is on {device.type}); use auto or torch")
+    check_loss_impl(cfg.loss_impl, device, dtype)
     if cfg.path.startswith(BUILTIN_MODEL_PREFIX):
         name = cfg.path[len(BUILTIN_MODEL_PREFIX):]
         if name not in BUILTIN_MODELS:
@@ -290,6 +304,22 @@ class AttentionSetting:
     def model_name(self) -> str:
         return self.model_class.__name__ if self.model_class is not None else "the model"
 
+    @property
+    def text_config(self) -> Any:
+        """The (text) config: the one given, else the model class's defaults (None if neither)."""
+        config = self.config
+        if config is None and self.model_class is not None:
+            try:
+                config = self.model_class.config_class()
+            except Exception:  # a config class that needs arguments: nothing to read
+                return None
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def softcapped(self) -> bool:
+        """The model soft-caps its attention logits (Gemma 2), which no SDPA kernel can do. HF's own
+        `_supports_sdpa` says so only in recent releases (transformers 5.0 still allows SDPA there)."""
+        return bool(getattr(self.text_config, "attn_logit_softcapping", None))
+
 
 @dataclass(frozen=True)
 class AttentionBackend:
@@ -330,8 +360,8 @@ def _packed_sdpa_unusable(s: AttentionSetting) -> Optional[str]:
     # and SDPA must suit the model (no soft-capping, no sinks: what HF's _supports_sdpa says).
     if s.model_lacks("_supports_sdpa") or s.model_lacks("_supports_attention_backend"):
         return f"packed_sdpa is not supported by {s.model_name} (HF marks it so)"
-    config = s.config.get_text_config() if hasattr(s.config, "get_text_config") else s.config
-    if getattr(config, "attn_logit_softcapping", None):
+    config = s.text_config
+    if s.softcapped():
         return f"packed_sdpa has no attention logit soft-capping, which {s.model_name} uses"
     if getattr(config, "attention_chunk_size", None):
         return f"packed_sdpa has no chunked attention, which {s.model_name} uses"
@@ -344,6 +374,8 @@ def _packed_sdpa_unusable(s: AttentionSetting) -> Optional[str]:
 def _sdpa_unusable(s: AttentionSetting) -> Optional[str]:
     if s.model_lacks("_supports_sdpa"):  # e.g. Gemma 2: SDPA has no attention-logit soft-capping
         return f"sdpa is not supported by {s.model_name} (HF marks it so)"
+    if s.softcapped():
+        return f"sdpa has no attention logit soft-capping, which {s.model_name} uses"
     return None
 
 

@@ -69,6 +69,7 @@ def _err(cfg, tokenizer) -> str:
 # Loading
 
 
+@pytest.mark.stack
 def test_load_chat_and_prompt_completion_tasks(tmp_path, tokenizer):
     chat_train, chat_val = _chat_rows(6), _chat_rows(2, offset=100)
     pc_train, pc_val = _pc_rows(5), _pc_rows(3, offset=50)
@@ -255,6 +256,7 @@ def test_validation_all_dropped_is_error(tmp_path, tokenizer):
 # Caching
 
 
+@pytest.mark.stack
 def test_tokenization_is_cached(tmp_path, tokenizer, monkeypatch):
     calls = {"n": 0}
     original = RowEncoder.encode
@@ -400,6 +402,7 @@ def test_folder_that_is_not_a_dataset(tmp_path, tokenizer):
 # Other file types
 
 
+@pytest.mark.stack
 def test_parquet(tmp_path, tokenizer):
     import datasets
 
@@ -413,6 +416,7 @@ def test_parquet(tmp_path, tokenizer):
     _check_docset(t.train)
 
 
+@pytest.mark.stack
 def test_saved_dataset_folder(tmp_path, tokenizer):
     import datasets
 

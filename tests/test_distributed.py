@@ -51,7 +51,7 @@ def _run(cmd, env) -> None:
 
 @pytest.mark.parametrize("method,k,two_rank_options", [
     ("sft", 2, ()),
-    ("msft", 1, ()),
+    pytest.param("msft", 1, (), marks=pytest.mark.stack),
     # HSDP (2 replicas of 1 shard) with every other block recomputed in backward, reduce-scattering
     # after every micro-batch and all-reducing across the replicas once per step: the same maths.
     ("sft", 2, ("train.hsdp_replicas=2", "train.activation_checkpointing=selective", "train.grad_sync=micro_batch")),
@@ -125,8 +125,12 @@ def test_two_ranks_match_one_rank_step_for_step(tmp_path, demo_dir, user_model_d
                 units = s["fsdp_units"]
                 reductions = units * (s["micro_batches"] if per_micro_batch and folder == two else 1)
                 assert units == (3 if world == 2 else 0) and s["units"] == reductions
-                # A one-rank shard group reduce-scatters nothing; 2-rank FSDP once per unit reduction.
-                assert s["reduce_scatters"] == (reductions if world == 2 and not hsdp else 0)
+                # 2-rank FSDP reduce-scatters once per unit reduction. A one-rank shard group (HSDP here)
+                # reduce-scatters nothing on recent torch; torch 2.8 (the floor) still issues that no-op.
+                if hsdp and folder == two:
+                    assert s["reduce_scatters"] in (0, reductions)
+                else:
+                    assert s["reduce_scatters"] == (reductions if world == 2 else 0)
                 assert s["all_reduces"] == (units if hsdp and folder == two else 0)
 
 

@@ -45,6 +45,7 @@ def test_prompt_completion_rows_split_into_their_prompt_and_completion(tokenizer
 @pytest.mark.parametrize("family,policy", [("builtin", "train"), ("qwen2.5", "train"), ("qwen3", "train"),
                                            ("qwen3", "prompt"), ("llama3", "train"), ("gemma2", "train"),
                                            ("olmo2", "train")])
+@pytest.mark.stack
 def test_a_chat_prompt_is_the_templates_generation_prompt(tokenizer, family, policy):
     """The conversation before the last assistant turn, as training renders it, is what
     apply_chat_template(messages[:-1], add_generation_prompt=True) gives (Qwen3's empty think
@@ -174,6 +175,7 @@ def test_weights_are_gathered_once_per_evaluation_not_once_per_token(sharded, to
     assert steps[12] > steps[4] and gathers[12] - gathers[4] >= steps[12] - steps[4]  # per token, per_forward
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "llama3", "gemma2", "olmo2"])
 def test_batched_generation_matches_plain_hf_row_by_row_in_every_family(family):
     """Left-padded batches, through the gathered copy and through the FSDP-wrapped model, give the
@@ -271,6 +273,7 @@ def _run(tmp_path, entries, *overrides):
         "msft.metric=val_exact_match", f"msft.max_new_tokens={MAX_NEW}", *overrides]))
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_exact_match_of_a_run_is_known_and_its_decisions_follow_the_curves(tmp_path, known_tasks,
                                                                             answering_model_dir):

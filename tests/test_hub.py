@@ -53,6 +53,7 @@ def _weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.stack
 def test_a_hub_model_id_loads_from_its_cached_snapshot(hub_models, tokenizer):
     from msft_fast.model import load_model, load_model_spec
 
@@ -200,6 +201,7 @@ def test_a_dataset_repo_folder_reads_its_readme_configs_and_splits(tmp_path, tok
     assert t.counts["train_rows"] == 5 and len(t.val) == 1
 
 
+@pytest.mark.stack
 def test_a_hub_dataset_id_reads_the_hub_cache_offline(tmp_path, hub_cache, tokenizer):
     put_repo(hub_cache, "org/toy", toy_dataset_files(), MAIN, repo_type="dataset")
     put_repo(hub_cache, "org/toy", toy_dataset_files(train=6), TAGGED, refs=("v2",), repo_type="dataset")

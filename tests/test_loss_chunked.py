@@ -2,6 +2,8 @@
 Triton interpreter (TRITON_INTERPRET=1, set in conftest.py): against float64 PyTorch on materialised
 logits on awkward shapes, and inside CausalLMWithTaskLoss against the PyTorch reference path."""
 
+import re
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -30,6 +32,7 @@ def test_runs_under_the_interpreter():
 CHUNKINGS = {"one-chunk": {}, "small": dict(chunk_size=8, row_block=32)}
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("chunking", CHUNKINGS, ids=list(CHUNKINGS))
 @pytest.mark.parametrize("options", [{}, dict(bias=True, softcap=2.0, z_loss=1e-2)], ids=["plain", "bias-cap-z"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
@@ -47,6 +50,7 @@ def test_fp32_matches_float64(reduction, options, chunking):
         (hidden, weight, bias), labels, task_ids, reduction, opts)
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_16bit_inputs_close_to_float64(dtype, tol, reduction):
@@ -204,6 +208,28 @@ def test_a_triton_loss_on_a_cpu_run_is_refused_before_anything_loads(monkeypatch
         with pytest.raises(ConfigError, match=rf"config key 'model.loss_impl' \({impl}\) .* use auto or torch"):
             load_model_spec(ModelConfig(loss_impl=impl), "fp32", torch.device("cpu"))
     assert load_model_spec(ModelConfig(loss_impl="torch"), "fp32", torch.device("cpu")).tokenizer is not None
+
+
+def test_a_torch_without_fp32_output_matmuls_is_refused_not_rounded(monkeypatch):
+    """A CUDA torch whose 16-bit matmuls cannot give fp32 results (torch < 2.8): the fused loss refuses,
+    naming the torch version and the key, instead of rounding the logits to 16 bits with a warning.
+    (No GPU here: the probe's answer for CUDA is set by hand.)"""
+    from msft_fast.kernels import fp32_gemm
+    from msft_fast.model import check_loss_impl
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fp32_gemm, "_SUPPORT", {"cuda": (False, False)})
+    version = re.escape(torch.__version__)
+    with pytest.raises(RuntimeError, match=rf"out_dtype.*torch >= 2.8.*torch {version} lacks it on CUDA"):
+        fp32_gemm.require_fp32_output(cuda)
+    for impl in ("auto", "chunked", "triton"):
+        with pytest.raises(ConfigError, match=rf"'model.loss_impl' \({impl}\): .*torch >= 2.8.*torch {version} "
+                                              rf"lacks.*model.loss_impl=torch"):
+            check_loss_impl(impl, cuda, torch.bfloat16)
+    check_loss_impl("torch", cuda, torch.bfloat16)   # the plain path rounds nothing of ours
+    check_loss_impl("chunked", cuda, torch.float32)  # fp32 operands give fp32 products anyway
+    monkeypatch.setattr(fp32_gemm, "_SUPPORT", {"cuda": (True, False)})
+    check_loss_impl("chunked", cuda, torch.bfloat16)
 
 
 def _packed_batch(vocab, num_tasks=3, seed=0):

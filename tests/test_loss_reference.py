@@ -61,6 +61,7 @@ def assert_stats(stats, ref, atol=1e-5):
     assert torch.equal(stats.tokens, ref.tokens) and torch.equal(stats.correct, ref.correct)
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("n,h,v,chunk", [(37, 19, 53, None), (37, 19, 53, 5), (130, 24, 257, 16)])
 def test_matches_plain_torch_float64(n, h, v, chunk, reduction):

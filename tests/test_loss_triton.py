@@ -137,6 +137,7 @@ def check_16bit_against_float64(call, leaves, labels, task_ids, reduction, dtype
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 
+@pytest.mark.stack
 def test_agrees_with_reference_backend_through_public_api():
     hidden, weight, bias, labels, task_ids = make_inputs(n=53, h=40, v=211, seed=2, bias=True)
     upstream = torch.randn(53)
@@ -154,6 +155,7 @@ def test_agrees_with_reference_backend_through_public_api():
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("impl", ["triton", "chunked"])
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("n", [0, 9])

@@ -28,7 +28,7 @@ SOURCES = ("msft_fast", "kernels", "tests", "bench")  # every Python file of the
 NOT_SOURCE = {".venv", ".git", "runs", "data", "build", "dist", ".pytest_cache", ".cache"}
 
 
-def test_every_subpackage_is_listed_and_kernels_is_namespaced():
+def test_every_subpackage_is_listed_and_kernels_is_namespaced_without_a_bare_package():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         tool = tomllib.load(f)["tool"]["setuptools"]
     listed = set(tool["packages"])
@@ -37,9 +37,49 @@ def test_every_subpackage_is_listed_and_kernels_is_namespaced():
         for folder, _, files in os.walk(os.path.join(ROOT, "msft_fast"))
         if "__init__.py" in files
     }
-    assert on_disk | {"msft_fast.kernels"} == listed
+    assert on_disk == listed and "msft_fast.kernels" in listed
     assert "kernels" not in listed  # a bare `kernels` would shadow the HF `kernels` package
-    assert tool["package-dir"]["msft_fast.kernels"] == "kernels"
+    # Nor may the sources' folder be a regular package: from the checkout's root (first on sys.path
+    # under -m) it would outrank HF's installed `kernels`. Its modules ship through setup.py instead.
+    assert not os.path.exists(os.path.join(ROOT, "kernels", "__init__.py"))
+    assert [n for n in os.listdir(os.path.join(ROOT, "msft_fast", "kernels")) if n != "__pycache__"] == ["__init__.py"]
+
+
+def _pins(path: str) -> dict:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in open(path):
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            req = Requirement(line)
+            [spec] = req.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(req.name)] = spec.version
+    return pins
+
+
+def test_the_floor_stage_installs_every_lower_bound_pyproject_promises():
+    """make test-floor installs requirements/floor.txt: each dependency's (and pytest's) lower bound in
+    pyproject.toml must be what it pins, so a bound cannot move without the floor stage testing it."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    floor = _pins(os.path.join(ROOT, "requirements", "floor.txt"))
+    pytest_req = next(r for r in project["optional-dependencies"]["test"] if r.startswith("pytest"))
+    for line in project["dependencies"] + [pytest_req]:
+        req = Requirement(line)
+        [spec] = req.specifier
+        name = canonicalize_name(req.name)
+        assert spec.operator == ">=", line
+        assert Version(floor[name]) == Version(spec.version), (line, floor.get(name))
+    pinned = _pins(os.path.join(ROOT, "requirements", "torch-cpu.txt"))
+    assert set(pinned) == {"torch", "triton"}
+    assert Version(pinned["torch"]) >= Version(floor["torch"])
 
 
 def test_users_import_the_loss_from_msft_fast_kernels():
@@ -122,6 +162,7 @@ def test_the_wheel_and_sdist_ship_the_package_and_nothing_else(built):
         assert shipped in names
     py_files = {os.path.relpath(p, ROOT)
                 for p in glob.glob(os.path.join(ROOT, "msft_fast", "**", "*.py"), recursive=True)}
+    py_files |= {"msft_fast/kernels/" + os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "kernels", "*.py"))}
     assert py_files <= set(names)
     assert "msft-fast = msft_fast.cli:main" in entry_points
     assert "Requires-Python: >=3.10" in metadata
@@ -144,9 +185,12 @@ def test_the_wheel_installs_beside_the_pinned_stack_and_trains_outside_the_sourc
     work = tmp_path / "work"
     work.mkdir()
     where = _run([python, "-c", "import msft_fast, msft_fast.kernels, importlib.util; "
-                                "print(msft_fast.__file__); print(importlib.util.find_spec('kernels'))"],
+                                "print(msft_fast.__file__); spec = importlib.util.find_spec('kernels'); "
+                                "print(spec.origin if spec else None)"],
                  cwd=work, env=_env()).stdout.split()
-    assert where[0].startswith(str(tmp_path / "env")) and where[1] == "None"  # the wheel's copy; no bare kernels
+    assert where[0].startswith(str(tmp_path / "env"))  # the wheel's copy
+    # No bare `kernels` of ours: none at all, or HF's (transformers 5.25+ depends on it) from the stack.
+    assert where[1] == "None" or where[1].startswith(str(tmp_path / "stack")), where[1]
     cli = str(tmp_path / "env" / "bin" / "msft-fast")
     assert "train" in _run([cli, "--help"], cwd=work, env=_env()).stdout
     _run([cli, "demo-data", "data", "--variant", "compact"], cwd=work, env=_env())

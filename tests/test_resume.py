@@ -114,7 +114,7 @@ def uninterrupted(tmp_path_factory, demo_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,crash_at,options", [
-    ("msft", 20, ("train.checkpoint_async=true",)), ("sft", 8, ()), ("sro", 25, ()),
+    pytest.param("msft", 20, ("train.checkpoint_async=true",), marks=pytest.mark.stack), ("sft", 8, ()), ("sro", 25, ()),
 ])
 def test_a_crashed_run_resumes_to_the_same_history_and_weights(tmp_path, demo_dir, uninterrupted, monkeypatch,
                                                                caplog, method, crash_at, options):
@@ -372,6 +372,7 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_two_ranks_killed_and_rerun_end_like_two_ranks_uninterrupted(tmp_path, demo_dir):
     whole, out = str(tmp_path / "whole"), str(tmp_path / "run")

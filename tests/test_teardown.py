@@ -43,6 +43,7 @@ def _overrides(tmp_path, demo_dir) -> list[str]:
             "train.epochs=1", "train.fsdp=always", "train.checkpoint_every=1000", "msft.evals_per_epoch=1"]
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("ending", ["finished", "stopped"])
 def test_a_run_leaves_no_process_group_behind(tmp_path, demo_dir, monkeypatch, ending):
     from msft_fast.config import load_config
