@@ -39,7 +39,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rep.add_argument("output_dir")
     cmp_ = sub.add_parser("compare", help="print a markdown table comparing runs (their output folders)")
     cmp_.add_argument("dirs", nargs="+", metavar="OUTPUT_DIR")
-    args = parser.parse_args(argv)
+    # Flags may come anywhere among the overrides (`train --config c.yaml out=x --overwrite method=sft`):
+    # argparse ends the overrides at the first flag, so what it leaves over joins them, in order.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "train" or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

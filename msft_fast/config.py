@@ -107,11 +107,14 @@ class MsftConfig:
     max_stale_stages: Optional[int] = None  # stop after this many stages in a row without a better pooled eval
     metric: str = "val_loss"  # val_loss | val_token_acc | val_exact_match | module:function (higher is better)
     tie_break: Literal["most_overfit", "first"] = "most_overfit"  # among tasks peaking at the same evaluation
+    # A task's peak among evaluations of equal best metric: the latest (a flat curve has not peaked)
+    # or the earliest (the paper's raw argmax: exact match stuck at 0 "peaks" at the stage start).
+    peak_ties: Literal["latest", "earliest"] = "latest"
     restore: Literal["full", "weights"] = "full"  # full: weights+optimizer+schedule+data+RNG; weights: fresh optimizer
     patience: Optional[int] = None  # end a roll-out once the earliest peak has held for this many evaluations
     snapshot_spill_dir: Optional[str] = None  # where older snapshot states go when host memory cannot hold them all
     # A task has peaked before the roll-out's end only if its latest metric is worse than its best
-    # by more than this; 0: the paper's raw argmax (any earlier best counts, ties included).
+    # by more than this; 0: any earlier best counts (with peak_ties=earliest, the paper's raw argmax).
     min_delta: float = 0.0
     # Exact match of generated answers (metric val_exact_match, or report_exact_match with another metric)
     report_exact_match: bool = False  # also score generated answers when selecting by another metric

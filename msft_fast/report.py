@@ -286,17 +286,29 @@ class _Run:
         """The final model may be a state that its own stage later rolled back from (it was the best
         pooled evaluation, though not the excluded task's peak): the training from the roll-back
         target up to it is in the final model, so it is not discarded."""
-        fe = self.final_eval
-        f = fe.get("eval_id")
         for i, s in enumerate(self.stages):
-            r, end = s.get("rollback_to_eval"), self.stage_end(s)
-            if r is None or end is None or not r < f <= end:
-                continue
-            start = self._field(self.stage_end(self.stages[i - 1]), "train_flops") if i > 0 else 0.0
-            bases = [v for v in (self._field(r, "train_flops"), start) if v is not None]
-            spent = _float(fe.get("train_flops"))
-            return max(0.0, spent - max(bases)) if spent is not None and bases else 0.0
+            kept = self.final_in_rollback(i, s)
+            if kept is not None:
+                return kept[1]
         return 0.0
+
+    def final_in_rollback(self, i: int, s: dict) -> Optional[tuple[float, float]]:
+        """(steps, training FLOPs) of stage `s`'s roll-back that the final model descends from: the
+        training from the roll-back target (or the stage start) up to the final state, when the
+        final state lies in the rolled-back branch; None when it does not."""
+        fe = self.final_eval
+        r, end = s.get("rollback_to_eval"), self.stage_end(s)
+        if fe is None or r is None or end is None or not r < fe.get("eval_id", -1) <= end:
+            return None
+        prev_end = self.stage_end(self.stages[i - 1]) if i > 0 else None
+        flops = [v for v in (self._field(r, "train_flops"), self._field(prev_end, "train_flops") if i else 0.0)
+                 if v is not None]
+        # r is an ancestor of the final state (the stage's start or a later state of its roll-out), so
+        # their `step` (steps behind the weights) differ by the steps between them.
+        steps = _diff(_float(fe.get("step")), self._field(r, "step"))
+        spent = _float(fe.get("train_flops"))
+        return (max(0.0, steps) if steps is not None else 0.0,
+                max(0.0, spent - max(flops)) if spent is not None and flops else 0.0)
 
 
 def describe_compute(history: "dict | _Run") -> str:
@@ -528,13 +540,20 @@ def render_markdown(run: "_Run | dict") -> str:
     header = ["stage"] + (["phase"] if has_phase else []) + [
         "excluded", "peak epoch", "rolled back to eval", "steps kept", "steps rolled back",
         "train FLOPs", "rolled back FLOPs"] + (["eval FLOPs"] if has_eval else [])
-    body = []
-    for r in rows:
+    body, notes = [], []
+    for i, r in enumerate(rows):
+        steps_disc, disc = r["steps_discarded"], r["discarded_flops"]
+        into_final = run.final_in_rollback(i, run.stages[i])
+        if into_final is not None:  # counted once: kept in the final model, not rolled back
+            steps_disc, disc = _diff(_float(steps_disc), into_final[0]), _diff(_float(disc), into_final[1])
+            notes.append(f"Stage {r['stage']}: the final model (eval {fe.get('eval_id')}) is a state this stage "
+                         f"rolled back from, so the {_int(into_final[0])} step(s) and {format_flops(into_final[1])} "
+                         f"that lead to it count as kept, not rolled back.")
         body.append([str(r["stage"])] + ([r["phase"] or "-"] if has_phase else []) + [
             r["excluded"] or "none", _epoch(r["peak_epoch"]),
             "-" if r["rollback_to_eval"] is None else str(r["rollback_to_eval"]),
-            _int(r["steps_kept"]), _int(r["steps_discarded"]),
-            format_flops(r["train_flops"]), format_flops(r["discarded_flops"])]
+            _int(r["steps_kept"]), _int(steps_disc),
+            format_flops(r["train_flops"]), format_flops(disc)]
             + ([format_flops(r["eval_flops"])] if has_eval else []))
     open_stage = run.open_stage()
     if open_stage is not None:
@@ -549,7 +568,7 @@ def render_markdown(run: "_Run | dict") -> str:
         lines += [_table(header, body), ""]
         lines += ["Peak epoch: the epoch of the excluded task's best evaluation (mSFT rolls back to it; SRO's "
                   "second pass excludes the task there). Steps kept: from the stage's first evaluation to that "
-                  "point; rolled back: after it.", ""]
+                  "point; rolled back: after it.", ""] + [n for note in notes for n in (note, "")]
     else:
         lines += ["No stage recorded yet.", ""]
 
@@ -614,8 +633,9 @@ def _wall_split(totals: Optional[dict]) -> str:
 def write_curves(run: "_Run | dict", path: str) -> str:
     """Two panels: each task's validation metric against cumulative training FLOPs and against
     epoch. Faded dashed: the task was no longer active; light dotted: evaluations of states that
-    a roll-back discarded (the curve then jumps back); vertical lines: exclusions, at the
-    evaluation rolled back to; stars: the final choice."""
+    a roll-back discarded, then a sparse dotted jump back to the restored state; vertical lines:
+    exclusions, at the evaluation rolled back to; stars: the final choice. Solid lines join only
+    states trained one from the other. A log axis when the curves span more than tenfold."""
     if isinstance(run, dict):
         run = _Run(run)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -638,6 +658,7 @@ def write_curves(run: "_Run | dict", path: str) -> str:
 
     fe = run.final_eval
     ms = 3.5 if len(run.evals) <= 60 else (2.0 if len(run.evals) <= 150 else 0.0)  # markers clutter long runs
+    log_axis = use_log_axis(run)
     for ax, xof in ((ax_f, xf), (ax_e, xe)):
         restore_x = (lambda r, e: xof(e)) if xof is xf else (lambda r, e: xof(r))
         for t, color in zip(run.tasks, colors):
@@ -677,7 +698,10 @@ def write_curves(run: "_Run | dict", path: str) -> str:
             if py is not None:
                 ax.plot([xof(fe)], [py], marker="*", ms=17, color="gold", mec="black", mew=0.9, zorder=6,
                         linestyle="none")
-        ax.set_ylabel(f"validation {run.metric} ({'higher' if run.higher_is_better else 'lower'} is better)")
+        if log_axis:
+            ax.set_yscale("log")
+        ax.set_ylabel(f"validation {run.metric} ({'higher' if run.higher_is_better else 'lower'} is better)"
+                      + (", log scale" if log_axis else ""))
         ax.grid(True, alpha=0.3)
     ax_f.set_xlabel(f"cumulative training compute ({unit})")
     ax_e.set_xlabel("epoch")
@@ -701,6 +725,7 @@ def write_curves(run: "_Run | dict", path: str) -> str:
         handles.append(Line2D([], [], color="grey", lw=1.2, ls="--", alpha=0.5, label="task inactive (excluded)"))
     if run.discarded:
         handles.append(Line2D([], [], color="grey", lw=1.2, ls=":", alpha=0.5, label="discarded by roll-back"))
+        handles.append(Line2D([], [], color="grey", lw=0.8, ls=(0, (1, 3)), label="roll-back (jump back)"))
     if run.probe_ids:
         handles.append(Line2D([], [], color="grey", lw=1.2, ls="-.", alpha=0.6, label="SRO pass 1 (probe)"))
     if any(s.get("excluded") for s in run.stages):
@@ -712,6 +737,15 @@ def write_curves(run: "_Run | dict", path: str) -> str:
 
     _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=_DPI))
     return path
+
+
+def use_log_axis(run: _Run) -> bool:
+    """A log axis when the curves span more than a factor of ten (one task at loss 11 would squash
+    the others into the bottom of a linear axis) and every value is positive (losses, not scores
+    that reach 0)."""
+    values = [v for e in run.evals for t in run.tasks if (v := run.task_value(e, t)) is not None]
+    values += [v for e in run.evals if (v := run.pooled(e)) is not None]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 10
 
 
 def _task_colors(n: int) -> list:
@@ -747,7 +781,7 @@ def _draw_curve(ax, run: _Run, value, active, xof, restore_x, color, lw: float, 
         "inactive": dict(ls="--", alpha=0.45 * alpha, lw=lw * 0.75),
         "discarded": dict(ls=":", alpha=0.4 * alpha, lw=lw * 0.9),
         "probe": dict(ls="-.", alpha=0.45 * alpha, lw=lw * 0.8),
-        "jump": dict(ls="-", alpha=0.25 * alpha, lw=0.8),
+        "jump": dict(ls=(0, (1, 3)), alpha=0.5 * alpha, lw=0.8),  # a roll-back: no training along it
     }
     segments: dict[str, list[list[tuple[float, float]]]] = {k: [] for k in styles}
 

@@ -39,6 +39,7 @@ from msft_fast.methods.dynamix import run_dynamix
 from msft_fast.methods.ies import run_ies
 from msft_fast.methods.metric import Metric
 from msft_fast.methods.msft import run_msft
+from msft_fast.methods.records import eval_points
 from msft_fast.methods.sft import run_sft
 from msft_fast.methods.sro import run_sro
 from msft_fast.model import load_model, load_model_spec, max_positions
@@ -82,6 +83,19 @@ def train(cfg: Optional[Config], overwrite: bool = False, config_error: Optional
     finally:
         box[0] = None
         shutdown_distributed()
+
+
+def record_epoch_plan(data: dict, stats: dict) -> None:
+    """Adds an epoch plan's packing statistics to history.json `packing` (once per epoch and task set:
+    a resumed run enters its epoch again) and updates the step-weighted means."""
+    packing = data.setdefault("packing", {"mixing_tv": None, "padding": None, "epochs": []})
+    epochs = packing["epochs"]
+    if any(e["epoch"] == stats["epoch"] and e["tasks"] == stats["tasks"] for e in epochs):
+        return
+    epochs.append(stats)
+    steps = sum(e["steps"] for e in epochs) or 1
+    packing["mixing_tv"] = round(sum(e["mixing_tv"] * e["steps"] for e in epochs) / steps, 6)
+    packing["padding"] = round(sum(e["padding"] * e["steps"] for e in epochs) / steps, 6)
 
 
 def _metric_of(cfg: Optional[Config], config_error: Optional[UserError]) -> Metric:
@@ -182,15 +196,23 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
         # The lr schedule spans train.epochs of the full mixture for every method, so methods see the
         # same learning rate at the same step; mSFT cannot know its length, so it may run past the
         # horizon (at the floor lr) or stop before it.
-        trainer_.set_total_steps(steps, known=cfg.method in ("sft", "dynamix"))
+        evals = 1 + len(eval_points(0.0, cfg.train.epochs, cfg.msft.evals_per_epoch))  # as sft and dynamix make them
+        trainer_.set_total_steps(steps, known=cfg.method in ("sft", "dynamix"), total_evals=evals)
         pad = padding_fraction(loader.epoch_plan(0), cfg.data.tokens_per_batch)
+        first_plan = loader.packing_stats(0)
         backends = {"attn_implementation": loaded.attn_implementation,
                     "compute_dtype": str(trainer_.param_dtype).removeprefix("torch."),
                     "loss_implementation": trainer_.model.loss_implementation(ctx.device, trainer_.param_dtype)}
         if ctx.is_main:
-            log.info("%s: model %s (%s attention, %s compute, %s loss), %d ranks, lr schedule over %d steps, "
-                     "padding %.2f%% of micro-batch capacity", cfg.method, loaded.source, *backends.values(),
-                     ctx.world_size, steps, 100 * pad)
+            log.info("%s: model %s (%s attention, %s compute, %s loss), %d rank%s, lr schedule over %d steps",
+                     cfg.method, loaded.source, *backends.values(), ctx.world_size, "" if ctx.world_size == 1 else "s",
+                     steps)
+            if first_plan is not None:
+                log.info("packing: %d micro-batches of %d tokens in %d steps per epoch; padding %.2f%% of their "
+                         "capacity; mixing: a step's task shares of trained tokens are %.3f from the epoch's "
+                         "(mean total-variation distance; 0: every step trains the mixture in its proportions)",
+                         first_plan["micro_batches"], cfg.data.tokens_per_batch, first_plan["steps"],
+                         100 * first_plan["padding"], first_plan["mixing_tv"])
         history = History(out, cfg.method, trainer_.task_names, cfg.to_dict(), {
             "metric": metric.name,
             "higher_is_better": metric.higher_is_better,
@@ -199,6 +221,9 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             "hub_commits": {k: v for k, v in commits.items() if v is not None},  # Hub repos by config key
             **backends,
             "padding_fraction": pad,
+            # Every epoch plan training entered (a roll-back or an exclusion plans again), and their
+            # step-weighted means: how far steps' task shares are from the epoch's, and padding.
+            "packing": {"mixing_tv": None, "padding": None, "epochs": []},
             "data": {t.name: t.counts for t in tasks},
             "data_sources": {t.name: t.sources for t in tasks},
             "data_digests": digests,  # what a resume compares (see _check_same_data)
@@ -210,6 +235,7 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
                          trainer_.counters.steps_trained)
         trainer_.trackers = history.trackers = start_trackers(ctx, cfg, out, history, trainer_.counters.steps_trained)
         trainer_.history_data = lambda: history.data
+        trainer_.on_epoch_plan = lambda stats: record_epoch_plan(history.data, stats)
         try:
             final = METHODS[cfg.method](trainer_, history, metric)
             trainer_.finish_checkpoint()

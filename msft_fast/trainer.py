@@ -134,21 +134,26 @@ class Trainer:
         # every step with (task index [D], document index [D], mean token loss [D]) of the step's
         # documents on all ranks, from the step's own loss pass and reduction.
         self.doc_loss_observer = None
+        # Called with loader.packing_stats of each epoch plan as training enters it (set by the run).
+        self.on_epoch_plan = None
+        self._entered_plan: Optional[tuple] = None
         self.last_checkpoint: Optional[str] = None
         self._resumed: Optional[ckpt.LoadedCheckpoint] = None
         self._pending: Optional[ckpt.PendingCheckpoint] = None
         self._unlogged: list[_UnloggedStep] = []  # steps whose time marks have not been read yet
 
-    def set_total_steps(self, total_steps: int, known: bool = True) -> None:
+    def set_total_steps(self, total_steps: int, known: bool = True, total_evals: Optional[int] = None) -> None:
         """The lr schedule's horizon in steps. `known=False` when the method cannot tell how many
-        steps it will take (mSFT): the progress bar then counts without an ETA."""
+        steps it will take: the progress then counts without an ETA until the method gives a bound
+        (`progress.set_total`, as mSFT does). `total_evals`: the evaluations the run makes, for the ETA."""
         if self.counters.step:
             raise RuntimeError("the schedule is set before the first step")
         self.total_steps = total_steps
         self.scheduler = build_scheduler(self.optimizer, total_steps, self.cfg.train)
         self.progress = make_progress(total_steps if known else None,
                                       enabled=self.ctx.is_main and self.cfg.train.progress,
-                                      interval=self.cfg.train.progress_interval)
+                                      interval=self.cfg.train.progress_interval,
+                                      total_evals=total_evals if known else None)
 
     # -------------------------------------------------------------------------------------------
     # Position in the data
@@ -197,6 +202,7 @@ class Trainer:
         """
         c, ctx = self.counters, self.ctx
         host_t0 = time.perf_counter()
+        self._enter_epoch_plan()
         timer = PhaseTimer.start(ctx.device)
         plans = self.loader.step_plans(c.epoch, c.step_in_epoch)
         batches = [b.to(ctx.device) for b in self.loader.step_batches(c.epoch, c.step_in_epoch)]
@@ -274,6 +280,16 @@ class Trainer:
         }
         self._unlogged.append(_UnloggedStep(record, timer, step_flops, host_seconds))
         self._after_step(finite, stop=stop)
+
+    def _enter_epoch_plan(self) -> None:
+        """Report a plan of the mixture the first time training steps into it (once per epoch and set
+        of active tasks; a method's sampler plans steps by its own rule and is not reported)."""
+        key = (self.counters.epoch, self.loader.active)
+        if self.on_epoch_plan is None or key == self._entered_plan or self.loader.sampler is not None:
+            return
+        self._entered_plan = key
+        stats = self.loader.packing_stats(self.counters.epoch)
+        self.on_epoch_plan({**stats, **({"stage": self.tags["stage"]} if "stage" in self.tags else {})})
 
     def _forward_backward(self, batches: list, scale: float, stats: torch.Tensor, docs: torch.Tensor,
                           slots: Optional[list]) -> None:
@@ -389,9 +405,7 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
             self.trackers.log_step(record)
         if self.progress is not None:
-            self.progress.update(1)
-            self.progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                      epoch=f"{record['epoch']:.2f}", refresh=False)
+            self.progress.step(record)
 
     # -------------------------------------------------------------------------------------------
     # Evaluation: one packed forward over every task's validation split
@@ -424,6 +438,8 @@ class Trainer:
             c.generation_flops += answers.flops
             c.generation_seconds += answers.seconds
         c.eval_seconds += time.perf_counter() - t0
+        if self.progress is not None:
+            self.progress.evaluation(time.perf_counter() - t0)
         tasks = {
             name: TaskScore(_ratio(stats[0, i], stats[1, i]), _ratio(stats[2, i], stats[1, i]), int(stats[1, i]))
             for i, name in enumerate(self.task_names)
@@ -609,7 +625,7 @@ class Trainer:
             if os.path.exists(self.metrics_path):
                 os.truncate(self.metrics_path, min(loaded.meta["metrics_bytes"], os.path.getsize(self.metrics_path)))
         if self.progress is not None:
-            self.progress.update(self.counters.steps_trained)
+            self.progress.resumed(self.counters.steps_trained, len(loaded.history.get("evals", [])))
         self._resumed = loaded
         self.last_checkpoint = path
         return loaded.history

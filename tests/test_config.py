@@ -278,6 +278,23 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_cli_flags_may_come_anywhere_among_the_overrides(tmp_path, monkeypatch):
+    """`train --config c.yaml out=x --overwrite method=sft`: every override reaches the config, in order."""
+    from msft_fast import cli, run
+
+    seen = {}
+    monkeypatch.setattr(run, "train", lambda cfg, overwrite, config_error: seen.update(cfg=cfg, overwrite=overwrite))
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: a\ndata: {tasks: [{name: t, train: t.jsonl, val_fraction: 0.1}]}\n")
+    assert cli.main(["train", "--config", str(path), "output_dir=b", "--overwrite", "method=sft",
+                     "train.lr=1e-4", "train.lr=2e-4"]) == 0
+    assert seen["overwrite"] and seen["cfg"].output_dir == "b" and seen["cfg"].method == "sft"
+    assert seen["cfg"].train.lr == 2e-4  # the later of two overrides wins, as written
+    with pytest.raises(SystemExit) as e:  # argparse's own refusal of an unknown flag
+        cli.main(["train", "--config", str(path), "method=sft", "--bogus"])
+    assert e.value.code == 2
+
+
 def test_cli_missing_config_file(tmp_path, capsys):
     from msft_fast.cli import main
 

@@ -317,7 +317,7 @@ def test_exact_match_of_a_run_is_known_and_its_decisions_follow_the_curves(tmp_p
 def test_sro_and_sft_read_peaks_and_pick_their_final_model_by_exact_match(tmp_path, known_tasks,
                                                                           answering_model_dir):
     """SRO and SFT select by the same exact-match scores as mSFT: each excluded task's peak is its
-    best probe evaluation by exact match, and the final model is the evaluation with the best pooled
+    best probe evaluation by exact match (the latest of equal bests), and the final model is the evaluation with the best pooled
     exact match (over all answers), earliest on ties."""
     entries, _ = known_tasks
     history = _run(tmp_path, entries, f"model.path={answering_model_dir}", "method=sro", "train.epochs=0.5",
@@ -328,8 +328,8 @@ def test_sro_and_sft_read_peaks_and_pick_their_final_model_by_exact_match(tmp_pa
         assert all(t["metric"] == t["val_exact_match"] for t in e["tasks"].values())
     probe, *schedule = history["stages"]
     probe_evals = [e for e in history["evals"] if e["stage"] == 0]
-    for task, peak in probe["peak_evals"].items():  # the earliest best exact match of the probe
-        assert peak == max(probe_evals, key=lambda e: (e["tasks"][task]["val_exact_match"], -e["eval_id"]))["eval_id"]
+    for task, peak in probe["peak_evals"].items():  # the latest of the probe's best exact matches
+        assert peak == max(probe_evals, key=lambda e: (e["tasks"][task]["val_exact_match"], e["eval_id"]))["eval_id"]
     assert [s["excluded"] for s in schedule if s["excluded"]] == sorted(
         (t for t, i in probe["peak_evals"].items() if i < probe["end_eval"]),
         key=lambda t: (probe["peak_evals"][t], history["tasks"].index(t)))

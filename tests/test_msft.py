@@ -49,10 +49,30 @@ def test_ties_in_peak_time_break_by_overfit_or_config_order():
     assert choose_exclusion(equal, [A, B], "most_overfit").excluded == A
 
 
-def test_equal_costs_count_the_earliest_evaluation_and_inactive_tasks_are_ignored():
+def test_equal_costs_count_the_latest_evaluation_or_the_papers_earliest_and_inactive_tasks_are_ignored():
     costs = curves(a=[2, 1, 1, 1], b=[3, 2, 1, 0], c=[0, 9, 9, 9])
-    assert task_peaks(costs, [A, B]) == {A: 1, B: 3}
-    assert choose_exclusion(costs, [A, B], "first").excluded == A  # c is not active
+    # a reached its best at eval 1 and held it: by default it has not peaked (nothing got worse)
+    assert task_peaks(costs, [A, B]) == {A: 3, B: 3}
+    assert choose_exclusion(costs, [A, B], "first").excluded is None
+    # msft.peak_ties=earliest, the paper's raw argmax: a peaked at 1; c is not active
+    assert task_peaks(costs, [A, B], "earliest") == {A: 1, B: 3}
+    assert choose_exclusion(costs, [A, B], "first", ties="earliest").excluded == A
+    slipped = curves(a=[2, 1, 1, 1.5], b=[3, 2, 1, 0])  # worse after the plateau: peaked at its latest best
+    assert choose_exclusion(slipped, [A, B], "first").peak_index == 2
+    assert choose_exclusion(slipped, [A, B], "first", ties="earliest").peak_index == 1
+
+
+def test_a_task_flat_at_zero_exact_match_is_not_excluded_at_the_stage_start():
+    """Exact match stuck at 0 while the pooled metric rises: the task has not peaked; the paper's
+    rule (peak_ties=earliest) would exclude it at eval 0 and roll everything back."""
+    from msft_fast.methods.metric import Metric
+
+    cost = Metric("val_exact_match").cost
+    costs = curves(capitals=[cost(0.0)] * 4, upper=[cost(0.1), cost(0.4), cost(0.6), cost(0.55)])
+    d = choose_exclusion(costs, ["capitals", "upper"], "most_overfit")
+    assert d.peaks == {"capitals": 3, "upper": 2} and (d.excluded, d.peak_index) == ("upper", 2)
+    paper = choose_exclusion(costs, ["capitals", "upper"], "most_overfit", ties="earliest")
+    assert (paper.excluded, paper.peak_index) == ("capitals", 0)
 
 
 def test_a_diverged_evaluation_never_counts_as_a_peak():
@@ -81,10 +101,11 @@ def test_min_delta_counts_a_task_within_it_of_its_best_as_still_improving():
     assert (choose_exclusion(worse, [A, B], "first", min_delta=0.05).excluded,
             choose_exclusion(worse, [A, B], "first", min_delta=0.05).peak_index) == (A, 1)
     # A flat curve (exact match stuck at 0): the paper's argmax counts its first evaluation as the
-    # peak; with any min_delta it is still improving.
+    # peak; with any min_delta, or by default (latest of equal bests), it is still improving.
     flat = curves(a=[-0.0, -0.0, -0.0], b=[3, 2, 1])
-    assert choose_exclusion(flat, [A, B], "first").peak_index == 0
-    assert choose_exclusion(flat, [A, B], "first", min_delta=1e-9).excluded is None
+    assert choose_exclusion(flat, [A, B], "first", ties="earliest").peak_index == 0
+    assert choose_exclusion(flat, [A, B], "first", min_delta=1e-9, ties="earliest").excluded is None
+    assert choose_exclusion(flat, [A, B], "first").excluded is None
     assert peak_confirmed(costs, [A, B], patience=2) and not peak_confirmed(costs, [A, B], 2, min_delta=0.05)
 
 
@@ -262,7 +283,9 @@ def _assert_consistent(history):
         active = [t for t, v in in_stage[-1]["tasks"].items() if v["active"]]
         if stage["excluded"] is not None:
             task, target = stage["excluded"], stage["rollback_to_eval"]
-            best = min(in_stage, key=lambda e: (cost(e, task), e["eval_id"]))
+            # of equal bests, the latest (msft.peak_ties, default) or the earliest (the paper's rule)
+            tie = -1 if history["config"]["msft"]["peak_ties"] == "latest" else 1
+            best = min(in_stage, key=lambda e: (cost(e, task), tie * e["eval_id"]))
             assert best["eval_id"] == target == stage["peak_evals"][task]
             for other in active:
                 assert stage["peak_evals"][other] >= target
@@ -346,7 +369,12 @@ def test_msft_compute_bound_decisions_on_the_console_and_counts(tmp_path, demo_d
     assert any("mSFT stopped after 2 stage(s): the compute bound msft.max_epochs was reached" in m for m in messages)
     assert any(m.startswith("compute: train ") and "kept in the final model" in m for m in messages)
     err = capsys.readouterr().err
-    assert "\r" not in err and any(m.startswith("step ") and "steps/s" in m for m in messages)  # no bar frames
+    # Progress lines (no bar frames), with the worst case the bound allows: steps, share done and ETA.
+    assert "\r" not in err
+    progress = [m for m in messages if m.startswith("step ")]
+    assert progress and all("train tokens/s" in m for m in progress)
+    worst = history["compute_bound"]["worst_case_steps"]
+    assert all(f"/<={worst} (>=" in m for m in progress) and any("ETA <=" in m for m in progress)
     counts = history["data"]["sort"]
     assert counts["val_held_out"] == counts["val_docs"] == round(0.1 * counts["train_rows"]) > 0
     assert counts["train_docs"] + counts["val_docs"] == counts["train_rows"]
@@ -381,7 +409,7 @@ def test_msft_patience_ends_roll_outs_early_and_weights_restore_runs(tmp_path, d
 @pytest.mark.slow
 def test_sro_excludes_each_task_at_its_probe_peak(tmp_path, demo_dir, caplog):
     with caplog.at_level("INFO", logger="msft_fast"):
-        history = _run(tmp_path, demo_dir, "method=sro", "train.epochs=1")
+        history = _run(tmp_path, demo_dir, "method=sro")
     probe, *schedule = history["stages"]
     assert probe["phase"] == "probe" and all(s["phase"] == "schedule" for s in schedule)
     evals = {e["eval_id"]: e for e in history["evals"]}
@@ -407,8 +435,9 @@ def test_sro_excludes_each_task_at_its_probe_peak(tmp_path, demo_dir, caplog):
     assert history["final"]["eval_id"] == best["eval_id"]
     assert history["totals"]["train_flops"] > probe["train_flops"]  # the probe's compute counts too
     assert history["totals"]["epochs_trained"] == pytest.approx(sum(s["epochs_trained"] for s in history["stages"]))
-    assert history["totals"]["epochs_trained"] == pytest.approx(1 + max(peak_epoch.values()) if len(early) == len(
-        history["tasks"]) else 2.0, abs=0.05)
+    epochs = history["config"]["train"]["epochs"]  # the probe's; pass 2 ends at the last task's peak or there
+    assert history["totals"]["epochs_trained"] == pytest.approx(
+        epochs + (max(peak_epoch.values()) if len(early) == len(history["tasks"]) else epochs), abs=0.05)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""Packing: best-fit bins, deterministic epochs, collated fields, document isolation, rank dealing."""
+"""Packing: steps that train the mixture, little padding, deterministic epochs, collated fields,
+document isolation, rank dealing."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,10 @@ from conftest import tiny_llama
 from msft_fast.config import DataConfig, TaskConfig
 from msft_fast.data.formats import IGNORE_INDEX
 from msft_fast.data.loader import MixtureLoader
-from msft_fast.data.packing import best_fit_pack, collate, empty_batch, padding_fraction, plan_epoch
+from msft_fast.data.packing import (
+    MicroBatchPlan, best_fit_pack, collate, empty_batch, interleave, mixing_tv, pack_in_order, padding_fraction,
+    plan_epoch,
+)
 from msft_fast.data.tasks import DocSet, TaskData, load_tasks
 from msft_fast.model import CausalLMWithTaskLoss
 
@@ -66,6 +70,96 @@ def test_plan_epoch_is_deterministic_per_seed_and_epoch_and_covers_each_document
     # Only the active tasks are planned.
     only = plan_epoch(docsets, [1], 256, seed=3, epoch=1)
     assert {t for p in only for t in p.tasks.tolist()} == {1}
+
+
+def _tasks_of_lengths(spec, seed=0) -> list[TaskData]:
+    """spec: (documents, mean length) per task; lengths within +-40% of the mean."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (n, mean) in enumerate(spec):
+        ds = _docset(np.maximum(3, np.round(rng.uniform(0.6, 1.4, n) * mean)).astype(np.int64), seed=seed + i)
+        out.append(TaskData(f"t{i}", i, ds, ds))
+    return out
+
+
+# Tasks whose documents differ 8x in length (8 to 64 tokens on average) and 10x in count.
+EIGHT_X = [(1800, 8), (180, 64), (750, 24), (450, 40)]
+
+
+@pytest.mark.parametrize("capacity,per_step", [(512, 1), (256, 2), (1024, 1)])
+def test_every_step_trains_the_mixture_when_tasks_differ_8x_in_length(capacity, per_step):
+    """Each optimizer step's task shares of trained tokens stay near the epoch's (mean TV <= 0.10)
+    with padding <= 3%, on every seed; best-fit-decreasing over the whole epoch (the old plan) sorts
+    by length and with it by task, which the same measure catches."""
+    docsets = [t.train for t in _tasks_of_lengths(EIGHT_X)]
+    for seed in range(3):
+        plans = plan_epoch(docsets, range(4), capacity, seed=seed, epoch=0)
+        assert mixing_tv(plans, docsets, per_step) <= 0.10, seed
+        assert padding_fraction(plans, capacity) <= 0.03, seed
+    task_of = np.concatenate([np.full(len(d), t) for t, d in enumerate(docsets)])
+    doc_of = np.concatenate([np.arange(len(d)) for d in docsets])
+    lengths = np.concatenate([d.lengths for d in docsets])
+    sorted_plans = [MicroBatchPlan(task_of[b], doc_of[b], int(lengths[b].sum())) for b in best_fit_pack(lengths, capacity)]
+    shuffled = [sorted_plans[i] for i in np.random.default_rng(0).permutation(len(sorted_plans))]
+    assert mixing_tv(shuffled, docsets, per_step) > 0.3
+
+
+def test_the_demo_mixture_is_mixed_in_every_step_with_little_padding(tmp_path, tokenizer):
+    """`make demo`'s data and settings (the calibrated variant, 256-token micro-batches, one per
+    step): every task in nearly every step, shares near the epoch's, padding at most 3%."""
+    from msft_fast.demo_data import write_demo_mixture
+
+    entries = write_demo_mixture(tmp_path / "demo", seed=0, variant="calibrated")
+    cfg = DataConfig(tasks=[TaskConfig(e["name"], e["train"], e["val"]) for e in entries], max_seq_len=64,
+                     tokens_per_batch=256, cache_dir=str(tmp_path / "cache"))
+    docsets = [t.train for t in load_tasks(cfg, tokenizer)]
+    for seed in range(3):
+        plans = plan_epoch(docsets, range(len(docsets)), 256, seed=seed, epoch=0)
+        assert mixing_tv(plans, docsets, 1) <= 0.10
+        assert padding_fraction(plans, 256) <= 0.03
+        one_task = [p for p in plans if len(set(p.tasks.tolist())) == 1]
+        assert len(one_task) <= 1  # at most the epoch's last, partly filled micro-batch
+
+
+def test_mixing_tv_is_the_mean_distance_of_each_steps_shares_from_the_epochs():
+    docsets = [_docset([4, 4, 4, 4]), _docset([4, 4, 4, 4])]
+    tokens = [int(d.loss_tokens.sum()) for d in docsets]
+
+    def plan(*pairs):
+        return MicroBatchPlan(np.array([t for t, _ in pairs]), np.array([d for _, d in pairs]), 4 * len(pairs))
+
+    by_task = [plan((0, 0), (0, 1), (0, 2), (0, 3)), plan((1, 0), (1, 1), (1, 2), (1, 3))]
+    # Each step holds one task: its distance from the epoch's shares is 1 - that task's share.
+    share0 = tokens[0] / sum(tokens)
+    assert mixing_tv(by_task, docsets, 1) == pytest.approx(((1 - share0) + share0) / 2)
+    assert mixing_tv(by_task, docsets, 2) == 0.0  # one step holds the whole epoch
+    assert mixing_tv([], docsets, 1) == 0.0
+
+
+def test_interleave_spreads_each_tasks_weight_evenly_through_the_order():
+    rng = np.random.default_rng(0)
+    task_of = np.repeat([0, 1, 2], [300, 30, 90])
+    weights = np.where(task_of == 1, 20, np.where(task_of == 2, 5, 1)).astype(np.float64)
+    order = interleave(task_of, weights, rng)
+    assert sorted(order.tolist()) == list(range(len(task_of)))
+    share = np.bincount(task_of, weights) / weights.sum()
+    cum = np.cumsum(np.eye(3)[task_of[order]] * weights[order, None], axis=0)
+    # After any prefix, each task has had its share of the weight so far, give or take the largest
+    # document; grouped by task (a sorted order), the drift is a whole task's weight.
+    drift = np.abs(cum - cum.sum(axis=1, keepdims=True) * share)
+    assert drift.max() <= 20
+    by_task = np.cumsum(np.eye(3)[task_of] * weights[:, None], axis=0)
+    assert np.abs(by_task - by_task.sum(axis=1, keepdims=True) * share).max() > 100
+
+
+def test_pack_in_order_keeps_the_order_and_fills_gaps_from_a_little_ahead():
+    lengths = np.array([6, 6, 6, 5, 3, 9, 2, 6])
+    bins = pack_in_order(np.arange(8), lengths, capacity=16, lookahead=4)
+    # 6+6, then the gap of 4 takes the 3 (the next 6 does not fit); 6+5, then the 2 from the next few; 9+6.
+    assert bins == [[0, 1, 4], [2, 3, 6], [5, 7]]
+    assert sorted(i for b in bins for i in b) == list(range(8))
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_in_order(np.arange(2), np.array([5, 17]), capacity=16)
 
 
 def test_padding_fraction_on_the_demo_mixture_is_under_two_percent(demo_dir, tokenizer, tmp_path):

@@ -423,3 +423,47 @@ def test_a_final_model_from_a_rolled_back_branch_keeps_that_compute(tmp_path):
     h["totals"]["final_kept_train_flops"] = 3 * TF
     assert ("train 9.00 TFLOP: 3.00 TFLOP (33.3%) kept in the final model, 6.00 TFLOP (66.7%) discarded, of which "
             "3.00 TFLOP rolled back by roll-backs") in describe_compute(h)
+    # The stage table agrees: stage 0 rolled back 2 TFLOP and 20 steps, of which 1 TFLOP and 10 steps
+    # lead to the final model and count as kept (never both kept and rolled back).
+    _, md_path = write_report(str(_write(tmp_path, "final_in_branch", h)))
+    md = open(md_path, encoding="utf-8").read()
+    assert _row(md, "0")[:7] == ["0", "a", "1", "2", "20", "10", "4.00 TFLOP"] and _row(md, "0")[7] == "1.00 TFLOP"
+    assert ("Stage 0: the final model (eval 3) is a state this stage rolled back from, so the 10 step(s) and "
+            "1.00 TFLOP that lead to it count as kept, not rolled back.") in md
+
+
+def _rolled_back_at_the_start_history(values_b=(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)):
+    """Stage 0 excludes b at its stage start (rolled back to eval 0, evals 1-3 discarded); the final
+    model is eval 2, in that discarded branch; stage 1 trains a alone (evals 4-5)."""
+    rows = [(0, 0, 0.0, 0, 0, 3.0), (1, 10, 0.5, 0, 1, 2.5), (2, 20, 1.0, 0, 2, 2.0), (3, 30, 1.5, 0, 3, 1.8),
+            (4, 10, 0.5, 1, 4, 2.4), (5, 20, 1.0, 1, 5, 2.2)]
+    evals = [_eval(i, st, ep, sg, tf * TF, 1e9, {"a": la, "b": lb}, {"a", "b"} if sg == 0 else {"a"})
+             for (i, st, ep, sg, tf, la), lb in zip(rows, values_b)]
+    return {"format_version": 1, "status": "finished", "method": "msft", "tasks": ["a", "b"], "evals": evals,
+            "stages": [{"stage": 0, "excluded": "b", "rollback_to_eval": 0, "start_eval": 0, "end_eval": 3},
+                       {"stage": 1, "excluded": None, "rollback_to_eval": None, "start_eval": 0, "end_eval": 5}],
+            "final": {"eval_id": 2, "pooled_val_loss": 1.0}, "totals": {"train_flops": 5 * TF, "eval_flops": 1e10}}
+
+
+def test_curves_draw_only_what_was_trained(tmp_path):
+    """Solid lines join a state to the next one trained from it: the kept path goes 0 -> 4 -> 5, the
+    discarded branch 0 -> 1 -> 2 -> 3 (with the final model, eval 2) is dotted, and the roll-back
+    from 3 back to 0 is a sparse-dotted jump, never a solid line."""
+    h = _rolled_back_at_the_start_history()
+    lines = _epoch_lines(h, "a")
+    solid = [(xs, ys) for xs, ys, style in lines if style == "-"]
+    assert solid == [([0.0, 0.5, 1.0], [3.0, 2.4, 2.2])]
+    assert ([0.0, 0.5, 1.0, 1.5], [3.0, 2.5, 2.0, 1.8], ":") in lines
+    assert ([1.5, 0.0], [1.8, 3.0], (0, (1, 3))) in lines
+    png, _ = write_report(str(_write(tmp_path, "rolled_back_at_start", h)))
+    assert _png_size(png) == (1400, 600)
+
+
+def test_a_log_axis_when_the_curves_span_more_than_tenfold():
+    from msft_fast.report import _Run, use_log_axis
+
+    assert not use_log_axis(_Run(msft_history()))  # losses 1.2 to 4: linear
+    wide = _rolled_back_at_the_start_history(values_b=(11.0, 10.5, 10.0, 9.8, 9.9, 10.2))
+    wide["evals"][5]["tasks"]["a"]["val_loss"] = 0.05
+    assert use_log_axis(_Run(wide))
+    assert not use_log_axis(_Run(_rolled_back_at_the_start_history()))  # exact zeros: no log axis

@@ -90,6 +90,20 @@ def test_history_has_every_contract_field(finished_run):
         assert m["peak_mem_gib"] > 0
     assert totals["tokens_per_s"] == pytest.approx(totals["trained_tokens"] / totals["train_seconds"])
     assert totals["mfu"] is None and totals["bad_steps"] == 0
+    # Packing: each epoch plan trained, once (2 epochs), with how its steps mix the tasks; the
+    # recorded shares are those of metrics.jsonl's steps.
+    packing = on_disk["packing"]
+    assert [(e["epoch"], e["tasks"]) for e in packing["epochs"]] == [(0, on_disk["tasks"]), (1, on_disk["tasks"])]
+    assert sum(e["steps"] for e in packing["epochs"]) == totals["steps"]
+    assert 0 <= packing["mixing_tv"] <= 0.25 and 0 <= packing["padding"] <= 0.05
+    assert packing["padding"] == pytest.approx(sum(e["padding"] * e["steps"] for e in packing["epochs"])
+                                               / totals["steps"], abs=1e-6)
+    first = packing["epochs"][0]
+    epoch0 = [m for m in metrics if m["epoch"] <= 1.0]
+    share = {t: sum(m["tasks"].get(t, {}).get("tokens", 0) for m in epoch0) for t in on_disk["tasks"]}
+    tv = sum(0.5 * sum(abs(m["tasks"].get(t, {}).get("tokens", 0) / m["loss_tokens"] - share[t] / sum(share.values()))
+                       for t in on_disk["tasks"]) for m in epoch0) / len(epoch0)
+    assert len(epoch0) == first["steps"] and tv == pytest.approx(first["mixing_tv"], abs=1e-5)
 
 
 def test_the_step_time_split_puts_each_known_delay_in_its_own_part(tmp_path, demo_dir, monkeypatch):

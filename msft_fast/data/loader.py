@@ -17,7 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from msft_fast.data.packing import (
-    MicroBatchPlan, PackedBatch, best_fit_pack, collate, empty_batch, plan_epoch, sample_step,
+    MicroBatchPlan, PackedBatch, best_fit_pack, collate, empty_batch, mixing_tv, padding_fraction, plan_epoch,
+    sample_step,
 )
 from msft_fast.data.tasks import TaskData
 
@@ -66,6 +67,23 @@ class MixtureLoader:
             docsets = [t.train for t in self.tasks]
             self._plans[key] = plan_epoch(docsets, self.active, self.capacity, self.seed, epoch, self.dropped)
         return self._plans[key]
+
+    def packing_stats(self, epoch: int) -> Optional[dict]:
+        """How well the plan of `epoch` over the active tasks mixes and fills its micro-batches
+        (history.json `packing.epochs`); None while a sampler draws the steps (DynamixSFT's own rule)."""
+        if self.sampler is not None:
+            return None
+        plans = self.epoch_plan(epoch)
+        return {"epoch": epoch, "tasks": [self.tasks[i].name for i in self.active],
+                "steps": self.steps_in_epoch(epoch), "micro_batches": len(plans),
+                "mixing_tv": round(mixing_tv(plans, [t.train for t in self.tasks], self.per_step), 6),
+                "padding": round(padding_fraction(plans, self.capacity), 6)}
+
+    def steps_in_full_epoch(self) -> int:
+        """Optimizer steps of an epoch over every task: the most any epoch of the mixture takes."""
+        docsets = [t.train for t in self.tasks]
+        plans = plan_epoch(docsets, range(len(self.tasks)), self.capacity, self.seed, 0)
+        return math.ceil(len(plans) / self.per_step)
 
     def steps_in_epoch(self, epoch: int) -> int:
         return math.ceil(len(self.epoch_plan(epoch)) / self.per_step)

@@ -31,18 +31,21 @@ class Decision:
     peaks: dict[str, int]  # every active task's best evaluation (index into the roll-out)
 
 
-def task_peaks(costs: list[dict[str, float]], active: list[str]) -> dict[str, int]:
-    """Index of each task's lowest cost; on equal costs the earliest evaluation counts."""
-    return {k: min(range(len(costs)), key=lambda i: (costs[i][k], i)) for k in active}
+def task_peaks(costs: list[dict[str, float]], active: list[str], ties: str = "latest") -> dict[str, int]:
+    """Index of each task's lowest cost. On equal costs (msft.peak_ties) the latest evaluation that
+    reaches the best counts ("latest": a curve that stays flat, say exact match stuck at 0, has not
+    peaked), or the earliest ("earliest": the paper's raw argmax)."""
+    sign = -1 if ties == "latest" else 1
+    return {k: min(range(len(costs)), key=lambda i: (costs[i][k], sign * i)) for k in active}
 
 
-def effective_peaks(costs: list[dict[str, float]], active: list[str], min_delta: float = 0.0) -> dict[str, int]:
-    """Each task's peak as the decisions count it (msft.min_delta): its best evaluation, unless
-    its latest cost is worse than that best by no more than `min_delta`; then the task counts as
-    still improving and its peak is the latest evaluation. min_delta 0 is the paper's raw argmax:
-    any earlier best counts, an exact tie with the latest included. A flat but jittery curve
-    (a small validation set) then no longer excludes its task on an early jitter."""
-    peaks = task_peaks(costs, active)
+def effective_peaks(costs: list[dict[str, float]], active: list[str], min_delta: float = 0.0,
+                    ties: str = "latest") -> dict[str, int]:
+    """Each task's peak as the decisions count it (msft.min_delta): its best evaluation
+    (`task_peaks`), unless its latest cost is worse than that best by no more than `min_delta`;
+    then the task counts as still improving and its peak is the latest evaluation. A flat but
+    jittery curve (a small validation set) then no longer excludes its task on an early jitter."""
+    peaks = task_peaks(costs, active, ties)
     if min_delta <= 0:
         return peaks
     last = len(costs) - 1
@@ -50,7 +53,7 @@ def effective_peaks(costs: list[dict[str, float]], active: list[str], min_delta:
 
 
 def choose_exclusion(costs: list[dict[str, float]], active: list[str], tie_break: str,
-                     min_delta: float = 0.0) -> Decision:
+                     min_delta: float = 0.0, ties: str = "latest") -> Decision:
     """costs[i][task]: cost (lower is better) at roll-out evaluation i (0 = the stage start).
 
     The active task whose peak (`effective_peaks`) comes first is excluded, unless that is the last
@@ -58,7 +61,7 @@ def choose_exclusion(costs: list[dict[str, float]], active: list[str], tie_break
     `most_overfit` takes the one whose cost rose most from its peak to the roll-out's end (ties, and
     `first`, by the order of data.tasks).
     """
-    peaks = effective_peaks(costs, active, min_delta)
+    peaks = effective_peaks(costs, active, min_delta, ties)
     earliest = min(peaks.values())
     if earliest == len(costs) - 1:
         return Decision(None, None, peaks)
@@ -70,10 +73,10 @@ def choose_exclusion(costs: list[dict[str, float]], active: list[str], tie_break
 
 
 def peak_confirmed(costs: list[dict[str, float]], active: list[str], patience: int,
-                   min_delta: float = 0.0) -> bool:
+                   min_delta: float = 0.0, ties: str = "latest") -> bool:
     """The earliest peak has held for `patience` evaluations: a task's best can only move later,
     so the task peaking first now is the one to exclude unless it improves again."""
-    earliest = min(effective_peaks(costs, active, min_delta).values())
+    earliest = min(effective_peaks(costs, active, min_delta, ties).values())
     return len(costs) - 1 - earliest >= patience
 
 
@@ -112,6 +115,8 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
                              in_memory=plan["in_memory_states"], spill_dir=plan["spill_dir"])
     bound = compute_bound(trainer)
     history.data["compute_bound"] = bound
+    if trainer.progress is not None:  # the run's length is bounded, not known: show the worst case
+        trainer.progress.set_total(bound["worst_case_steps"], bound["worst_case_evals"], worst_case=True)
     max_epochs = max_trained_epochs(trainer.cfg)  # inf: no bound
     ledger = StageLedger(trainer)
     st: MsftState = trainer.resumed_method_state()
@@ -151,7 +156,7 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
             ev = evaluate(trainer, history, metric, stage=st.stage, active=set(st.active))
             st.rollout.append(ev)
             costs = [e.costs for e in st.rollout]
-            needed = set(task_peaks(costs, st.active).values())
+            needed = set(task_peaks(costs, st.active, cfg.peak_ties).values())
             if cfg.min_delta > 0:  # a task within min_delta of its best counts as peaking at the latest
                 needed.add(len(st.rollout) - 1)
             for i in [i for i in st.held if i not in needed]:
@@ -163,7 +168,8 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
                 pool.release(st.best_state)
                 st.best = ev
                 st.best_state = pool.retain(st.held[last]) if last in st.held else trainer.capture()
-            if cfg.patience is not None and peak_confirmed(costs, st.active, cfg.patience, cfg.min_delta):
+            if cfg.patience is not None and peak_confirmed(costs, st.active, cfg.patience, cfg.min_delta,
+                                                           cfg.peak_ties):
                 break
         _end_stage(trainer, history, st, ledger, weights_only, report, metric.name, max_epochs)
         st.ledger = ledger.start
@@ -187,7 +193,7 @@ def _end_stage(trainer: Trainer, history: History, st: MsftState, ledger: StageL
                report: PeriodicReport, metric_name: str, max_epochs: float) -> None:
     """Record the roll-out's decision, say it, roll back if a task is excluded, and set up the next stage."""
     cfg, names, rollout, pool = trainer.cfg.msft, trainer.task_names, st.rollout, trainer.pool
-    decision = choose_exclusion([e.costs for e in rollout], st.active, cfg.tie_break, cfg.min_delta)
+    decision = choose_exclusion([e.costs for e in rollout], st.active, cfg.tie_break, cfg.min_delta, cfg.peak_ties)
     peak_ids = {k: rollout[i].eval_id for k, i in decision.peaks.items()}
     epochs = trainer.epoch_position - st.begin  # trained in this roll-out, before any roll-back
     st.trained_epochs += epochs
@@ -274,6 +280,8 @@ def compute_bound(trainer: Trainer) -> dict:
         "worst_case_epochs": worst,
         "epoch_train_flops": epoch_flops,  # one epoch of all tasks
         "worst_case_train_flops": worst * epoch_flops,
+        # Every epoch counted at the length of an epoch of all tasks (an epoch of fewer is shorter).
+        "worst_case_steps": math.ceil(worst * trainer.loader.steps_in_full_epoch() - 1e-9),
         "worst_case_evals": evals,
         # Generation (exact match) at its most: every answer runs to max_new_tokens.
         "worst_case_eval_flops": evals * (trainer.flop_counter.eval(sum(val_lengths), val_lengths)
@@ -315,7 +323,8 @@ def describe_decision(st: MsftState, decision: Decision, rollout: list[Evaluatio
     value = peak.record["tasks"][decision.excluded]["metric"]
     return (f"stage {st.stage}: excluded '{decision.excluded}', which peaked at eval {peak.eval_id} (epoch "
             f"{peak.epoch:.2f}, {metric_name} {value:.4f}); rolled back to that state: {record['steps_discarded']} "
-            f"step(s) and {format_flops(record['discarded_flops'])} discarded; {left}; {spent}{best}")
+            f"step(s) and {format_flops(record['discarded_flops'])} discarded, training goes on from epoch "
+            f"{peak.epoch:.2f} (step {peak.step}) without it; {left}; {spent}{best}")
 
 
 def few_evaluations_warning(trainer: Trainer, stage: int, length: float) -> str:

@@ -80,6 +80,9 @@ def _log(trainer: Trainer, record: dict, metric: Metric) -> None:
     per_task = "  ".join(f"{n}{'' if t['active'] else '(x)'} {t['metric']:.3f}" for n, t in record["tasks"].items())
     message = (f"eval {record['eval_id']} @ epoch {record['epoch']:.2f} (step {record['step']}, stage {record['stage']}): "
                f"pooled {metric.name} {record['pooled_metric']:.4f} | {per_task}")
+    if "pooled_val_exact_match" in record and metric.name != "val_exact_match":  # scored beside the metric
+        answers = "  ".join(f"{n} {t['val_exact_match']:.3f}" for n, t in record["tasks"].items())
+        message += f" || exact match {record['pooled_val_exact_match']:.4f} | {answers}"
     if trainer.progress is not None:
         trainer.progress.write(message)
     else:

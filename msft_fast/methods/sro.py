@@ -82,7 +82,7 @@ def run_sro(trainer: Trainer, history: History, metric: Metric) -> dict:
             st.next_target += 1
             if trainer.counters.step != st.probe[-1].step:
                 st.probe.append(evaluate(trainer, history, metric, stage=0, active=set(names)))
-        peaks = effective_peaks([e.costs for e in st.probe], names, cfg.msft.min_delta)
+        peaks = effective_peaks([e.costs for e in st.probe], names, cfg.msft.min_delta, cfg.msft.peak_ties)
         history.add_stage(0, excluded=None, rollback_to_eval=None, phase="probe",
                           peak_evals={k: st.probe[i].eval_id for k, i in peaks.items()},
                           epochs_trained=round(trainer.epoch_position, 6),
