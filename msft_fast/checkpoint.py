@@ -174,7 +174,8 @@ def save_checkpoint(ctx: DistContext, output_dir: str, steps_trained: int, model
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         if asynchronous:
-            future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+            future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp,
+                                    process_group=ctx.checkpoint_group)
         else:
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
         fault_point("checkpoint_write")  # shards written; rank state, method state and meta.json not yet

@@ -6,7 +6,8 @@ first call, turn them on; unset (every real run) a call costs one global lookup 
 
     MSFT_FAST_KILL_AT=NAME:N      SIGKILL this process the N-th time (from 1) it passes fault_point(NAME)
     MSFT_FAST_FAULT_TRACE=FILE    append the NAME of every point passed to FILE, one a line, flushed at
-                                  once (a test reads an uninterrupted run's trace to plan where to kill)
+                                  once (a test reads an uninterrupted run's trace to plan where to kill);
+                                  "{rank}" in FILE becomes the process's RANK, one trace per rank
 
 On several ranks every rank counts its own passes, so all ranks that pass a point die there.
 """
@@ -31,6 +32,8 @@ class _Armed:
             if not sep or name not in POINTS or not count.isdigit() or int(count) < 1:
                 raise ValueError(f"{KILL_AT_ENV}={kill_at!r}: expected NAME:N with NAME one of {', '.join(POINTS)}")
             self.target, self.count = name, int(count)
+        if trace:
+            trace = trace.replace("{rank}", os.environ.get("RANK", "0"))
         self.trace: Optional[TextIO] = open(trace, "a", encoding="utf-8") if trace else None
 
     def hit(self, name: str) -> None:

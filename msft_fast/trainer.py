@@ -384,6 +384,7 @@ class Trainer:
         # Back to the newest checkpoint's weights and optimizer state; the data position and the
         # schedule go on, so the batches that diverged are not seen again.
         ckpt.load_weights_and_optimizer(path, self.model, self.optimizer)
+        self._set_schedule(self.scheduler.state_dict())  # the loaded groups carry the checkpoint's lr
         c.bad_restores += 1
         c.bad_in_row = 0
         if self.ctx.is_main:
@@ -535,11 +536,20 @@ class Trainer:
         c = self.counters
         c.step, c.epoch, c.step_in_epoch, c.kept_train_flops = snap.extra["position"]
         self.loader.set_active(snap.extra["active"])
-        self.scheduler.load_state_dict(snap.extra["scheduler"])
+        self._set_schedule(snap.extra["scheduler"])
         if not weights_only:
             torch.set_rng_state(snap.extra["rng"])
             if snap.extra["cuda_rng"] is not None:
                 torch.cuda.set_rng_state(snap.extra["cuda_rng"], self.ctx.device)
+
+    def _set_schedule(self, state: dict) -> None:
+        """The lr schedule at a position, and the optimizer's lr with it: loading a scheduler's state
+        sets what it reports, not the lr the optimizer's groups will use for the next step (that is
+        written only by scheduler.step()), so the first step after a roll-back would take the lr of
+        the step before it."""
+        self.scheduler.load_state_dict(state)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
 
     def set_active(self, active: list[int]) -> None:
         """Train on these tasks from now on, keeping the position in epochs: one epoch is one pass
@@ -615,7 +625,7 @@ class Trainer:
         loaded = ckpt.load_checkpoint(self.ctx, path, self.model, self.optimizer)
         st = loaded.trainer_state
         self.counters = Counters(**st["counters"])
-        self.scheduler.load_state_dict(st["scheduler"])
+        self._set_schedule(st["scheduler"])
         self.loader.set_active(st["active"])
         self.tags = dict(st["tags"])
         torch.set_rng_state(loaded.rank_state["rng"])

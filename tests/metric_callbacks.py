@@ -50,3 +50,17 @@ def plateau(model, tokenizer, task_names):
     PLATEAU[0] += 1
     n = PLATEAU[0]
     return {name: 0.0 if n < 2 else 1.0 - (0.011 if i == 0 else 0.01) * (n - 2) for i, name in enumerate(task_names)}
+
+
+TWO_ROLLBACKS = [0]
+
+
+def two_rollbacks(model, tokenizer, task_names):
+    """Higher is better: the first task peaks at the run's 2nd evaluation, the second at its 4th,
+    whatever the data. With two evaluations per roll-out: stage 0 excludes the first task and rolls
+    back to its 2nd evaluation, stage 1 the second one and rolls back to the 4th (both mid-roll-out
+    states, with optimizer state behind them). Reset TWO_ROLLBACKS[0] = 0 before a run."""
+    TWO_ROLLBACKS[0] += 1
+    n = TWO_ROLLBACKS[0]
+    peaks = (2, 4) + tuple(range(100, 100 + len(task_names)))
+    return {name: -float((n - peaks[i]) ** 2) for i, name in enumerate(task_names)}

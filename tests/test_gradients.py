@@ -2,7 +2,9 @@
 each document of the step on its own (no packing, no fused loss, no FSDP), `F.cross_entropy` summed
 over the step's trained tokens and divided by their global count. The trainer runs it packed,
 sharded and accumulated: 1 rank with 4 micro-batches per step, and 2 ranks with 2 each (the same 4
-micro-batches). A normalisation that both share (per micro-batch, per rank, per document) fails here.
+micro-batches). A normalisation that both share (per micro-batch, per rank, per document) fails here. The
+recorded gradient norm is the reference's, and with train.grad_clip the optimizer gets the reference
+scaled by min(1, clip / ||g||).
 """
 from __future__ import annotations
 
@@ -61,37 +63,51 @@ def reference(tmp_path_factory, demo_dir, user_model_dir):
     return tmp, loss.item(), tokens, grads
 
 
-def _assert_matches(reference, out, grads_path):
+def _assert_matches(reference, out, grads_path, clip: float = 0.0):
+    """The first step's gradients as the optimizer got them: the reference, scaled by
+    min(1, clip / ||g||) with train.grad_clip=clip; the recorded grad_norm is ||g|| before clipping."""
     _, loss, tokens, want = reference
+    norm = torch.sqrt(sum((g * g).sum() for g in want.values())).item()
+    scale = min(1.0, clip / norm) if clip > 0 else 1.0
     got = torch.load(grads_path)
     assert {name.removeprefix("lm."): None for name in got}.keys() == want.keys()
     for name, g in got.items():
-        ref = want[name.removeprefix("lm.")]
+        ref = want[name.removeprefix("lm.")] * scale
         error = (g.double() - ref).norm() / ref.norm()
         assert error < 1e-5, (name, float(error))  # fp32 rounding: about 3e-7 here
     with open(os.path.join(out, "metrics.jsonl")) as f:
         first = json.loads(f.readline())
     assert first["loss_tokens"] == tokens
     assert first["loss"] == pytest.approx(loss, rel=1e-6)
+    assert first["grad_norm"] == pytest.approx(norm, rel=1e-5)
 
 
-def test_one_rank_with_accumulation_matches_the_plain_hf_gradient(reference, demo_dir, user_model_dir):
+def _clip_of(reference, clipped: bool) -> float:
+    """train.grad_clip: off, or a quarter of the first step's gradient norm (so clipping acts)."""
+    norm = torch.sqrt(sum((g * g).sum() for g in reference[3].values())).item()
+    return round(norm / 4, 6) if clipped else 0.0
+
+
+@pytest.mark.parametrize("clipped", [False, True], ids=["unclipped", "clipped"])
+def test_one_rank_with_accumulation_matches_the_plain_hf_gradient(reference, demo_dir, user_model_dir, clipped):
     from first_step_gradients import train_saving_first_gradients
 
-    tmp = reference[0]
-    out, grads = tmp / "one", tmp / "one.pt"
-    train_saving_first_gradients(load_config(None, _overrides(tmp, demo_dir, user_model_dir, out, MICRO_BATCHES)),
-                                 str(grads))
-    _assert_matches(reference, out, grads)
+    tmp, clip = reference[0], _clip_of(reference, clipped)
+    out, grads = tmp / f"one-{clipped}", tmp / f"one-{clipped}.pt"
+    train_saving_first_gradients(load_config(None, [*_overrides(tmp, demo_dir, user_model_dir, out, MICRO_BATCHES),
+                                                    f"train.grad_clip={clip}"]), str(grads))
+    _assert_matches(reference, out, grads, clip)
 
 
-def test_two_ranks_with_accumulation_match_the_plain_hf_gradient(reference, demo_dir, user_model_dir):
-    tmp = reference[0]
-    out, grads = tmp / "two", tmp / "two.pt"
+@pytest.mark.parametrize("clipped", [False, True], ids=["unclipped", "clipped"])
+def test_two_ranks_with_accumulation_match_the_plain_hf_gradient(reference, demo_dir, user_model_dir, clipped):
+    tmp, clip = reference[0], _clip_of(reference, clipped)
+    out, grads = tmp / f"two-{clipped}", tmp / f"two-{clipped}.pt"
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "first_step_gradients.py")
     env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             script, str(grads), *_overrides(tmp, demo_dir, user_model_dir, out, MICRO_BATCHES // 2)],
+                             script, str(grads), *_overrides(tmp, demo_dir, user_model_dir, out, MICRO_BATCHES // 2),
+                             f"train.grad_clip={clip}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         _, err = proc.communicate(timeout=300)
@@ -100,4 +116,4 @@ def test_two_ranks_with_accumulation_match_the_plain_hf_gradient(reference, demo
         proc.communicate()
         raise
     assert proc.returncode == 0, err[-3000:]
-    _assert_matches(reference, out, grads)
+    _assert_matches(reference, out, grads, clip)

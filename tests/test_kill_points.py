@@ -10,16 +10,20 @@ The runs are real processes (tests/forked_cli.py) on the compact demo's upper/no
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
+import subprocess
+import sys
 
 import pytest
+from conftest import kill_process_tree
 
 import forked_cli
 from msft_fast.checkpoint import complete_checkpoints, incomplete_checkpoints, read_meta
 from msft_fast.fault_injection import KILL_AT_ENV, POINTS, TRACE_ENV
-from test_resume import _assert_same_run, _overrides
+from test_resume import _assert_same_contents, _assert_same_run, _checkpoint_contents, _overrides
 
 pytestmark = pytest.mark.slow
 
@@ -144,16 +148,95 @@ def test_a_kill_at_each_point_then_a_rerun_resumes_from_a_named_checkpoint_and_e
 
 
 def test_soak_three_random_kills_and_reruns_end_like_an_uninterrupted_run(reference, demo_dir):
-    """Seeded (MSFT_FAST_SOAK_SEED, default 0): one kill at a random point of each third of the run
-    that follows the first checkpoint."""
+    """Seeded by MSFT_FAST_SOAK_SEED (default 0; .ci/run sets a new one for each CI run and prints
+    it, and so does this test): one kill at a random point of each third of the run that follows the
+    first checkpoint. A failure replays with the seed it names."""
     base, whole, trace = reference
     seed = int(os.environ.get("MSFT_FAST_SOAK_SEED", "0"))
+    print(f"soak seed: MSFT_FAST_SOAK_SEED={seed}")
     rng = random.Random(seed)
     first = trace.index("checkpoint_write") + 1
     span = (len(trace) - first) / 3
     kills = [rng.randrange(first + int(i * span), first + int((i + 1) * span)) for i in range(3)]
     runs = KilledAndRerun(base, demo_dir, f"soak-{seed}", trace)
-    for index in kills:
-        runs.run(index)
-    runs.run()
-    _assert_same_run(whole, runs.out)
+    try:
+        for index in kills:
+            runs.run(index)
+        runs.run()
+        _assert_same_run(whole, runs.out)
+    except AssertionError as e:
+        raise AssertionError(f"soak with MSFT_FAST_SOAK_SEED={seed} (kills at trace indices {kills}): {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Two ranks, asynchronous checkpoints
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ASYNC = (*SETTINGS, "train.checkpoint_async=true", "train.grad_accum=1")
+
+
+def _torchrun(base, demo_dir, out, name: str, env: dict, *extra) -> tuple[int, str]:
+    """`torchrun -m msft_fast.train` on 2 gloo ranks; (exit code, stderr)."""
+    proc = subprocess.Popen([*TORCHRUN, "-m", "msft_fast.train", *_overrides(base, demo_dir, out, *ASYNC, *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(base), "OMP_NUM_THREADS": "1", **env})
+    try:
+        _, err = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        kill_process_tree(proc.pid)
+        proc.communicate()
+        raise
+    (base / f"{name}.log").write_text(err)
+    return proc.returncode, err
+
+
+def test_two_ranks_with_async_checkpoints_killed_mid_write_and_after_an_exclusion(tmp_path, demo_dir):
+    """2 gloo ranks, asynchronous checkpoints, every checkpoint kept in an uninterrupted reference.
+    Killed (both ranks, SIGKILL) while the second checkpoint's shards are still being written, then
+    rerun; killed again at the first step after mSFT's first roll-back, then rerun to the end. After
+    each kill the newest complete checkpoint holds exactly the reference's model and Adam state at
+    its step (read with DCP), the rerun names what it resumes from and skips the half-written
+    checkpoint, and the run ends equal to the reference, its last checkpoint included."""
+    base = tmp_path
+    whole, out = str(base / "whole"), str(base / "run")
+    code, err = _torchrun(base, demo_dir, whole, "whole", {TRACE_ENV: str(base / "whole-{rank}.trace")},
+                          "train.keep_checkpoints=1000")
+    assert code == 0, err[-3000:]
+    trace = _read_trace(base / "whole-0.trace")
+    # Both ranks pass the same points (rank 0 alone writes final/).
+    assert _read_trace(base / "whole-1.trace") == [p for p in trace if p != "export"]
+    history = json.load(open(os.path.join(whole, "history.json")))
+    assert any(s["excluded"] for s in history["stages"]), "the reference must roll back"
+    reference = {read_meta(p)["steps_trained"]: p for p in complete_checkpoints(whole)}
+
+    def check_newest(context: str) -> int:
+        newest = complete_checkpoints(out)[-1]
+        steps = read_meta(newest)["steps_trained"]
+        assert steps in reference, f"{context}: no reference checkpoint at step {steps}"
+        _assert_same_contents(_checkpoint_contents(newest, base / "got.pt"),
+                              _checkpoint_contents(reference[steps], base / "want.pt"), context)
+        return steps
+
+    # 1: during the second checkpoint's asynchronous write (the first is complete by then).
+    code, _ = _torchrun(base, demo_dir, out, "kill-1", {KILL_AT_ENV: "checkpoint_write:2"})
+    assert code != 0
+    assert [why for _, why in incomplete_checkpoints(out)] == ["its write did not finish"]
+    steps = check_newest("after the kill during the asynchronous write")
+    start = resume_index(trace, steps)
+    # 2: the first optimizer step after the first roll-back's restore, counted from where the rerun starts.
+    restore = trace.index("snapshot_restore", start)
+    kill = trace.index("train_step", restore)
+    code, err = _torchrun(base, demo_dir, out, "kill-2", {KILL_AT_ENV: f"train_step:{trace[start:kill + 1].count('train_step')}"})
+    assert code != 0
+    resumed = RESUMED.findall(err)
+    assert len(resumed) == 1 and resumed[0][2] == str(steps), err[-3000:]
+    assert len(IGNORED.findall(err)) == 1  # the half-written checkpoint, named and skipped
+    at_kill = json.load(open(os.path.join(out, "history.json")))
+    assert any(s["excluded"] for s in at_kill["stages"]), "the second kill comes after an exclusion"
+    check_newest("after the kill after the exclusion")
+    # 3: to the end.
+    code, err = _torchrun(base, demo_dir, out, "rerun", {})
+    assert code == 0, err[-3000:]
+    assert len(RESUMED.findall(err)) == 1
+    assert check_newest("at the end") == max(reference)
+    assert _assert_same_run(whole, out, ignore=("config.train.keep_checkpoints",)) == 2  # the rerun keeps 2

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -67,7 +68,10 @@ def _outputs(out):
     return _strip(history), _strip(metrics), weights
 
 
-def _assert_same_run(a, b, ignore=()):
+def _assert_same_run(a, b, ignore=()) -> int:
+    """Runs a and b ended the same: history (bar `ignore` and settings that may differ), metrics,
+    final weights, and the model and optimizer state of every checkpoint step both hold (read back
+    with DCP). Returns how many checkpoints were compared."""
     (ha, ma, wa), (hb, mb, wb) = _outputs(a), _outputs(b)
     # Settings that may differ: where each run wrote, how often it checkpointed; and `ignore`.
     for h in (ha, hb):
@@ -81,6 +85,37 @@ def _assert_same_run(a, b, ignore=()):
     assert json.dumps(ha, sort_keys=True) == json.dumps(hb, sort_keys=True)  # NaN-safe, bitwise floats
     assert json.dumps(ma) == json.dumps(mb)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    steps_a = {read_meta(p)["steps_trained"]: p for p in complete_checkpoints(a)}
+    steps_b = {read_meta(p)["steps_trained"]: p for p in complete_checkpoints(b)}
+    common = sorted(set(steps_a) & set(steps_b))
+    with tempfile.TemporaryDirectory() as tmp:
+        for step in common:
+            _assert_same_contents(_checkpoint_contents(steps_a[step], os.path.join(tmp, "a.pt")),
+                                  _checkpoint_contents(steps_b[step], os.path.join(tmp, "b.pt")), f"step {step}")
+    return len(common)
+
+
+def _checkpoint_contents(folder, into) -> dict:
+    """Model and optimizer state of a DCP checkpoint folder, read back in one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, into)
+    return torch.load(into, weights_only=False)
+
+
+def _assert_same_contents(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_contents(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_contents(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 class _Crash(BaseException):
@@ -135,7 +170,7 @@ def test_a_crashed_run_resumes_to_the_same_history_and_weights(tmp_path, demo_di
         history = _train(tmp_path, demo_dir, out, f"method={method}", *options)
     assert RESUMED.findall(caplog.text) == [(out, newest, str(expect))]
     assert history["status"] == "finished"
-    _assert_same_run(whole, out)
+    assert _assert_same_run(whole, out) == 2  # the two kept checkpoints, the last step's included
     assert len(complete_checkpoints(out)) == 2  # train.keep_checkpoints
     assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.endswith(".tmp")]
 

@@ -86,3 +86,83 @@ def test_each_roll_back_and_final_hold_the_weights_of_the_evaluation_they_name(t
     assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
     with open(tmp_path / "run" / "history.json") as f:
         assert json.load(f)["final"]["eval_id"] == claims[-1]
+
+
+def _state_of(trainer) -> dict:
+    """Everything a restore must put back, copied: weights, Adam state, schedule, counters, RNG."""
+    import copy
+    import dataclasses
+
+    return {
+        "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+        "adam": {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in trainer.optimizer.state[p].items()}
+                 for n, p in trainer.model.named_parameters() if p in trainer.optimizer.state},
+        "scheduler": copy.deepcopy(trainer.scheduler.state_dict()),
+        "lr": [g["lr"] for g in trainer.optimizer.param_groups],
+        "counters": dataclasses.asdict(trainer.counters),
+        "active": trainer.loader.active,
+        "rng": torch.get_rng_state().clone(),
+    }
+
+
+# What a roll-back restores (the position of the state) and what it never rolls back (what was spent).
+POSITION = ("step", "epoch", "step_in_epoch", "kept_train_flops")
+SPENT = ("steps_trained", "train_flops", "eval_flops", "trained_tokens", "loss_tokens", "eval_tokens")
+
+
+@pytest.mark.parametrize("mode", ["full", "weights"])
+def test_a_restore_puts_back_the_whole_trainer_position(tmp_path, demo_dir, monkeypatch, mode):
+    """mSFT with two roll-backs to mid-roll-out states, a cosine schedule with warm-up and 2
+    micro-batches per step: right after each restore the trainer holds exactly what it held when
+    that state was captured: weights, lr schedule (position and the lr it set), counters, active
+    tasks, and with msft.restore=full the Adam state and the RNG bitwise; with `weights` the
+    optimizer starts empty (the paper's fresh optimizer) while the schedule still continues from
+    the restored position. What was spent (steps, FLOPs, tokens) is never rolled back."""
+    import metric_callbacks
+
+    from conftest import demo_tasks
+    from msft_fast.trainer import Trainer
+
+    captured, checked = {}, []
+    original_capture, original_restore = Trainer.capture, Trainer.restore
+
+    def capture(self):
+        snap = original_capture(self)
+        captured[id(snap)] = _state_of(self)
+        torch.rand(7)  # as dropout would: training moves the RNG on, a full restore must put it back
+        return snap
+
+    def checked_restore(self, snap, weights_only=False):
+        before = _state_of(self)
+        original_restore(self, snap, weights_only=weights_only)
+        if id(snap) not in captured:
+            return
+        want, got = captured[id(snap)], _state_of(self)
+        assert got["weights"].keys() == want["weights"].keys()
+        assert all(torch.equal(got["weights"][n], want["weights"][n]) for n in want["weights"])
+        assert got["scheduler"] == want["scheduler"] and got["lr"] == want["lr"]
+        assert {k: got["counters"][k] for k in POSITION} == {k: want["counters"][k] for k in POSITION}
+        assert {k: got["counters"][k] for k in SPENT} == {k: before["counters"][k] for k in SPENT}
+        assert got["active"] == want["active"]
+        if weights_only:
+            assert got["adam"] == {} and not self.optimizer.state
+        else:
+            assert got["adam"].keys() == want["adam"].keys() and want["adam"]
+            for n, state in want["adam"].items():
+                assert state.keys() == got["adam"][n].keys()
+                assert all(torch.equal(got["adam"][n][k], v) if torch.is_tensor(v) else got["adam"][n][k] == v
+                           for k, v in state.items()), n
+            assert torch.equal(got["rng"], want["rng"])
+        checked.append((self.counters.step, want["lr"][0]))
+
+    monkeypatch.setattr(Trainer, "capture", capture)
+    monkeypatch.setattr(Trainer, "restore", checked_restore)
+    metric_callbacks.TWO_ROLLBACKS[0] = 0
+    history = _train(tmp_path, demo_dir, str(tmp_path / "run"), "method=msft",
+                     f"data.tasks=[{demo_tasks(demo_dir, ('upper', 'sort'))}]", "train.schedule=cosine",
+                     "train.warmup_steps=3", "train.grad_accum=2", "train.epochs=2", "msft.budget_epochs=0.5",
+                     "msft.metric=metric_callbacks:two_rollbacks", f"msft.restore={mode}")
+    rollbacks = [(s["excluded"], s["rollback_to_eval"]) for s in history["stages"] if s["excluded"]]
+    assert rollbacks == [("upper", 1), ("sort", 3)]
+    # Two roll-backs and the final restore, each to a mid-roll-out state of its own schedule position.
+    assert len(checked) == 3 and len({lr for _, lr in checked[:2]}) == 2 and all(step > 0 for step, _ in checked)
