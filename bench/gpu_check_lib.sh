@@ -83,10 +83,5 @@ install_carried() {  # wheels carried in $PEER_WHEELS (default .whl, from bench/
     else
         echo "no carried wheels in $wheels (bench/gather_wheels.sh gathers them)" | tee -a "$log"
     fi
-    # msft_fast.kernels is kernels/ only in an installed package (pyproject's package-dir): without an
-    # install, the same tree is laid out that way in $site (no build step, no setuptools needed).
-    if ! "$PYTHON" -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("msft_fast.kernels") else 1)' \
-            > /dev/null 2>&1; then
-        cp -r msft_fast "$site/" && cp -r kernels "$site/msft_fast/kernels" && echo "msft_fast: this tree, laid out in $site" | tee -a "$log"
-    fi
+    # This tree imports as it is from the repository root (msft_fast/kernels/__init__.py reaches kernels/).
 }

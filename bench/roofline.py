@@ -4,33 +4,36 @@ script prints is MODELLED from data-sheet peaks and the assumptions below, not m
 
 Each path is a list of kernel launches ("ops"), each with its FLOPs and the HBM bytes it moves; an
 op takes max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth) plus a launch, and ops run one
-after another (no overlap between kernels: the model errs slow). The chunked path's chunk sizes come
-from the code itself (msft_fast.kernels.plan_chunks), so the model follows the default budget.
+after another. The same model, with the same assumptions, prices every path: no path gets a factor
+the others do not. The chunked path's chunk sizes come from the code itself
+(msft_fast.kernels.plan_chunks), so the model follows the default budget.
 
 Paths (training step: forward + backward of a summed loss, bf16 inputs, every token with a label):
   chunked  ours, the default on CUDA: per sub-chunk a cuBLAS logits GEMM with fp32 output and the
-           row kernel (reads the fp32 row twice: the second read is counted as HBM traffic, although
-           it runs last-block-first to hit L2; writes the bf16 gradient row); per group the dH and dW
-           GEMMs (dW read and written in fp32 by every group but the first). 6NHV.
-  liger    Liger-Kernel's fused linear cross-entropy, the same construction as it ships: chunks of
-           next_pow2(N / ceil(V / H)) tokens, bf16 logits, gradient written in place, dW accumulated
-           by addmm in the weight dtype (read and written by every chunk). 6NHV.
+           row kernel (reads the fp32 row twice, both counted as HBM traffic; writes the bf16
+           gradient row into a separate buffer); per group the dH and dW GEMMs (dW read and written
+           in bf16 by every group but the first, which only writes it). 6NHV.
+  liger    Liger-Kernel's fused linear cross-entropy as it ships: chunks of next_pow2(N / ceil(V / H))
+           tokens, bf16 logits, gradient written in place, dW accumulated by addmm in the weight dtype
+           (read and written by every chunk). 6NHV.
   tiled    ours, impl="triton" (Cut-Cross-Entropy-style): forward and backward in Triton tiles,
            8NHV (the backward recomputes the logits), relaxed fp32 atomics for dH and dW whose
            payload is 4 N V H (1/BLOCK_M + 1/BLOCK_V) bytes, counted at the HBM rate.
   cce      Cut Cross-Entropy with its default gradient filter: the tiled construction, where only a
-           fraction `kept` of the backward tiles do their two matmuls and atomics. `kept` is fitted to
+           fraction `kept` of the backward tiles do their two matmuls and atomics. `kept` is read off
            CCE's own published filter/no-filter times (Table 1 of the paper); it depends on how peaked
            the model's softmax is, so it is a property of that measurement, not of a shape.
 
-Published figures used (loss + gradient, bf16):
+Left out of every path alike: gathers of the labelled tokens' rows, wave quantisation (a last
+partial wave of tiles), overlap of one kernel with the next, L2 hits, clocks below boost, and the
+per-task statistics' own small reads.
+
+Published figures, shown beside the model for comparison, never used to adjust it:
   - Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models" (ICLR 2025), Table 1:
     A100-SXM4 80GB, 8192 tokens, H 2304, V 256000 (Gemma 2 2B): CCE 135 ms, CCE without the
     gradient filter 362 ms, Liger 303 ms, torch.compile 143 ms.
   - As quoted in issue 11 (source not re-checked here): H100, 16384 x 2048 x 248320: Liger about
     321 ms, CCE about 93 ms.
-"calibrated" = modelled time x (published / modelled) at the A100 point: the same path's efficiency
-gap carried to another shape and GPU (an assumption: the gap is partly shape-dependent).
 
     python bench/roofline.py          # writes bench/results/roofline.{json,md}
 """
@@ -46,13 +49,15 @@ from dataclasses import asdict, dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from msft_fast.kernels import DEFAULT_CHUNK_BYTES, plan_chunks  # noqa: E402
+from msft_fast.kernels import DEFAULT_CHUNK_BYTES, loss_memory_bytes, plan_chunks  # noqa: E402
 from msft_fast.kernels.triton_flce import BWD_CONFIGS, FWD_CONFIGS  # noqa: E402
 
 # ---- the assumptions, in one place ------------------------------------------------------------------
-# cuBLAS bf16 GEMMs reach 80% of the dense peak: an 8192^3 bf16 product ran at 788 TFLOP/s on one of
-# the H200s this project can borrow (/work/.library/device/KINDS.md, random data; 80% of 989).
-CUBLAS_EFFICIENCY = 0.80
+# cuBLAS bf16 GEMMs: an 8192^3 product ran at 788 TFLOP/s on one of the H200s this project can borrow
+# (/work/.library/device/KINDS.md, random data: 80% of 989). A GEMM whose token dimension is thin
+# (a chunk of few tokens) fills fewer tiles and amortises its operand loads over less work: ASSUMED,
+# not measured, piecewise linear in log2(tokens) through these points, flat outside them.
+CUBLAS_EFFICIENCY_BY_TOKENS = ((128, 0.50), (256, 0.65), (512, 0.75), (1024, 0.80))
 # Triton tile kernels with a fused epilogue (online softmax, atomics) reach less: an assumption.
 TRITON_EFFICIENCY = 0.65
 # HBM: a device-to-device copy moved about 4.3 TB/s of the H200's 4.8 (KINDS.md): 90%.
@@ -62,6 +67,17 @@ HBM_EFFICIENCY = 0.90
 ATOMIC_RATE_OF_HBM = 1.0
 LAUNCH_SECONDS = 5e-6  # per kernel launch and its tail
 DTYPE_BYTES = 2  # bf16 inputs
+
+
+def cublas_efficiency(tokens: int) -> float:
+    """The assumed fraction of the dense peak a cuBLAS GEMM reaches with `tokens` rows on the token side."""
+    points = CUBLAS_EFFICIENCY_BY_TOKENS
+    if tokens <= points[0][0]:
+        return points[0][1]
+    for (t0, e0), (t1, e1) in zip(points, points[1:]):
+        if tokens <= t1:
+            return e0 + (e1 - e0) * (math.log2(tokens) - math.log2(t0)) / (math.log2(t1) - math.log2(t0))
+    return points[-1][1]
 
 
 @dataclass(frozen=True)
@@ -74,7 +90,7 @@ class Gpu:
 GPUS = {
     "H100 SXM": Gpu("H100 SXM", 989.4, 3.35),
     "H200": Gpu("H200", 989.4, 4.8),
-    "A100 SXM4 80GB": Gpu("A100 SXM4 80GB", 312.0, 2.039),  # the CCE paper's GPU, for calibration only
+    "A100 SXM4 80GB": Gpu("A100 SXM4 80GB", 312.0, 2.039),  # the CCE paper's GPU, for the comparison only
 }
 SHAPES = {  # (tokens N, hidden H, vocabulary V)
     "Llama-3 head, 16k tokens": (16384, 4096, 128256),
@@ -103,10 +119,13 @@ class Op:
     engine: str  # "cublas", "triton" or "memory"
     atomic_bytes: float = 0.0
     count: int = 1  # identical launches
+    tokens: int = 0  # a cuBLAS GEMM's token dimension, which sets its assumed efficiency
+
+    def efficiency(self) -> float:
+        return cublas_efficiency(self.tokens) if self.engine == "cublas" else TRITON_EFFICIENCY
 
     def seconds(self, gpu: Gpu) -> float:
-        eff = {"cublas": CUBLAS_EFFICIENCY, "triton": TRITON_EFFICIENCY, "memory": 1.0}[self.engine]
-        compute = self.flops / (gpu.bf16_tflops * 1e12 * eff) if self.flops else 0.0
+        compute = self.flops / (gpu.bf16_tflops * 1e12 * self.efficiency()) if self.flops else 0.0
         bw = gpu.hbm_tbs * 1e12 * HBM_EFFICIENCY
         memory = self.bytes / bw + self.atomic_bytes / (bw * ATOMIC_RATE_OF_HBM)
         return self.count * (max(compute, memory) + LAUNCH_SECONDS)
@@ -121,16 +140,16 @@ def chunked_ops(n: int, h: int, v: int, chunk_bytes: int | None = None) -> list[
         g = min(plan.grad_rows, n - g0)
         for c0 in range(0, g, plan.logit_rows):
             c = min(plan.logit_rows, g - c0)
-            ops.append(Op("logits GEMM (fp32 out)", 2 * c * h * v, b * c * h + b * v * h + 4 * c * v, "cublas"))
+            ops.append(Op("logits GEMM (fp32 out)", 2 * c * h * v, b * c * h + b * v * h + 4 * c * v, "cublas",
+                          tokens=c))
             ops.append(Op("row kernel (2 reads fp32, write bf16 grad)", 0, 4 * c * v * 2 + b * c * v, "memory"))
-        ops.append(Op("dH GEMM", 2 * g * v * h, b * g * v + b * v * h + b * g * h, "cublas"))
+        ops.append(Op("dH GEMM", 2 * g * v * h, b * g * v + b * v * h + b * g * h, "cublas", tokens=g))
         first = g0 == 0
-        ops.append(Op("dW GEMM (fp32 accumulate)", 2 * g * v * h,
-                      b * g * v + b * g * h + (0 if first else 4 * v * h) + 4 * v * h, "cublas"))
-    ops.append(Op("dW fp32 -> bf16", 0, (4 + b) * v * h, "memory"))
+        ops.append(Op("dW GEMM (bf16 accumulate)", 2 * g * v * h,
+                      b * g * v + b * g * h + (0 if first else b * v * h) + b * v * h, "cublas", tokens=g))
     ops.append(Op("per-task sums, loss", 0, 32 * n, "memory", count=2))
-    ops.append(Op("backward: scale dH by the incoming gradient", 0, 2 * b * n * h, "memory"))
-    ops.append(Op("backward: scale dW by the incoming gradient", 0, 2 * b * v * h, "memory"))
+    ops.append(Op("backward: scale dH by the incoming gradient (fp32 product)", 0, 2 * b * n * h, "memory"))
+    ops.append(Op("backward: scale dW by the incoming gradient (fp32 product)", 0, 2 * b * v * h, "memory"))
     return ops
 
 
@@ -141,10 +160,11 @@ def liger_ops(n: int, h: int, v: int) -> list[Op]:
     ops = []
     for c0 in range(0, n, chunk):
         c = min(chunk, n - c0)
-        ops += [Op("logits GEMM (bf16 out)", 2 * c * h * v, b * c * h + b * v * h + b * c * v, "cublas"),
+        ops += [Op("logits GEMM (bf16 out)", 2 * c * h * v, b * c * h + b * v * h + b * c * v, "cublas", tokens=c),
                 Op("CE kernel (2 reads, in-place grad)", 0, 3 * b * c * v, "memory"),
-                Op("dH mm", 2 * c * v * h, b * c * v + b * v * h + b * c * h, "cublas"),
-                Op("dW addmm (bf16 accumulate)", 2 * c * v * h, b * c * v + b * c * h + 2 * b * v * h, "cublas")]
+                Op("dH mm", 2 * c * v * h, b * c * v + b * v * h + b * c * h, "cublas", tokens=c),
+                Op("dW addmm (bf16 accumulate)", 2 * c * v * h, b * c * v + b * c * h + 2 * b * v * h, "cublas",
+                   tokens=c)]
     return ops
 
 
@@ -176,8 +196,8 @@ def totals(ops: list[Op], gpu: Gpu) -> dict:
     return dict(tflop=sum(o.flops * o.count for o in ops) / 1e12,
                 hbm_gb=sum((o.bytes + o.atomic_bytes) * o.count for o in ops) / 1e9,
                 ms=1e3 * seconds(ops, gpu),
-                compute_bound_ms=1e3 * sum(o.count * o.flops / (gpu.bf16_tflops * 1e12 * (
-                    CUBLAS_EFFICIENCY if o.engine == "cublas" else TRITON_EFFICIENCY)) for o in ops if o.flops))
+                compute_bound_ms=1e3 * sum(o.count * o.flops / (gpu.bf16_tflops * 1e12 * o.efficiency())
+                                           for o in ops if o.flops))
 
 
 def fit_cce_kept() -> float:
@@ -189,8 +209,9 @@ def fit_cce_kept() -> float:
     return (parts["cce_gradient"] - recompute) / (parts["cce_exact_gradient"] - recompute)
 
 
-def calibration() -> dict:
-    """Published / modelled for Liger and CCE at each published point."""
+def published_comparison() -> dict:
+    """Published against modelled times at each published point, for the reader: the model is not
+    adjusted by them (CCE's kept fraction aside, which is read off the same table)."""
     kept = fit_cce_kept()
     out = {"cce_kept_fraction": kept, "points": {}}
     for key, p in PUBLISHED.items():
@@ -215,10 +236,12 @@ def kept_to_match(n: int, h: int, v: int, gpu: Gpu, target_s: float) -> float | 
     return lo
 
 
+BUDGETS_MIB = (512, 640, 768, 896, 1024, 2048, 4096, 8192)
+
+
 def model(chunk_bytes: int | None = None) -> dict:
-    cal = calibration()
-    kept = cal["cce_kept_fraction"]
-    a100 = cal["points"]["cce_paper_a100"]["published_over_modelled"]
+    comparison = published_comparison()
+    kept = comparison["cce_kept_fraction"]
     rows = []
     for shape_name, (n, h, v) in SHAPES.items():
         for gpu in (GPUS["H100 SXM"], GPUS["H200"]):
@@ -227,57 +250,57 @@ def model(chunk_bytes: int | None = None) -> dict:
                      "tiled": totals(tiled_ops(n, h, v), gpu),
                      "cce": totals(tiled_ops(n, h, v, kept), gpu)}
             ours = paths["chunked"]["ms"]
-            liger_cal = paths["liger"]["ms"] * a100["liger"]
-            cce_cal = paths["cce"]["ms"] * a100["cce"]
             rows.append(dict(
                 shape=shape_name, tokens=n, hidden=h, vocab=v, gpu=gpu.name, paths=paths,
-                liger_calibrated_ms=liger_cal, cce_calibrated_ms=cce_cal,
-                chunked_over_liger_modelled=ours / paths["liger"]["ms"],
-                chunked_over_liger_calibrated=ours / liger_cal,
-                chunked_over_cce_calibrated=ours / cce_cal,
-                chunked_over_cce_modelled=ours / paths["cce"]["ms"],
+                chunked_over_liger=ours / paths["liger"]["ms"],
+                chunked_over_cce=ours / paths["cce"]["ms"],
                 # Below this fraction of kept backward tiles a filtered tiled kernel beats the chunked path.
                 cce_beats_chunked_below_kept=kept_to_match(n, h, v, gpu, ours / 1e3),
             ))
     budgets = {}
     n, h, v = SHAPES[ANCHOR]
-    for mib in (512, 1024, 2048, 4096, 8192):
+    for mib in BUDGETS_MIB:
         plan = plan_chunks(n, v, torch.bfloat16, True, mib << 20)
         budgets[mib] = dict(logit_rows=plan.logit_rows, grad_rows=plan.grad_rows, groups=plan.groups(n),
-                            bytes=plan.bytes, h200_ms=1e3 * seconds(chunked_ops(n, h, v, mib << 20), GPUS["H200"]))
+                            bytes=plan.bytes, loss_memory_bytes=loss_memory_bytes(n, h, v, torch.bfloat16,
+                                                                                  chunk_bytes=mib << 20),
+                            h200_ms=1e3 * seconds(chunked_ops(n, h, v, mib << 20), GPUS["H200"]))
     return dict(
-        what="MODELLED (roofline from data-sheet peaks and stated efficiencies), not measured: bf16 forward + "
-             "backward of a summed loss, every token labelled",
-        assumptions=dict(cublas_efficiency=CUBLAS_EFFICIENCY, triton_efficiency=TRITON_EFFICIENCY,
+        what="MODELLED (roofline from data-sheet peaks and stated efficiencies, the same for every path), not "
+             "measured: bf16 forward + backward of a summed loss, every token labelled",
+        assumptions=dict(cublas_efficiency_by_tokens=CUBLAS_EFFICIENCY_BY_TOKENS, triton_efficiency=TRITON_EFFICIENCY,
                          hbm_efficiency=HBM_EFFICIENCY, atomic_rate_of_hbm=ATOMIC_RATE_OF_HBM,
-                         launch_seconds=LAUNCH_SECONDS, gpus={k: asdict(g) for k, g in GPUS.items()}),
-        calibration=cal, rows=rows, anchor_budgets_h200=budgets,
+                         launch_seconds=LAUNCH_SECONDS, gpus={k: asdict(g) for k, g in GPUS.items()},
+                         left_out=["gathers of the labelled tokens", "wave quantisation", "overlap between kernels",
+                                   "L2 hits", "clocks below boost"]),
+        published_comparison=comparison, rows=rows, anchor_budgets_h200=budgets,
     )
 
 
 def markdown(r: dict) -> list[str]:
     a = r["assumptions"]
-    cal = r["calibration"]
+    cmp_ = r["published_comparison"]
+    eff = ", ".join(f"{e:.0%} at {t}" for t, e in a["cublas_efficiency_by_tokens"])
     lines = ["# Fused linear + cross-entropy: roofline model (MODELLED, not measured)", "",
              "Written by `python bench/roofline.py`. bf16, forward + backward of a summed loss, every token with a "
              "label. Peaks from the data sheets (dense bf16 989 TFLOP/s on H100 SXM and H200; HBM 3.35 and 4.8 "
-             f"TB/s); achievable fractions assumed: cuBLAS GEMMs {a['cublas_efficiency']:.0%}, Triton tile kernels "
-             f"{a['triton_efficiency']:.0%}, HBM {a['hbm_efficiency']:.0%} (the first and last as measured on one "
-             "H200 this project can borrow), relaxed atomics at the HBM rate, 5 us per launch, kernels in sequence. "
-             "`bench/gpu_check_ce.sh` measures the same paths; its numbers replace these.", "",
-             "| shape (N x H x V) | GPU | chunked (ours, default) ms | Liger ms (modelled / calibrated) | "
-             "tiled (ours) ms | CCE ms (modelled / calibrated) | chunked / Liger (modelled, calibrated) | "
-             "chunked / CCE calibrated | CCE beats chunked below kept tiles |",
+             f"TB/s). Assumed, the same for every path: cuBLAS GEMMs reach {eff} tokens on the token side "
+             "(piecewise linear in log2 between; 80% measured once on an 8192^3 product, the thinner points "
+             f"assumed), Triton tile kernels {a['triton_efficiency']:.0%}, HBM {a['hbm_efficiency']:.0%} (measured "
+             "once on an H200), relaxed atomics at the HBM rate, 5 us per launch, kernels in sequence. Left out "
+             f"of every path: {', '.join(a['left_out'])}. `bench/gpu_check_ce.sh` measures the same paths; its "
+             "numbers replace these.", "",
+             "| shape (N x H x V) | GPU | chunked (ours, default) ms | Liger ms | tiled (ours) ms | CCE ms | "
+             "chunked / Liger | chunked / CCE | CCE beats chunked below kept tiles |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         p = row["paths"]
         kept = row["cce_beats_chunked_below_kept"]
         lines.append(
             f"| {row['shape']} ({row['tokens']} x {row['hidden']} x {row['vocab']}) | {row['gpu']} | "
-            f"{p['chunked']['ms']:.1f} | {p['liger']['ms']:.1f} / {row['liger_calibrated_ms']:.1f} | "
-            f"{p['tiled']['ms']:.1f} | {p['cce']['ms']:.1f} / {row['cce_calibrated_ms']:.1f} | "
-            f"{row['chunked_over_liger_modelled']:.2f}, {row['chunked_over_liger_calibrated']:.2f} | "
-            f"{row['chunked_over_cce_calibrated']:.2f} | {'never' if kept is None else f'{kept:.1%}'} |")
+            f"{p['chunked']['ms']:.1f} | {p['liger']['ms']:.1f} | {p['tiled']['ms']:.1f} | {p['cce']['ms']:.1f} | "
+            f"{row['chunked_over_liger']:.2f} | {row['chunked_over_cce']:.2f} | "
+            f"{'never' if kept is None else f'{kept:.1%}'} |")
     lines += ["", "FLOPs and HBM bytes per path (H200 rows; the H100's are the same):", "",
               "| shape | chunked TFLOP / GB | Liger TFLOP / GB | tiled TFLOP / GB (incl. atomic payload) |",
               "|---|---|---|---|"]
@@ -288,8 +311,9 @@ def markdown(r: dict) -> list[str]:
         lines.append(f"| {row['shape']} | {p['chunked']['tflop']:.1f} / {p['chunked']['hbm_gb']:.0f} | "
                      f"{p['liger']['tflop']:.1f} / {p['liger']['hbm_gb']:.0f} | "
                      f"{p['tiled']['tflop']:.1f} / {p['tiled']['hbm_gb']:.0f} |")
-    lines += ["", "Calibration (published / modelled; the model's efficiency gap at the published point):", ""]
-    for key, pt in cal["points"].items():
+    lines += ["", "Published times against this model (shown, not used to adjust it; a path far above its roofline "
+              "is limited by something the model leaves out):", ""]
+    for key, pt in cmp_["points"].items():
         n, h, v = pt["shape"]
         lines.append(f"- {pt['gpu']}, {n} x {h} x {v}, {pt['source']}: "
                      + ", ".join(f"{k} {pt['published_ms'][k]:.0f} ms published vs {pt['modelled_ms'][k]:.0f} "
@@ -297,13 +321,15 @@ def markdown(r: dict) -> list[str]:
                      + f"; chunked (ours) modelled {pt['modelled_ms']['chunked']:.0f} ms.")
     lines += [f"- CCE's kept fraction of backward tile work, from its published backward times (95 ms filtered, "
               f"324 ms unfiltered, each recomputing the 43 ms forward): (95 - 43) / (324 - 43) = "
-              f"{cal['cce_kept_fraction']:.1%}. \"calibrated\" columns multiply the model by the A100 factors.", "",
-              f"Chunk budget at the anchor shape on an H200 (the default is {DEFAULT_CHUNK_BYTES >> 20} MiB):", "",
-              "| budget MiB | logits rows | gradient rows | passes over dW | buffers GiB | modelled ms |",
-              "|---|---|---|---|---|---|"]
+              f"{cmp_['cce_kept_fraction']:.1%}.", "",
+              f"Chunk budget at the anchor shape on an H200 (the default is {DEFAULT_CHUNK_BYTES >> 20} MiB; "
+              "`loss_memory_bytes`: everything the call allocates beyond its inputs):", "",
+              "| budget MiB | logits rows | gradient rows | passes over dW | buffers GiB | loss_memory_bytes GB | "
+              "modelled ms |",
+              "|---|---|---|---|---|---|---|"]
     for mib, b in r["anchor_budgets_h200"].items():
         lines.append(f"| {mib} | {b['logit_rows']} | {b['grad_rows']} | {b['groups']} | {b['bytes'] / 2**30:.2f} | "
-                     f"{b['h200_ms']:.1f} |")
+                     f"{b['loss_memory_bytes'] / 1e9:.2f} | {b['h200_ms']:.1f} |")
     return lines
 
 

@@ -3,16 +3,15 @@ the memory preflight and bench/roofline.py use the same plan as the kernels, on 
 
 Two buffers: fp32 logits of C_l tokens (4 V bytes a token, alive until their row is processed) and
 the 16-bit logit gradient of C_g tokens (2 V bytes a token, alive until the group's dH/dW GEMMs).
-Every group re-reads and re-writes the fp32 dW accumulator (8 V H bytes), so the budget buys the
-largest groups: the logits get a quarter of it, at most MAX_LOGIT_ROWS rows (a [1024, H] x [H, V]
-GEMM already fills an H100/H200), the gradient rows the rest.
+Every group but the first re-reads and re-writes dW (4 V H bytes in bf16), so the budget buys the
+largest groups: the logits get a quarter of it, at most MAX_LOGIT_ROWS rows, the gradient rows the
+rest.
 
-DEFAULT_CHUNK_BYTES, 1 GiB, comes from bench/roofline.py's model (bench/results/roofline.md): at
-16384 x 4096 x 128256 (bf16) it gives 512-token sub-chunks and 3072-token groups, six passes over
-dW, and models 0.3% slower on an H200 than an unbounded budget (512 MiB: 0.8%; 2 GiB: 0.0%). The dW
-GEMM of a group stays compute-bound while the group holds more than about 4 x (FLOP per HBM byte
-at the ridge) ~ 750 tokens; 3072 leaves room for what the model leaves out (launch tails, the
-efficiency of thinner GEMMs). It is 0.7% of a 141 GB H200 and 1.3% of an 80 GB H100;
+DEFAULT_CHUNK_BYTES, 1 GiB, from bench/roofline.py's model (bench/results/roofline.md, MODELLED with
+its stated assumptions, among them GEMM efficiency falling for thin token dimensions): at 16384 x
+4096 x 128256 (bf16) it gives 512-token sub-chunks and 3072-token groups, six passes over dW, and
+models 2.3% slower on an H200 than an unbounded budget (768 MiB: 4.8%, 2 GiB: 0.1%). With it the
+whole call takes 2.37 GB beyond its inputs there (`loss_memory_bytes`); 1.3% of an 80 GB H100.
 `model.loss_chunk_mib` changes it for a run.
 """
 from __future__ import annotations

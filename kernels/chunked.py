@@ -1,6 +1,6 @@
 """The chunked path (impl="chunked", the default for CUDA tensors): cuBLAS forms the logits of a chunk
 of tokens, one Triton row kernel turns them into the loss, the statistics and the logit gradient, and
-cuBLAS forms the chunk's dH and dW. Every matmul runs at cuBLAS speed; 6NHV FLOPs for a training step.
+cuBLAS forms the chunk's dH and dW. Every matmul runs in cuBLAS; 6NHV FLOPs for a training step.
 
 Shapes: N tokens, H hidden size, V vocabulary, T tasks; C_l tokens whose fp32 logits exist at once,
 C_g tokens whose logit gradient feeds one dH/dW GEMM pair (a "group", C_l <= C_g).
@@ -12,27 +12,29 @@ and backward only scales it by the incoming gradient, as kernels/reference.py do
     for each sub-chunk of C_l tokens:
       logits [C_l, V] fp32 = hidden[rows] @ W.T     cuBLAS: 16-bit operands, fp32 accumulation AND
                                                    output (the softmax sees no 16-bit rounding)
-      _row_kernel, one program per token:
-        pass 1 reads the row: log-sum-exp (online, per lane), the label's logit, argmax (first
-               index on ties, as torch), cross-entropy; -> lse, ce, hit [N]
-        pass 2 reads it again, last block first (what pass 1 read last is likeliest still in L2),
-               and writes dloss/dlogits = softmax * (1 + 2 z_loss lse) - onehot(label), times the
-               soft-cap derivative, in the input dtype into the group's gradient rows G [C_g, V].
+      _row_kernel, one program per token, reading its fp32 row twice from memory:
+        pass 1: log-sum-exp (online, per lane), the label's logit, argmax (first index on ties, as
+                torch), cross-entropy; -> lse, ce, hit [N]
+        pass 2: dloss/dlogits = softmax * (1 + 2 z_loss lse) - onehot(label), times the soft-cap
+                derivative, written in the input dtype into the group's gradient buffer G [C_g, V]
+                (a separate buffer, not the logits); it runs last block first, so the blocks pass
+                1 read last may still be in L2, but at C_l = 512 rows of 513 KB (V = 128256) the
+                sub-chunk is 263 MB against an H100's 50 MB of L2: count the second read as HBM.
     dH[rows] = G @ W                                 cuBLAS, output in the input dtype
-    dW += G.T @ hidden[rows]                         cuBLAS into an fp32 accumulator (fp32 output)
+    dW += G.T @ hidden[rows]                         cuBLAS, fp32 compute, dW in the input dtype:
+                                                   one rounding per group (as Liger-Kernel's addmm)
     dbias += G.sum(0) in fp32
-  per-task sums of ce, z-loss, tokens and hits       task_stats.py, no atomics
+  per-task sums of ce, z-loss, tokens and hits       a separate small kernel (task_stats.py), no atomics
 Ignored tokens (label == ignore_index) read no logits (their gradient row is written as zeros);
 the public entry point drops them before the GEMMs anyway.
 reduction="none" keeps lse and runs the loop again in backward with the per-token incoming gradient
 (8NHV, pass 1 skipped). Without gradients (evaluation) only the logits GEMM and pass 1 run (2NHV).
+Backward of the summed loss scales dH and dW by the incoming gradient with the product formed in
+fp32 (`scale_in_fp32_`), never with the factor rounded to 16 bits.
 
-A V-long fp32 row (513 KB at V=128256) does not fit in one SM's registers and shared memory, so the
-row is read twice; the reversed second pass is the cheap way to let L2 serve part of it.
-
-The token counts C_l and C_g come from a memory budget (chunk_plan.py says how and why 1 GiB).
-Memory beyond the inputs: the two buffers (`plan_chunks(...).bytes`), the fp32 dW accumulator and
-its 16-bit copy, dH [N, H]; see loss_memory_bytes in fused_linear_cross_entropy.py.
+The token counts C_l and C_g come from a memory budget (chunk_plan.py says how, and why 1 GiB).
+Memory beyond the inputs: the two buffers (`plan_chunks(...).bytes`), dW and dH in the input dtype,
+per-token vectors; loss_memory_bytes in fused_linear_cross_entropy.py counts them all.
 Deterministic by construction: no atomics (cuBLAS GEMMs, a row kernel, per-task sums in a fixed
 order); bench/gpu_check_ce.sh checks that two runs give the same bits (not yet run on a GPU).
 Under TRITON_INTERPRET=1 (CPU tests) the GEMMs run in torch on upcast operands and the row kernel
@@ -49,7 +51,7 @@ from torch.autograd.function import once_differentiable
 from triton.runtime.interpreter import InterpretedFunction
 
 from .chunk_plan import plan_chunks
-from .fp32_gemm import addmm_fp32_, mm_fp32
+from .fp32_gemm import mm_fp32, mm_into_
 from .reference import TaskStats
 from .softcap import softcap_tanh
 from .task_stats import per_task_sums
@@ -170,7 +172,7 @@ def _chunk_loop(hidden, weight, bias, labels, plan, options, *, stats=None, lse=
     """Run the chunks over all N tokens.
 
     stats: (lse, ce, hit) [N] outputs that pass 1 fills; without it `lse` [N] is read instead.
-    grads: (dh [N, H] input dtype, dw [V, H] fp32, db [V] fp32), each or None, receiving the gradient
+    grads: (dh [N, H], dw [V, H] in the input dtype, db [V] fp32), each or None, receiving the gradient
     of the summed loss (times `upstream` [N] fp32 when given); None: no pass 2, no GEMMs after it.
     """
     ignore_index, softcap, z_loss = options
@@ -212,11 +214,8 @@ def _chunk_loop(hidden, weight, bias, labels, plan, options, *, stats=None, lse=
         g_rows = grad_rows[: g1 - g0]
         if dh is not None:
             torch.mm(g_rows, weight, out=dh[g0:g1])
-        if dw is not None:  # the first group writes the accumulator, later ones add to it (fp32 throughout)
-            if first_group:
-                mm_fp32(g_rows.t(), hidden[g0:g1], out=dw)
-            else:
-                addmm_fp32_(dw, g_rows.t(), hidden[g0:g1])
+        if dw is not None:  # the first group writes dW, later ones add to it (fp32 sums, rounded once each)
+            mm_into_(dw, g_rows.t(), hidden[g0:g1], accumulate=not first_group)
         if db is not None:
             db += g_rows.sum(0, dtype=torch.float32)
         first_group = False
@@ -225,11 +224,31 @@ def _chunk_loop(hidden, weight, bias, labels, plan, options, *, stats=None, lse=
 
 
 def _grad_buffers(hidden, weight, bias, need):
-    """dh [N, H] (input dtype, every row written), dw [V, H] fp32 (written by the first group), db [V] fp32."""
+    """dh [N, H] and dw [V, H] in the input dtype (every row of dh written; dw written by the first
+    group), db [V] fp32. dW is accumulated in its own dtype: an fp32 accumulator beside its 16-bit
+    copy held 4 bytes per head weight more (4.6 GB beyond the inputs at 16384 x 4096 x 128256 against
+    2.4 GB now), for one rounding of the sum instead of one per group (six groups there)."""
     dev = hidden.device
     return (torch.empty_like(hidden) if need[0] else None,
-            torch.empty(weight.shape, dtype=torch.float32, device=dev) if need[1] else None,
+            torch.empty_like(weight) if need[1] else None,
             torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need[2] else None)
+
+
+SCALE_BLOCK = 1 << 22  # elements of a 16-bit gradient scaled through fp32 at a time (16 MiB of fp32)
+
+
+def scale_in_fp32_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad *= factor with the product formed in fp32 and rounded once to grad's dtype: a 16-bit
+    grad times an fp32 factor would otherwise round the factor to 16 bits first (1/N to bf16 is off
+    by up to 0.4%), biasing every gradient. Blocks bound the fp32 temporary; no host sync."""
+    factor = factor.to(torch.float32)
+    if grad.dtype == torch.float32:
+        grad.mul_(factor)
+        return
+    flat = grad.view(-1)
+    for start in range(0, flat.numel(), SCALE_BLOCK):
+        block = flat[start:start + SCALE_BLOCK]
+        block.copy_(block.float().mul_(factor))
 
 
 def _forward_stats(hidden, weight, bias, labels, task_ids, num_tasks, options, plan, grads=None, row_block=None):
@@ -267,7 +286,7 @@ class ChunkedSumFunction(torch.autograd.Function):
         grads = _grad_buffers(hidden, weight, bias, need)
         loss, _, stats, z_sum = _forward_stats(hidden, weight, bias, labels, task_ids, num_tasks, options, plan,
                                                grads=grads, row_block=row_block)
-        # The fp32 accumulators end here: the gradients are kept in the inputs' dtypes.
+        # Kept in the inputs' dtypes (dbias is accumulated in fp32; it is V floats).
         ctx.grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias))]
         ctx.mark_non_differentiable(*stats, z_sum)
         return (loss.sum(), *stats, z_sum)
@@ -281,7 +300,7 @@ class ChunkedSumFunction(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         for g in grads:
             if g is not None:
-                g.mul_(grad_loss.to(g.dtype))
+                scale_in_fp32_(g, grad_loss)
         return (*grads, None, None, None, None, None, None)
 
 

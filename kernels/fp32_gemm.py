@@ -1,4 +1,5 @@
-"""Matrix products of 16-bit operands with fp32 results, as cuBLAS forms them on a GPU.
+"""Matrix products of 16-bit operands with fp32 results, as cuBLAS forms them on a GPU, and the
+16-bit accumulation of such products with one rounding per product.
 
 cuBLAS multiplies bf16/fp16 operands on the tensor cores and accumulates in fp32; asking torch for
 an fp32 *output* (`out_dtype`, torch >= 2.8 on CUDA) keeps that accumulator instead of rounding it
@@ -63,3 +64,18 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc += torch.mm(a, b, out_dtype=torch.float32)
     else:
         acc.addmm_(a.float(), b.float())
+
+
+def mm_into_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out[M, K] (= or +=) a[M, N] @ b[N, K], all of one dtype: the product and the sum are formed in
+    fp32 and rounded to out's dtype once (cuBLAS with fp32 compute: C = A B + C, one rounding). A
+    16-bit accumulator thus takes one rounding per call, as Liger-Kernel's per-chunk addmm does."""
+    if a.device.type == "cuda" or a.dtype == torch.float32:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    # CPU tensors under the Triton interpreter: the same arithmetic on upcast operands.
+    product = torch.mm(a.float(), b.float())
+    out.copy_(product.add_(out.float()) if accumulate else product)

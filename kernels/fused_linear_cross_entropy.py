@@ -165,32 +165,48 @@ def _validate_filter(filter_eps, backend: str, impl: str, dtype: torch.dtype) ->
     return resolve_filter_eps(filter_eps, dtype)
 
 
-def loss_memory_bytes(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, *, device_type: str = "cuda",
-                      impl: str = "auto", chunk_bytes: int | None = None, training: bool = True) -> int:
-    """Bytes one call allocates beyond its inputs for n tokens (at most; the memory preflight uses it).
+# Per-token vectors of the chunked path alive at its peak (lse, ce, hit: 12 bytes) plus slack for the
+# per-task sums' small tensors; the gathered rows' labels, task ids, the mask and the sort that finds
+# them (40 bytes a token, at most).
+CHUNKED_PER_TOKEN = 16
+GATHER_PER_TOKEN = 40
+SMALL_BYTES = 8192
 
-    chunked: its chunk buffers (chunk_plan.plan_chunks), the fp32 dW accumulator and its copy in
-    `dtype`, dH [N, H], and the gathered hidden rows of the non-ignored tokens with the gradient
-    that scatters them back. torch (the reference): fp32 gradient buffers for hidden and head, the
-    head upcast to fp32 when `dtype` is 16-bit, and about 3 x 64 MiB of fp32 logit chunks.
-    triton (tiled): fp32 dH and dW atomics buffers and their copies in `dtype`, O(N) partials.
+
+def loss_memory_bytes(n: int, hidden_size: int, vocab: int, dtype: torch.dtype, *, device_type: str = "cuda",
+                      impl: str = "auto", chunk_bytes: int | None = None, training: bool = True,
+                      bias: bool = False, ignored: bool = True) -> int:
+    """Bytes one call allocates beyond its inputs for n tokens at its peak (the memory preflight uses
+    it); tests/test_loss_memory.py ties the chunked figure to the allocations of a real call.
+
+    chunked, training: the chunk buffers (chunk_plan.plan_chunks: fp32 logits of a sub-chunk, the
+    group's gradient rows), dW [V, H] and dH [N, H] in `dtype` (dW accumulated in its own dtype,
+    see chunked.py), dbias [V] fp32 with `bias`, per-token vectors. `ignored`: some tokens carry no
+    label, so the kept tokens' hidden rows are gathered first (and their labels and task ids): the
+    figure is then an upper bound for any share of ignored tokens. Evaluation: the logits buffer.
+    torch (the reference): fp32 gradient buffers for hidden and head, the head upcast to fp32 when
+    `dtype` is 16-bit, and about 3 x 64 MiB of fp32 logit chunks.
+    triton (tiled): fp32 dH and dW buffers and their copies in `dtype`, O(N) partials; with 16-bit
+    inputs one more fp32 [V, H] for the GEMM backward's fallback where torch cannot add an fp32
+    product in place (fp32_gemm.addmm_fp32_), counted always: an upper bound.
     """
     c = torch.finfo(dtype).bits // 8
     backend = choose_backend(impl, torch.device(device_type), dtype)
     nh, vh = n * hidden_size, vocab * hidden_size
-    gather = 2 * c * nh if training else c * nh  # kept hidden rows (+ the scattered gradient)
-    per_token = 64 * n  # labels, ids, lse, losses, statistics
-    if not training:
-        if backend == "chunked":
-            return plan_chunks(n, vocab, dtype, False, chunk_bytes).bytes + gather + per_token
-        return (REFERENCE_CHUNK_BYTES if backend == "torch" else 0) + gather + per_token
+    gather = (c * nh + GATHER_PER_TOKEN * n) if ignored else 0
     if backend == "chunked":
-        return plan_chunks(n, vocab, dtype, True, chunk_bytes).bytes + 4 * vh + c * vh + c * nh + gather + per_token
+        plan = plan_chunks(n, vocab, dtype, training, chunk_bytes)
+        grads = c * vh + c * nh + (4 * vocab if bias else 0) if training else 0
+        return plan.bytes + grads + gather + CHUNKED_PER_TOKEN * n + SMALL_BYTES
+    per_token = 64 * n  # labels, ids, lse, losses, statistics
+    gather += c * nh if training and ignored else 0  # the scattered-back gradient of the gathered rows
+    if not training:
+        return (REFERENCE_CHUNK_BYTES if backend == "torch" else 0) + gather + per_token
     upcast = c < 4
     if backend == "torch":
         return (4 * vh + (4 * vh + c * vh if upcast else 0) + 4 * nh + (c * nh if upcast else 0)
                 + 3 * REFERENCE_CHUNK_BYTES + gather + per_token)
-    return 4 * vh + 4 * nh + ((c * vh + c * nh) if upcast else 0) + gather + per_token
+    return 4 * vh + 4 * nh + ((c * vh + c * nh + 4 * vh) if upcast else 0) + gather + per_token
 
 
 def _validate_options(hidden, weight, bias, softcap, z_loss):

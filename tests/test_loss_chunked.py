@@ -181,8 +181,8 @@ def test_loss_memory_bytes_counts_the_chunk_budget():
     default = loss_memory_bytes(n, h, v, torch.bfloat16)
     assert default - small == plan_chunks(n, v, torch.bfloat16, True).bytes - \
         plan_chunks(n, v, torch.bfloat16, True, 1 << 28).bytes > 0
-    # fp32 dW accumulator + its bf16 copy + dH + the gathered hidden rows and their gradient
-    assert default == plan_chunks(n, v, torch.bfloat16, True).bytes + 6 * v * h + 6 * n * h + 64 * n
+    # bf16 dW and dH, the gathered hidden rows (tests/test_loss_memory.py checks every term)
+    assert default - plan_chunks(n, v, torch.bfloat16, True).bytes - 2 * v * h - 4 * n * h < 64 * n + 8192
     assert loss_memory_bytes(n, h, v, torch.bfloat16, training=False) < default
     # The CPU reference keeps its old accounting (an fp32 head copy for 16-bit weights, 64 MiB chunks).
     ref = loss_memory_bytes(n, h, v, torch.bfloat16, device_type="cpu")
