@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils.generic import is_flash_attention_requested
 
-from msft_fast.data.packing import PackedBatch
+from msft_fast.data.packing import PackedBatch, static_length
 
 # The HF attn_implementation name of our FlexAttention backend (config value: flex_attention).
 FLEX_ATTENTION = "packed_flex_attention"
@@ -250,6 +250,22 @@ def packed_attention_inputs(attn_implementation: str, batch: PackedBatch,
         return {"attention_mask": mask_placeholder(device),
                 "document_buckets": DocumentBuckets.of(batch.doc_lengths, device, attn_width)}
     return {"attention_mask": None}
+
+
+def needs_static_shapes(attn_implementation: str, compiled_blocks: bool) -> bool:
+    """Whether micro-batches must all have one token count (`data.static_shapes: null`): where
+    something is compiled, a new length means a recompile, and past dynamo's limit FlexAttention
+    falls back to eager flex, which materialises the [N, N] scores of every head."""
+    return compiled_blocks or attn_implementation == FLEX_ATTENTION
+
+
+def run_static_tokens(static_shapes: Optional[bool], tokens_per_batch: int, attn_implementation: str,
+                  compiled_blocks: bool) -> Optional[int]:
+    """Every micro-batch's token count under `data.static_shapes` (None: each its own; null: where
+    `needs_static_shapes`): what the loader pads to and the memory preflight budgets for."""
+    if static_shapes is None:
+        static_shapes = needs_static_shapes(attn_implementation, compiled_blocks)
+    return static_length(tokens_per_batch) if static_shapes else None
 
 
 @functools.cache

@@ -62,6 +62,8 @@ class DataConfig:
     num_proc: Optional[int] = None  # tokenization workers; None = one process
     chat_template: Optional[str] = None  # a Jinja file or inline template replacing the tokenizer's (and final/'s)
     empty_think_blocks: Literal["train", "prompt", "strip"] = "train"  # empty <think></think> in assistant turns
+    # true: every micro-batch padded to tokens_per_batch rounded up to 128, with filler documents without labels
+    static_shapes: Optional[bool] = None  # null: true where compiled (flex_attention, train.compile)
 
 
 @dataclass

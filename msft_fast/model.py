@@ -383,8 +383,11 @@ def _sdpa_unusable(s: AttentionSetting) -> Optional[str]:
 # backend is one more line (and its value in config.ModelConfig.attn_implementation).
 ATTENTION_BACKENDS = (
     AttentionBackend("flash_attention_2", "flash_attention_2", _flash_unusable),  # varlen, bf16/fp16
-    AttentionBackend("flex_attention", FLEX_ATTENTION, _flex_unusable),  # document block mask, any dtype
+    # Before FlexAttention: nothing in it is compiled, so no shape can trigger a recompile or fall back
+    # to eager flex (which materialises the scores); FlexAttention stays the choice where SDPA cannot
+    # mask the model (soft-capping) and is measured beside it by bench/gpu_check.sh.
     AttentionBackend("packed_sdpa", PACKED_SDPA, _packed_sdpa_unusable),  # SDPA per length bucket, no [N, N] mask
+    AttentionBackend("flex_attention", FLEX_ATTENTION, _flex_unusable),  # document block mask, any dtype
     AttentionBackend("sdpa", "sdpa", _sdpa_unusable),  # dense document mask from position_ids
     AttentionBackend("eager", "eager", lambda s: None),  # every HF model has it
 )
@@ -395,9 +398,9 @@ def choose_attention(requested: str, device: torch.device, dtype: torch.dtype,
     """The HF attn_implementation for `model.attn_implementation` (see msft_fast/attention.py).
 
     auto: the first of ATTENTION_BACKENDS that can train with this device, compute dtype, installed
-    packages and model class: flash-attn varlen on CUDA in bf16/fp16 when installed, else
-    FlexAttention on CUDA, else SDPA over length buckets of documents (CPUs), else SDPA with a
-    dense document mask, else eager (Gemma 2 on a CPU). A named backend that cannot train here is
+    packages and model class: flash-attn varlen on CUDA in bf16/fp16 when installed, else SDPA
+    over length buckets of documents, else FlexAttention on CUDA (soft-capped models such as
+    Gemma 2), else SDPA with a dense document mask, else eager (Gemma 2 on a CPU). A named backend that cannot train here is
     refused with one sentence that lists the values that can.
     """
     setting = AttentionSetting(device, dtype, model_class, config)
@@ -489,6 +492,8 @@ class CausalLMWithTaskLoss(nn.Module):
         if groups is None:
             return loss, stats
         tasks = TaskStats(*(s.new_zeros(self.num_tasks).index_add_(0, groups, s) for s in stats))
+        if batch.filler_docs:  # static shapes' filler documents (no labels) are not the plan's
+            stats = TaskStats(*(s[:batch.real_docs] for s in stats))
         return loss, tasks, stats
 
     def loss_implementation(self, device: torch.device, dtype: torch.dtype) -> str:

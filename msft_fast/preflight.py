@@ -41,6 +41,7 @@ from typing import Any, Optional
 
 import torch
 
+from msft_fast.attention import run_static_tokens
 from msft_fast.errors import ConfigError
 from msft_fast.kernels import loss_memory_bytes
 
@@ -364,7 +365,9 @@ def estimate_run(cfg: Any, model_config: Any, world_size: int, compute_dtype: to
     t = cfg.train
     if activation_checkpointing is None:
         activation_checkpointing = t.activation_checkpointing == "full"
-    return estimate_memory(model_config, cfg.data.tokens_per_batch, world_size, compute_dtype,
+    # Static shapes pad every micro-batch up to a multiple of 128 tokens: budget for the padded row.
+    tokens = run_static_tokens(cfg.data.static_shapes, cfg.data.tokens_per_batch, attention, t.compile)
+    return estimate_memory(model_config, tokens or cfg.data.tokens_per_batch, world_size, compute_dtype,
                            attention=attention, num_params=num_params, device_type=device_type,
                            activation_checkpointing=activation_checkpointing, grad_accum=t.grad_accum,
                            grad_sync=t.grad_sync, loss_impl=cfg.model.loss_impl,

@@ -23,6 +23,7 @@ import yaml
 
 from msft_fast.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from msft_fast.config import Config, resolve_path
+from msft_fast.attention import run_static_tokens
 from msft_fast.data.packing import padding_fraction
 from msft_fast.data.tasks import data_warnings, load_tasks
 from msft_fast.data.loader import MixtureLoader
@@ -173,8 +174,10 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
     if resume is None:
         _agreed(ctx, lambda: clear_run(out), main_only=True)
     loaded = _agreed(ctx, lambda: load_model(cfg.model, cfg.train.precision, ctx.device, cfg.train.seed, spec))
+    static_tokens = run_static_tokens(cfg.data.static_shapes, cfg.data.tokens_per_batch, spec.attn_implementation,
+                                      cfg.train.compile)
     loader = MixtureLoader(tasks, cfg.data.tokens_per_batch, cfg.train.seed, ctx.rank, ctx.world_size,
-                           cfg.train.grad_accum)
+                           cfg.train.grad_accum, static_tokens)
     steps = loader.steps_between(0, 0, cfg.train.epochs)
     if steps == 0:
         raise on_every_rank(ConfigError(
@@ -198,7 +201,7 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
         # horizon (at the floor lr) or stop before it.
         evals = 1 + len(eval_points(0.0, cfg.train.epochs, cfg.msft.evals_per_epoch))  # as sft and dynamix make them
         trainer_.set_total_steps(steps, known=cfg.method in ("sft", "dynamix"), total_evals=evals)
-        pad = padding_fraction(loader.epoch_plan(0), cfg.data.tokens_per_batch)
+        pad = padding_fraction(loader.epoch_plan(0), static_tokens or cfg.data.tokens_per_batch)
         first_plan = loader.packing_stats(0)
         backends = {"attn_implementation": loaded.attn_implementation,
                     "compute_dtype": str(trainer_.param_dtype).removeprefix("torch."),
@@ -208,10 +211,11 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
                      cfg.method, loaded.source, *backends.values(), ctx.world_size, "" if ctx.world_size == 1 else "s",
                      steps)
             if first_plan is not None:
-                log.info("packing: %d micro-batches of %d tokens in %d steps per epoch; padding %.2f%% of their "
+                log.info("packing: %d micro-batches of %s%d tokens in %d steps per epoch; padding %.2f%% of their "
                          "capacity; mixing: a step's task shares of trained tokens are %.3f from the epoch's "
                          "(mean total-variation distance; 0: every step trains the mixture in its proportions)",
-                         first_plan["micro_batches"], cfg.data.tokens_per_batch, first_plan["steps"],
+                         first_plan["micro_batches"], "at most " if static_tokens is None else "exactly ",
+                         static_tokens or cfg.data.tokens_per_batch, first_plan["steps"],
                          100 * first_plan["padding"], first_plan["mixing_tv"])
         history = History(out, cfg.method, trainer_.task_names, cfg.to_dict(), {
             "metric": metric.name,
@@ -221,6 +225,8 @@ def _train(cfg: Config, ctx: DistContext, overwrite: bool, metric: Metric, box: 
             "hub_commits": {k: v for k, v in commits.items() if v is not None},  # Hub repos by config key
             **backends,
             "padding_fraction": pad,
+            # Every micro-batch's token count under data.static_shapes (null: each its own)
+            "static_tokens": static_tokens,
             # Every epoch plan training entered (a roll-back or an exclusion plans again), and their
             # step-weighted means: how far steps' task shares are from the epoch's, and padding.
             "packing": {"mixing_tv": None, "padding": None, "epochs": []},

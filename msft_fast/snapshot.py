@@ -256,21 +256,30 @@ def host_memory_available() -> Optional[int]:
     return host_available_memory()
 
 
+def host_buffer_bytes(nbytes: int, pinned: bool) -> int:
+    """Host memory a snapshot buffer of `nbytes` takes: torch's pinned-memory allocator rounds every
+    block up to a power of two (a 1.05 GB shard takes 2 GiB), pageable memory takes what it asks."""
+    return 1 << max(0, nbytes - 1).bit_length() if pinned and nbytes > 0 else nbytes
+
+
 def plan_pool(model: nn.Module, states: int, with_optimizer: bool, ranks_per_host: int,
-              optimizer_tensors_per_param: int = 2, spill_dir: Optional[str] = None) -> dict[str, Any]:
+              optimizer_tensors_per_param: int = 2, spill_dir: Optional[str] = None,
+              pinned: bool = False) -> dict[str, Any]:
     """Worst-case host bytes of the pool on this rank and on its host, and how many states stay in
     host memory (the rest spill to `spill_dir`); stop if they do not fit and there is no spill_dir.
 
-    Adam keeps two fp32 tensors per parameter (exp_avg, exp_avg_sq), hence the default factor.
+    Adam keeps two fp32 tensors per parameter (exp_avg, exp_avg_sq), hence the default factor; each
+    is the size of its (fp32) parameter shard. pinned: buffers are page-locked (CUDA), each rounded
+    up to a power of two (`host_buffer_bytes`).
     """
-    shard = sum(t.numel() * t.element_size() for t in sharded_params(model))
-    per_state = shard * (1 + (optimizer_tensors_per_param if with_optimizer else 0))
+    sizes = [host_buffer_bytes(t.numel() * t.element_size(), pinned) for t in sharded_params(model)]
+    per_state = sum(sizes) * (1 + (optimizer_tensors_per_param if with_optimizer else 0))
     per_rank = per_state * states
     per_host = per_rank * ranks_per_host
     available = host_memory_available()
     plan = {"states": states, "bytes_per_state": per_state, "bytes_per_rank": per_rank, "bytes_per_host": per_host,
             "host_available": available if available is not None else -1, "in_memory_states": states,
-            "spill_dir": None}
+            "spill_dir": None, "pinned": pinned}
     if available is None or per_host <= 0.8 * available:
         return plan
     fit = int(0.8 * available // max(1, per_state * ranks_per_host))

@@ -406,18 +406,19 @@ def test_choose_attention_follows_device_dtype_and_what_is_installed(monkeypatch
     assert choose_attention("auto", cuda, bf16) == choose_attention("auto", cpu, fp32) == PACKED_SDPA
     with pytest.raises(ConfigError, match="flex_attention needs CUDA and Triton"):
         choose_attention("flex_attention", cuda, bf16)
-    # Triton (which comes with PyTorch's CUDA wheels), no flash-attn: FlexAttention on CUDA.
+    # Triton (which comes with PyTorch's CUDA wheels), no flash-attn: still bucketed SDPA on CUDA,
+    # which compiles nothing (FlexAttention recompiles per shape); FlexAttention when asked for.
     installed.add("triton")
-    assert choose_attention("auto", cuda, bf16) == choose_attention("auto", cuda, fp32) == FLEX_ATTENTION
+    assert choose_attention("auto", cuda, bf16) == choose_attention("auto", cuda, fp32) == PACKED_SDPA
     assert choose_attention("flex_attention", cuda, fp32) == FLEX_ATTENTION
     assert choose_attention("auto", cpu, bf16) == PACKED_SDPA
     # Training needs a backward, which FlexAttention lacks on CPU: refused in one sentence.
     with pytest.raises(ConfigError, match="model.attn_implementation.*no FlexAttention backward on CPU"):
         choose_attention("flex_attention", cpu, fp32)
-    # flash-attn installed: its varlen kernel in bf16; it has no fp32 kernels, so Flex there.
+    # flash-attn installed: its varlen kernel in bf16; it has no fp32 kernels, so bucketed SDPA there.
     installed.add("flash_attn")
     assert choose_attention("auto", cuda, bf16) == "flash_attention_2"
-    assert choose_attention("auto", cuda, fp32) == FLEX_ATTENTION
+    assert choose_attention("auto", cuda, fp32) == PACKED_SDPA
     assert choose_attention("flex_attention", cuda, bf16) == FLEX_ATTENTION
     assert choose_attention("sdpa", cuda, bf16) == "sdpa" and choose_attention("eager", cpu, fp32) == "eager"
     assert choose_attention("packed_sdpa", cuda, bf16) == choose_attention("packed_sdpa", cpu, fp32) == PACKED_SDPA
@@ -497,3 +498,58 @@ def test_the_attention_bench_check_runs_on_cpu_and_passes(tmp_path, monkeypatch)
     for kind in ("llama", "mistral"):
         assert status[(kind, "leak_control")] == status[(kind, "flex")] == status[(kind, "sdpa")] == "ok"
         assert status[(kind, "flash_attention_2")] == "not available"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("static", [True, False])
+def test_compiled_blocks_compile_once_over_the_packers_micro_batches(tmp_path, tokenizer, static):
+    """train.compile's decoder blocks over 20 micro-batches of the real packer on the demo mixture:
+    under static shapes (what `data.static_shapes: null` turns on wherever something is compiled)
+    every micro-batch has the one shape the GPU would see, and nothing is compiled after the first;
+    without them each new row length compiles again (dynamo's backend here counts graphs instead of
+    running inductor, whose CPU compile takes minutes; what triggers a compile is the same)."""
+    import torch._dynamo
+
+    from msft_fast.config import DataConfig, TaskConfig
+    from msft_fast.data.loader import MixtureLoader
+    from msft_fast.data.packing import static_length
+    from msft_fast.data.tasks import load_tasks
+    from msft_fast.demo_data import write_demo_mixture
+    from msft_fast.model import decoder_blocks
+    from conftest import tiny_llama
+
+    entries = write_demo_mixture(tmp_path / "demo", seed=0, variant="calibrated")
+    cfg = DataConfig(tasks=[TaskConfig(e["name"], e["train"], e["val"]) for e in entries], max_seq_len=64,
+                     tokens_per_batch=250, cache_dir=str(tmp_path / "cache"))
+    tasks = load_tasks(cfg, tokenizer)
+    loader = MixtureLoader(tasks, 250, 0, 0, 1, 1, static_tokens=static_length(250) if static else None)
+    batches = [b for s in range(loader.steps_in_epoch(0)) for b in loader.step_batches(0, s)][:20]
+    assert len(batches) == 20
+    shapes = {tuple(b.input_ids.shape) for b in batches}
+    assert shapes == {(256,)} if static else len(shapes) > 1
+
+    lm = tiny_llama(tokenizer)
+    lm.config._attn_implementation = PACKED_SDPA  # the GPU default without flash-attn
+    wrapper = CausalLMWithTaskLoss(lm, len(tasks)).train()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    for block in decoder_blocks(lm):
+        block.compile(backend=counting_backend)  # as parallelize() does, with the counting backend
+    compiled = []
+    try:
+        for batch in batches:
+            loss, _ = wrapper(batch)
+            loss.backward()
+            compiled.append(len(graphs))
+    finally:
+        torch._dynamo.reset()
+    assert compiled[0] > 0
+    if static:
+        assert compiled == [compiled[0]] * len(batches), compiled
+    else:
+        assert compiled[-1] > compiled[0], compiled

@@ -247,6 +247,22 @@ def test_the_pool_plan_spills_or_names_the_setting_when_host_memory_is_short(tok
     assert snapshot.plan_pool(lm, states=2, with_optimizer=True, ranks_per_host=1)["in_memory_states"] == 2
 
 
+def test_the_pool_plan_counts_pinned_buffers_rounded_up_to_a_power_of_two(tokenizer, monkeypatch):
+    """Page-locked host buffers come from torch's caching host allocator, which rounds each block up
+    to a power of two: a state of shards just over a power of two takes nearly twice its bytes."""
+    import msft_fast.snapshot as snapshot
+
+    assert [snapshot.host_buffer_bytes(n, True) for n in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
+    assert snapshot.host_buffer_bytes(1025, False) == 1025 and snapshot.host_buffer_bytes(0, True) == 0
+    lm = tiny_llama(tokenizer)
+    monkeypatch.setattr(snapshot, "host_memory_available", lambda: None)
+    plain = snapshot.plan_pool(lm, states=3, with_optimizer=True, ranks_per_host=1)
+    pinned = snapshot.plan_pool(lm, states=3, with_optimizer=True, ranks_per_host=1, pinned=True)
+    rounded = sum(snapshot.host_buffer_bytes(p.numel() * 4, True) for p in lm.parameters())
+    assert pinned["bytes_per_state"] == 3 * rounded > plain["bytes_per_state"] == 3 * sum(p.numel() * 4 for p in lm.parameters())
+    assert pinned["bytes_per_rank"] == 3 * pinned["bytes_per_state"] and pinned["pinned"] and not plain["pinned"]
+
+
 def test_the_pool_plan_says_why_it_spills_or_not():
     from msft_fast.methods.msft import spill_reason
 

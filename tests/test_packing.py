@@ -11,8 +11,8 @@ from msft_fast.config import DataConfig, TaskConfig
 from msft_fast.data.formats import IGNORE_INDEX
 from msft_fast.data.loader import MixtureLoader
 from msft_fast.data.packing import (
-    MicroBatchPlan, best_fit_pack, collate, empty_batch, interleave, mixing_tv, pack_in_order, padding_fraction,
-    plan_epoch,
+    STATIC_MULTIPLE, MicroBatchPlan, best_fit_pack, collate, empty_batch, interleave, mixing_tv, pack_in_order,
+    pad_to, padding_fraction, plan_epoch, static_length,
 )
 from msft_fast.data.tasks import DocSet, TaskData, load_tasks
 from msft_fast.model import CausalLMWithTaskLoss
@@ -230,6 +230,60 @@ def test_packed_loss_and_task_stats_match_per_document_cross_entropy(tokenizer):
     assert stats.tokens.tolist() == expect_tokens.tolist()
     torch.testing.assert_close(stats.loss_sum.double(), expect_sum, atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(loss.double(), expect_sum.sum(), atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["packed_sdpa", "sdpa", "packed_flex_attention"])
+def test_static_shape_filler_changes_no_output_loss_or_statistic(tokenizer, attn):
+    """pad_to's filler documents attend only to themselves and carry no label: the real tokens'
+    hidden states, the loss, the per-task and the per-document statistics are those of the
+    unpadded row, under each backend's way of keeping documents apart (buckets, position ids,
+    a block mask)."""
+    lm = tiny_llama(tokenizer, seed=4)
+    lm.config._attn_implementation = attn
+    wrapper = CausalLMWithTaskLoss(lm, num_tasks=2)
+    tasks = _tasks(5, 4, seed=9)
+    docsets = [t.train for t in tasks]
+    batch = collate(plan_epoch(docsets, [0, 1], 10_000, seed=0, epoch=0)[0], docsets, [0, 1])
+    n = batch.num_tokens
+    length = static_length(n + 2 * STATIC_MULTIPLE + 5)  # three filler documents, the last a short one
+    padded = pad_to(batch, length)
+    assert padded.num_tokens == length and padded.num_loss_tokens == batch.num_loss_tokens
+    assert padded.filler_docs == 3 and padded.real_docs == len(batch.doc_lengths)
+    assert (padded.labels[n:] == IGNORE_INDEX).all() and padded.doc_lengths[:padded.real_docs] == batch.doc_lengths
+    assert padded.position_ids[n:].max() < STATIC_MULTIPLE and padded.cu_seqlens[-1] == length
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper.hidden_states(padded)[:n], wrapper.hidden_states(batch), atol=1e-5, rtol=1e-5)
+        loss, tasks_stats, docs_stats = wrapper(batch, per_document=True)
+        p_loss, p_tasks, p_docs = wrapper(padded, per_document=True)
+    torch.testing.assert_close(p_loss, loss, atol=1e-4, rtol=1e-5)
+    for mine, theirs in ((p_tasks, tasks_stats), (p_docs, docs_stats)):
+        assert mine.tokens.tolist() == theirs.tokens.tolist() and mine.correct.tolist() == theirs.correct.tolist()
+        torch.testing.assert_close(mine.loss_sum, theirs.loss_sum, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_static_loader_gives_every_micro_batch_one_token_count(world_size):
+    """Under static shapes every micro-batch a rank runs, training, evaluation and the empty ones that
+    keep ranks in lockstep, has exactly static_length(tokens_per_batch) tokens, and the plan is the
+    unpadded one: the same documents, trained tokens and steps."""
+    tasks = _tasks(40, 25, seed=0)
+    length = static_length(200)
+    assert length == 256 and static_length(256) == 256
+    empties = 0
+    for rank in range(world_size):
+        static = MixtureLoader(tasks, 200, 0, rank, world_size, 2, static_tokens=length)
+        plain = MixtureLoader(tasks, 200, 0, rank, world_size, 2)
+        steps = static.steps_in_epoch(0)
+        assert steps == plain.steps_in_epoch(0) and steps >= 3
+        batches = [b for s in range(steps) for b in static.step_batches(0, s)] + static.eval_batches()
+        assert {b.num_tokens for b in batches} == {length}
+        empties += sum(b.real_docs == 1 and b.num_loss_tokens == 0 for s in range(steps) for b in static.step_batches(0, s))
+        for s in range(steps):
+            assert [b.num_loss_tokens for b in static.step_batches(0, s)] == \
+                [b.num_loss_tokens for b in plain.step_batches(0, s)]
+    assert static.packing_stats(0)["padding"] > plain.packing_stats(0)["padding"]
+    # 11 micro-batches: on 2 ranks the last step leaves one rank an empty micro-batch, padded too
+    assert len(plain.epoch_plan(0)) == 11 and empties == (world_size - 1)
 
 
 @pytest.mark.parametrize("world_size,grad_accum", [(2, 2), (3, 1), (4, 3)])

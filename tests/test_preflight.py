@@ -218,3 +218,19 @@ def test_host_memory_can_be_given_for_machines_whose_memory_grows_on_demand(monk
         monkeypatch.setenv(HOST_MEMORY_ENV, bad)
         with pytest.raises(ConfigError, match=f"environment variable {HOST_MEMORY_ENV} must be a positive number"):
             host_available_memory()
+
+
+def test_the_estimate_budgets_for_the_static_length_where_rows_are_padded():
+    """Under static shapes every row is padded up to a multiple of 128 tokens: the estimate is that
+    of the padded row wherever the run pads (asked for, or compiled attention or blocks)."""
+    from msft_fast.attention import FLEX_ATTENTION, PACKED_SDPA
+    from msft_fast.config import Config
+    from msft_fast.preflight import estimate_run
+
+    def tokens(static, attention, compile=False):
+        cfg = Config(output_dir="x")
+        cfg.data.tokens_per_batch, cfg.data.static_shapes, cfg.train.compile = 8000, static, compile
+        return estimate_run(cfg, _tiny(), 1, torch.bfloat16, attention=attention).tokens_per_batch
+
+    assert tokens(None, PACKED_SDPA) == tokens(False, FLEX_ATTENTION) == 8000
+    assert tokens(None, FLEX_ATTENTION) == tokens(True, PACKED_SDPA) == tokens(None, PACKED_SDPA, True) == 8064

@@ -60,7 +60,7 @@ def test_attention_choice_follows_device_dtype_and_flash_attn(monkeypatch):
     monkeypatch.setattr(model_mod.importlib.util, "find_spec",
                         lambda name: object() if name in ("flash_attn", "triton") else real(name))
     assert model_mod.choose_attention("auto", cuda, torch.bfloat16) == "flash_attention_2"
-    assert model_mod.choose_attention("auto", cuda, torch.float32) == "packed_flex_attention"  # flash has no fp32
+    assert model_mod.choose_attention("auto", cuda, torch.float32) == "packed_sdpa"  # flash has no fp32
     with pytest.raises(ConfigError, match="flash_attention_2 needs CUDA, bf16"):
         model_mod.choose_attention("flash_attention_2", cuda, torch.float32)
     assert model_mod.choose_attention("eager", cuda, torch.float32) == "eager"

@@ -205,3 +205,45 @@ def test_on_cuda_the_audit_records_each_sync_warning_with_its_call_site(monkeypa
     assert [e.stack[-1].rsplit(" in ", 1)[1] for e in audit.events] == ["reads_the_device"] * 2
     assert all(e.in_files("tests/test_step_loop.py") for e in audit.events)
     assert [str(w.message) for w in passed_on] == ["an unrelated warning"]
+
+
+def test_static_shapes_pad_every_micro_batch_and_change_no_result(tmp_path, demo_dir, monkeypatch):
+    """data.static_shapes=true: every micro-batch the model runs (training and evaluation) has the
+    static length, history.json says so, padding is counted against that length, and training
+    gives the run without it, up to float rounding (the filler has no label and attends only to
+    itself)."""
+    import torch
+
+    from msft_fast.model import CausalLMWithTaskLoss
+
+    seen = []
+    real_forward = CausalLMWithTaskLoss.forward
+
+    def forward(self, batch, per_document=False):
+        seen.append(batch.num_tokens)
+        return real_forward(self, batch, per_document)
+
+    monkeypatch.setattr(CausalLMWithTaskLoss, "forward", forward)
+
+    def method(trainer, history, metric):
+        for _ in range(4):
+            trainer.train_step()
+        return _finish(trainer, history, metric)
+
+    results = {}
+    for setting in ("true", "false"):
+        seen.clear()
+        _train_with(tmp_path / setting, demo_dir, monkeypatch, method, "data.tokens_per_batch=250",
+                    f"data.static_shapes={setting}")
+        with open(tmp_path / setting / "run" / "history.json") as f:
+            results[setting] = json.load(f), list(seen)
+    (on, on_seen), (off, off_seen) = results["true"], results["false"]
+    assert set(on_seen) == {256} and on["static_tokens"] == 256
+    assert len(set(off_seen)) > 1 and max(off_seen) <= 250 and off["static_tokens"] is None
+    assert on["packing"]["padding"] > off["packing"]["padding"]
+    assert on["packing"]["padding"] == pytest.approx(1 - (1 - off["packing"]["padding"]) * 250 / 256, abs=1e-6)
+    for a, b in zip(on["evals"], off["evals"]):
+        for task in on["tasks"]:
+            assert a["tasks"][task]["val_loss"] == pytest.approx(b["tasks"][task]["val_loss"], rel=1e-4)
+    assert on["totals"]["trained_tokens"] == off["totals"]["trained_tokens"]
+    assert on["totals"]["train_flops"] == off["totals"]["train_flops"]  # the filler is not useful work

@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from msft_fast.data.packing import (
-    MicroBatchPlan, PackedBatch, best_fit_pack, collate, empty_batch, mixing_tv, padding_fraction, plan_epoch,
-    sample_step,
+    MicroBatchPlan, PackedBatch, best_fit_pack, collate, empty_batch, mixing_tv, pad_to, padding_fraction,
+    plan_epoch, sample_step,
 )
 from msft_fast.data.tasks import TaskData
 
@@ -28,10 +28,14 @@ LOOKAHEAD_STREAM = 1_000_033
 
 
 class MixtureLoader:
+    """static_tokens: when set (`data.static_shapes`, packing.static_length), every micro-batch this
+    rank gets, training and evaluation, is padded to exactly that many tokens (packing.pad_to)."""
+
     def __init__(self, tasks: Sequence[TaskData], tokens_per_batch: int, seed: int, rank: int, world_size: int,
-                 grad_accum: int):
+                 grad_accum: int, static_tokens: Optional[int] = None):
         self.tasks = list(tasks)
         self.capacity = tokens_per_batch
+        self.static_tokens = static_tokens
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -77,7 +81,7 @@ class MixtureLoader:
         return {"epoch": epoch, "tasks": [self.tasks[i].name for i in self.active],
                 "steps": self.steps_in_epoch(epoch), "micro_batches": len(plans),
                 "mixing_tv": round(mixing_tv(plans, [t.train for t in self.tasks], self.per_step), 6),
-                "padding": round(padding_fraction(plans, self.capacity), 6)}
+                "padding": round(padding_fraction(plans, self.static_tokens or self.capacity), 6)}
 
     def steps_in_full_epoch(self) -> int:
         """Optimizer steps of an epoch over every task: the most any epoch of the mixture takes."""
@@ -161,7 +165,10 @@ class MixtureLoader:
         slots = math.ceil(len(plans) / self.world_size)
         mine = rank_share(plans, self.rank, self.world_size)
         task_ids = [t.task_id for t in self.tasks]
-        return [collate(p, docsets, task_ids) for p in mine] + [empty_batch() for _ in range(slots - len(mine))]
+        batches = [collate(p, docsets, task_ids) for p in mine] + [empty_batch() for _ in range(slots - len(mine))]
+        if self.static_tokens is not None:
+            batches = [pad_to(b, self.static_tokens) for b in batches]
+        return batches
 
 
 def rank_share(plans: Sequence[MicroBatchPlan], rank: int, world_size: int) -> list[MicroBatchPlan]:

@@ -31,6 +31,11 @@ from msft_fast.data.tasks import DocSet
 # the whole epoch), near enough that a micro-batch stays a slice of the interleaved order.
 PACK_LOOKAHEAD = 64
 
+# Static shapes (`data.static_shapes`): rows are padded to a multiple of this many tokens, and the
+# padding is split into filler documents of at most this length, so it attends only within itself,
+# costs little attention and never needs a position beyond the shortest model's limit.
+STATIC_MULTIPLE = 128
+
 
 @dataclass
 class MicroBatchPlan:
@@ -57,10 +62,16 @@ class PackedBatch:
     max_seqlen: int
     doc_lengths: list[int]  # [D], for attention FLOPs
     num_loss_tokens: int  # tokens with a label
+    filler_docs: int = 0  # the last filler_docs of the D documents are `pad_to`'s filler
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
+
+    @property
+    def real_docs(self) -> int:
+        """Documents of the plan: the first D - filler_docs."""
+        return len(self.doc_lengths) - self.filler_docs
 
     def document_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(doc [N] int64: each token's document, 0..D-1; task [D] int64: each document's task id),
@@ -73,7 +84,7 @@ class PackedBatch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PackedBatch(
             move(self.input_ids), move(self.labels), move(self.position_ids), move(self.task_ids),
-            move(self.cu_seqlens), self.max_seqlen, self.doc_lengths, self.num_loss_tokens,
+            move(self.cu_seqlens), self.max_seqlen, self.doc_lengths, self.num_loss_tokens, self.filler_docs,
         )
 
 
@@ -265,6 +276,42 @@ def empty_batch() -> PackedBatch:
     end (FSDP needs each rank to run the same number of forwards) without changing the loss."""
     return _to_batch([np.zeros(1, np.int32)], [np.full(1, IGNORE_INDEX, np.int32)], [np.zeros(1, np.int64)],
                      [np.zeros(1, np.int64)], [1])
+
+
+def static_length(tokens_per_batch: int) -> int:
+    """The token count of every micro-batch under static shapes: data.tokens_per_batch rounded up
+    to a multiple of STATIC_MULTIPLE (what compiled kernels tile by)."""
+    return -(-tokens_per_batch // STATIC_MULTIPLE) * STATIC_MULTIPLE
+
+
+def pad_to(batch: PackedBatch, length: int) -> PackedBatch:
+    """`batch` padded to exactly `length` tokens with filler documents, so that whatever is compiled
+    (FlexAttention, train.compile's blocks) sees one shape for the whole run. The filler has no
+    labels, comes after the real documents, and is split into documents of at most STATIC_MULTIPLE
+    tokens (positions restarting in each): it attends only to itself and changes no loss, no
+    statistic and no real token's output."""
+    n = batch.num_tokens
+    if n > length:
+        raise ValueError(f"a micro-batch of {n} tokens does not fit the static length {length}")
+    if n == length:
+        return batch
+    pieces = [STATIC_MULTIPLE] * ((length - n) // STATIC_MULTIPLE)
+    if (length - n) % STATIC_MULTIPLE:
+        pieces.append((length - n) % STATIC_MULTIPLE)
+    k = length - n
+    filler_task = batch.task_ids[-1:].expand(k)  # any real task's id: its labels are ignored
+    cu = torch.from_numpy(np.cumsum(pieces, dtype=np.int32)) + batch.cu_seqlens[-1]
+    return PackedBatch(
+        input_ids=torch.cat([batch.input_ids, batch.input_ids.new_zeros(k)]),
+        labels=torch.cat([batch.labels, batch.labels.new_full((k,), IGNORE_INDEX)]),
+        position_ids=torch.cat([batch.position_ids, torch.cat([torch.arange(p) for p in pieces])]),
+        task_ids=torch.cat([batch.task_ids, filler_task]),
+        cu_seqlens=torch.cat([batch.cu_seqlens, cu.to(batch.cu_seqlens.dtype)]),
+        max_seqlen=max(batch.max_seqlen, max(pieces)),
+        doc_lengths=batch.doc_lengths + pieces,
+        num_loss_tokens=batch.num_loss_tokens,
+        filler_docs=batch.filler_docs + len(pieces),
+    )
 
 
 def _to_batch(ids, labels, positions, tasks, lengths) -> PackedBatch:

@@ -108,7 +108,8 @@ def run_msft(trainer: Trainer, history: History, metric: Metric) -> dict:
     # Worst case alive at once: one state per active task's best point plus the best pooled one
     # (and, with msft.min_delta, the latest evaluation: a task close to its best peaks there).
     states = len(names) + 1 + (1 if cfg.min_delta > 0 else 0)
-    plan = plan_pool(trainer.model, states, not weights_only, local_world_size(), spill_dir=cfg.snapshot_spill_dir)
+    plan = plan_pool(trainer.model, states, not weights_only, local_world_size(), spill_dir=cfg.snapshot_spill_dir,
+                     pinned=trainer.ctx.device.type == "cuda")  # CudaCopyEngine's buffers are page-locked
     plan["spill_reason"] = spill_reason(plan, cfg.snapshot_spill_dir)
     history.data["snapshot_pool"] = plan
     pool = trainer.make_pool(capacity=states, with_optimizer=not weights_only,
