@@ -1,6 +1,6 @@
 """Run configuration: a YAML file plus dotted command-line overrides, parsed into dataclasses.
 
-The key names are a contract (README "Config reference"): add keys, never rename them.
+The key names are a contract (docs/config.md): add keys, never rename them.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class ModelConfig:
     path: str = "builtin:tiny-llama"  # a local HF model folder, a Hub repo id (org/name), or builtin:tiny-llama
     revision: Optional[str] = None  # branch, tag or commit of a Hub model; None: main
     attn_implementation: Literal["auto", "packed_sdpa", "sdpa", "eager", "flash_attention_2", "flex_attention"] = "auto"
-    # The fused loss: auto = the chunked path on CUDA, the PyTorch reference on CPU (README "The loss kernel API")
+    # The fused loss: auto = the chunked path on CUDA, the PyTorch reference on CPU (docs/loss-kernel.md)
     loss_impl: Literal["auto", "chunked", "triton", "torch"] = "auto"
     loss_chunk_mib: int = 1024  # memory budget of the chunked loss's transient buffers (kernels/chunk_plan.py)
 
@@ -62,8 +62,7 @@ class DataConfig:
     num_proc: Optional[int] = None  # tokenization workers; None = one process
     chat_template: Optional[str] = None  # a Jinja file or inline template replacing the tokenizer's (and final/'s)
     empty_think_blocks: Literal["train", "prompt", "strip"] = "train"  # empty <think></think> in assistant turns
-    # true: every micro-batch padded to tokens_per_batch rounded up to 128, with filler documents without labels
-    static_shapes: Optional[bool] = None  # null: true where compiled (flex_attention, train.compile)
+    static_shapes: Optional[bool] = None  # pad rows to tokens_per_batch rounded up to 128; null: where compiled
 
 
 @dataclass
@@ -138,7 +137,7 @@ class IesConfig:
 @dataclass
 class DynamixConfig:
     """DynamixSFT (Shin et al., arXiv 2508.12116). Defaults as read from the paper for its 1B model;
-    not re-checked against its full text (README, Methods)."""
+    not re-checked against its full text (docs/methods.md)."""
 
     beta: float = 4.0  # Boltzmann sharpness on the reward estimates Q
     gamma: float = 0.3  # share of the sampling mass spread uniformly over the tasks (exploration floor)

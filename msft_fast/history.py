@@ -1,7 +1,7 @@
 """`history.json`: every evaluation, every stage decision, the final choice and the totals.
 
 Rewritten atomically after every evaluation, so it always describes the run so far. Field names
-are a contract (README "Outputs").
+are a contract (docs/outputs.md).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One run's `history.json` read into plain data: `load_history` parses the file, `_Run` derives
 what the reports show (the metric, evaluations by id, discarded evaluations, stage numbers, compute).
 
-Reading of the history (field names: README "Outputs"):
+Reading of the history (field names: docs/outputs.md):
 - The validation metric is `history["metric"]` (default `val_loss`): `val_loss`, `val_token_acc`
   and `val_exact_match` are read from each task's record of the same name; any other metric (a
   `module:function` callback) from the task's `metric` field. The pooled metric of an evaluation is
