@@ -67,10 +67,12 @@ def cases_of(mode: str) -> tuple:
     return CASES["cpu" if mode == "quick" else mode]
 
 
-def bench_shape(mode: str, device: str, n: int, h: int, v: int, s: dict, env=None) -> dict:
+def bench_shape(mode: str, device: str, n: int, h: int, v: int, s: dict, env=None, only=None) -> dict:
+    """Every case of the mode at one shape (`only`: ours and these cases)."""
     ours, ours_no_tasks, others, peers = cases_of(mode)
     own_process = mode in ("cpu", "quick")  # CPU peak RSS per case needs a process per case
-    cases = (("inputs_only",) if own_process else ()) + (ours, ours_no_tasks) + others + peers
+    cases = (("inputs_only",) if own_process else ()) + (ours,) + tuple(
+        c for c in (ours_no_tasks,) + others + peers if only is None or c in only)
     raw = run_cases(cases, device, n, h, v, s["dtype"], s["repeats"], one_process=not own_process,
                     ignored=s["ignored"], env=env, grad_slice=s["grad_slice"])
     base = raw.get("inputs_only", {}).get("peak_rss_mb")
@@ -134,8 +136,10 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, help="timed steps per case (after two warm-up steps)")
     p.add_argument("--ignored", type=float, help="fraction of labels that are ignore_index (cuda default 0)")
     p.add_argument("--grad-slice", type=int, help="tokens of the float64 error check per case (0: none)")
+    p.add_argument("--cases", nargs="+", help="only these cases beside ours (default: every case of the mode)")
     p.add_argument("--workdir", help=argparse.SUPPRESS)  # accepted for the common bench test harness
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--stem", help="output file names (default ce_<gpu>, ce_cpu, ce_cpu_quick, ce_cpu_interpret)")
     a = p.parse_args(argv)
     if (a.quick or a.interpret) and a.device == "cuda":
         p.error("--quick and --interpret are CPU dry runs")
@@ -166,7 +170,7 @@ def main(argv=None) -> dict:
     results = []
     t0 = time.time()
     for n, h, v in shapes:
-        r = bench_shape(mode, a.device, n, h, v, s, env)
+        r = bench_shape(mode, a.device, n, h, v, s, env, a.cases)
         results.append(r)
         print(f"N={n} H={h} V={v}: " + ", ".join(f"{k} {x:.3f}" for k, x in r["ratios"].items())
               + "".join(f"; {c} skipped ({why})" for c, why in r["skipped"].items()
@@ -195,7 +199,7 @@ def main(argv=None) -> dict:
         report["modelled_ms"] = {f"{n}x{h}x{v}": m for (n, h, v), m in model.items()}
     stem = f"ce_{gpu_slug(machine['gpu'])}" if a.device == "cuda" else \
         {"cpu": "ce_cpu", "quick": "ce_cpu_quick", "interpret": "ce_cpu_interpret"}[mode]
-    write_outputs(a.out, stem, report, markdown(report, mode, model))
+    write_outputs(a.out, a.stem or stem, report, markdown(report, mode, model))
     return report
 
 

@@ -443,7 +443,7 @@ def main(argv=None) -> dict:
         "sides": sides, "repeats": a.repeats, "threads": a.threads,
         "settings": {name: summarise(s, runs[name]) for name, s in settings.items()},
     }
-    # Flat ratios for scripts that print them (bench/gpu_check_train.sh)
+    # Flat ratios for scripts that print them (bench/gpu_check.sh)
     report["ratios"] = {f"{name} {key} {k}": v for name, st in report["settings"].items()
                         for key in ("over_hf_padded", "over_hf_flat") for k, v in st["ratios"][key].items()
                         if isinstance(v, float)}

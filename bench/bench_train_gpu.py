@@ -173,7 +173,7 @@ def unavailable(attn: str, cpu: bool) -> str | None:
         return "flash-attn needs CUDA"
     if attn == "flex_attention" and cpu:
         return "FlexAttention training needs CUDA (no backward on a CPU)"
-    return None
+    return None  # "auto" always trains: the trainer picks what can
 
 
 def run_config(a, model_dir: str, tasks: list[dict], name: str, attn: str, **train) -> dict:
@@ -235,8 +235,9 @@ def run_variant(a, model_dir: str, tasks: list[dict], attn: str, compile_: bool,
     figures = step_figures(steps, a.skip, a.gpu_name)
     memory = memory_vs_preflight(preflight_for(path, model_dir, attention_for(attn, a.cpu, a.precision), device),
                                  figures["peak_mem_gib"], device)
-    return {"variant": name, "status": "ok", "attn": attn, "compile": compile_, "activation_checkpointing": ac,
-            **figures, "memory": memory, "padding_fraction": history.get("padding_fraction"),
+    return {"variant": name, "status": "ok", "attn": attn, "attn_used": history.get("attn_implementation"),
+            "compile": compile_, "activation_checkpointing": ac, **figures, "memory": memory,
+            "padding_fraction": history.get("padding_fraction"), "static_tokens": history.get("static_tokens"),
             "eval_seconds": history["totals"]["eval_seconds"], "totals_mfu": history["totals"].get("mfu"),
             "totals_tokens_per_s": history["totals"].get("tokens_per_s"), "wall_seconds": wall}
 
@@ -269,9 +270,8 @@ def run_rollout(a, model_dir: str, tasks: list[dict]) -> dict:
     """A 2-task mSFT roll-out with one roll-back: snapshot and restore cost as a share of training."""
     name = "msft_rollout"
     attn = a.attn[0]
-    why = unavailable(attn, a.cpu)
-    if why:
-        attn = "auto"  # the trainer's own choice: FlexAttention on a GPU without flash-attn, SDPA on a CPU
+    if unavailable(attn, a.cpu):
+        attn = "auto"  # the trainer's own choice
     config = run_config(a, model_dir, tasks, name, attn, epochs=2)
     config["method"] = "msft"
     # States that do not fit in host memory (by MemAvailable, or $MSFT_FAST_HOST_MEMORY_GIB) spill to
@@ -333,6 +333,7 @@ def main(argv=None) -> dict:
     p.add_argument("--budget", type=int, default=0, help="seconds for all variants; 0: no limit. Variants that "
                    "cannot start with --timeout seconds left are recorded as skipped")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    p.add_argument("--stem", help="output file names (default step_train_<device>, msft_rollout_<device>)")
     a = p.parse_args(argv)
     if a.cpu:
         cpu_shapes(a)
@@ -435,7 +436,7 @@ def write_report(a, results: list[dict], shape: dict, params, build_seconds: flo
             lines.append(f"| {r['variant']} | {r['status']}: {r['why']} | | | | | | |")
     if device == "cpu":
         lines += ["", "CPU: peak is the process's max RSS, which the GPU-memory estimate does not model."]
-    _write(a.out, f"step_train_{device}", report, lines, quiet)
+    _write(a.out, a.stem or f"step_train_{device}", report, lines, quiet)
     return report
 
 
@@ -462,7 +463,7 @@ def write_rollout_report(a, r: dict, shape: dict, params) -> dict:
                   "epoch of a short run); the per-capture cost does not."]
     else:
         lines.append(f"{r['status']}: {r['why']}")
-    _write(a.out, f"msft_rollout_{device}", report, lines, quiet=False)
+    _write(a.out, a.stem or f"msft_rollout_{device}", report, lines, quiet=False)
     return report
 
 

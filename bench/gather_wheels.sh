@@ -5,7 +5,7 @@
 #   datasets, and the two of its requirements the image lacks (dill, multiprocess): msft-fast reads tasks with it;
 #   transformers at the version requirements/dev-cpu.txt pins (the image has an older one; the check
 #     keeps the image's if the carried one does not import there);
-#   liger-kernel and cut-cross-entropy: the loss benchmark's peers (bench/gpu_check_ce.sh).
+#   liger-kernel and cut-cross-entropy: the loss benchmark's peers (bench/bench_ce.py).
 # flash-attn publishes no wheel on PyPI (a source archive that needs CUDA to build), and its release
 # wheels (about 200 MB and more) exceed the 64 MiB a device call can carry: the checks report it as
 # "not available" and train with FlexAttention.
@@ -13,7 +13,7 @@
 # The wheels are for the GPU machine's Python (CPython 3.12, x86-64 manylinux) and go to .whl/ (git-ignored).
 # The device tool carries them with the working tree, and gpu_check.sh installs them first thing:
 #   bench/gather_wheels.sh                       # here; about 16 MB
-#   device run: command "bench/gpu_check.sh", carry [".whl"], timeout_s 540
+#   device run: command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 360 (docs/gpu.md)
 set -u
 cd "$(dirname "$0")/.."
 DEST="${1:-.whl}"

@@ -1,83 +1,205 @@
 #!/usr/bin/env bash
-# The trainer's CUDA paths on one GPU, checked and measured in one command (under 8 minutes on one H200,
-# installs included). Parts, most valuable first, each with its own time limit (one that fails or runs
-# out of time never stops the others):
-#   setup             carried wheels (bench/gather_wheels.sh -> .whl/) installed; this tree importable
-#   loss_check        the Triton loss kernel against the float64 reference, on the device
-#                     (bench/bench_loss.py --device cuda --check)
-#   trainer_check     gradient reductions once per step, host syncs per step and where from, the time
-#                     split, pinned snapshots restored bitwise (weights + Adam) with capture/restore cost
-#                     and s/GB, the memory preflight against torch.cuda.max_memory_allocated
-#                     (bench/trainer_check.py: Llama-3.2-1B shape, rows of 8192 packed tokens, bf16)
-#   train_throughput  tokens/s, MFU, peak memory and the preflight per variant: FlexAttention with
-#                     torch.compile off/on and activation checkpointing off/selective, flash-attn when
-#                     carried (bench/bench_train_gpu.py --variants; variants that do not fit what is left
-#                     of the budget, less the roll-out's share, are recorded as skipped)
-#   msft_rollout      a 2-task mSFT roll-out with one roll-back on that model: snapshot and restore share
-#                     of training time (bench/bench_train_gpu.py --rollout)
-# Output: $OUT/gpu_check.json and gpu_check.md (machine, GPU, driver, versions, every figure) and
-# gpu_check_logs.txt (default OUT: bench/results/gpu; with --cpu /tmp/bench_work/gpu_check_cpu).
-# The loss benchmark against Liger/CCE is bench/gpu_check_ce.sh's.
+# The GPU check: one device call returns, most valuable first, whatever finished within BUDGET_S
+# (default 300 s of wall time, from a bare machine; docs/gpu.md says how to call it):
+#   setup             carried wheels (.whl/, from bench/gather_wheels.sh) installed; versions of torch,
+#                     triton, pyarrow, fsspec, transformers, datasets, ...; every import tried, with its real
+#                     error (OUT/imports.json), never a bare "not available"
+#   train_throughput  msft-fast train with the default attention, eager: Llama-3.2-1B shape, rows of 8192
+#                     tokens, 8 steps: tokens/s, MFU, peak memory, the memory preflight's estimate beside it
+#   loss_timing       the loss at 16384 x 2048 x 128256 bf16, forward + backward: ours (chunked) vs
+#                     materialised logits + F.cross_entropy vs Liger and CCE when importable: time, peak memory
+#   trainer_check     snapshot restore bitwise and its s/GB, host syncs, gradient reductions, time split,
+#                     preflight vs peak, in one process (bench/trainer_check.py)
+#   loss_check        every Triton loss path against float64 on the device, a few shapes
+#   train_variants    FlexAttention (static shapes), torch.compile, activation checkpointing, flash-attn if carried
+#   msft_rollout      a 2-task mSFT roll-out with one roll-back: snapshot and restore share of training time
+#   train_vs_hf       (GPU only) msft-fast train vs HF Trainer on the same model and documents
+# After every part OUT/gpu_check.json and gpu_check.md are rewritten (bench/gpu_check_report.py), so a
+# call cut short still returns every part that finished. A part runs under `timeout -s KILL`: SIGTERM
+# would make the trainer write a checkpoint (15 GB at this size). A part that would get less than
+# PART_MIN seconds is recorded as "skipped: out of time", never started with a limit of zero or less.
 #
-# --cpu runs every part's Python with the same code path on tiny shapes (the Triton interpreter for the
-# kernel check, SDPA where FlexAttention has no CPU backward, no torch.compile variants: inductor's CPU
-# compile takes minutes on 2 cores; tests/test_parallel_options.py covers compiled blocks). No part
-# is skipped there; tests/test_bench.py runs it and requires every part "ok".
-#
-#   bench/gather_wheels.sh && bench/gpu_check.sh   # GPU machine: python $PYTHON, else .venv/bin/python, else python3
-#   bench/gpu_check.sh --cpu                       # dry run here, about 2 minutes
-NAME=gpu_check BUDGET_DEFAULT=470 BUDGET_CPU_DEFAULT=1500 PART_RESERVE=15 PART_MIN=30
-source "$(dirname "$0")/gpu_check_lib.sh"
-require_cuda
-show_log() {  # without progress bars and warnings
-    grep -v '^\s*$' "$1" | grep -v -i 'it/s\]\|warn' | tail -n 12
-}
-PARTS="$WORK/parts"
-rm -rf "$PARTS"
+#   bash bench/gpu_check.sh          # GPU machine; OUT: $OUT, else bench/results/gpu
+#   bash bench/gpu_check.sh --cpu    # dry run here: the same parts and Python on tiny shapes (Triton
+#                                    # interpreter for the loss, SDPA / packed SDPA, nothing compiled);
+#                                    # OUT: $OUT, else /tmp/bench_work/gpu_check_cpu
+# Python: $PYTHON, else .venv/bin/python, else python3. Scratch (a 2.5 GB model): $BENCH_WORK, never under OUT.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+case "${1:-}" in
+    "") MODE=gpu ;;
+    --cpu) MODE=cpu ;;
+    *) echo "usage: bash bench/gpu_check.sh [--cpu]" >&2; exit 2 ;;
+esac
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if [ "$MODE" = gpu ]; then OUT="${OUT:-bench/results/gpu}"; else OUT="${OUT:-/tmp/bench_work/gpu_check_cpu}"; fi
+WORK="${BENCH_WORK:-/tmp/bench_work/gpu_check_work_$MODE}"
+mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd) WORK=$(cd "$WORK" && pwd)
+case "$WORK/" in "$OUT"/*)
+    echo "gpu_check: the scratch folder $WORK is under OUT ($OUT); set BENCH_WORK elsewhere" >&2; exit 2 ;;
+esac
+# A GPU run has 5 minutes; the dry run gets more, so that a loaded machine still runs every part.
+if [ "$MODE" = gpu ]; then BUDGET="${BUDGET_S:-300}"; else BUDGET="${BUDGET_S:-600}"; fi
+RESERVE=5 PART_MIN=20  # seconds kept for the last report; the least a part is started with
+START=$SECONDS
+PARTS="$WORK/parts" STATUS="$WORK/status.jsonl"
+rm -rf "$PARTS" "$WORK"/*.log
 mkdir -p "$PARTS"
+: > "$STATUS"
+
+# The lent VM's memory grows on demand: MemAvailable says far less than it can give, and the
+# snapshot pool's host-memory preflight would refuse the 1B model's states.
+if [ -z "${MSFT_FAST_HOST_MEMORY_GIB:-}" ]; then
+    MSFT_FAST_HOST_MEMORY_GIB=$(awk '/^MemTotal:/ {printf "%.1f", 0.9 * $2 / 1048576}' /proc/meminfo)
+fi
+export MSFT_FAST_HOST_MEMORY_GIB PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TMPDIR="$WORK" \
+    TORCHINDUCTOR_CACHE_DIR="$WORK/inductor" TRITON_CACHE_DIR="$WORK/triton" HF_DATASETS_CACHE="$WORK/datasets"
+# The interpreter only where asked for (the dry run's loss parts): tests/conftest.py exports it to children.
+if [ "$MODE" = gpu ]; then export TRITON_INTERPRET=0; else unset TRITON_INTERPRET; fi
+# Carried wheels first, then this tree (msft_fast/kernels/__init__.py reaches kernels/ from here).
+SITE="$WORK/site"
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+note() {  # part, status, detail [, seconds]: one line of the status file
+    printf '%-18s %-14s %s\n' "$1" "$2" "$3"
+    "$PYTHON" -c 'import json, sys; print(json.dumps({"part": sys.argv[1], "status": sys.argv[2],
+        "detail": sys.argv[3], "seconds": int(sys.argv[4]) if sys.argv[4] else None}))' \
+        "$1" "$2" "$3" "${4:-}" >> "$STATUS"
+}
+
+report() {  # OUT/gpu_check.{json,md} and the logs' tails from everything written so far
+    "$PYTHON" bench/gpu_check_report.py render --mode "$MODE" --work "$WORK" --out "$OUT" --budget "$BUDGET" \
+        --wall $((SECONDS - START)) "$@" > "$WORK/report.out" 2>&1 || tail -n 5 "$WORK/report.out"
+}
+
+part() {  # name, limit in seconds, command...: never past the budget, killed with SIGKILL at its limit
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - (SECONDS - START) - RESERVE))
+    if [ "$left" -lt "$PART_MIN" ]; then
+        note "$name" skipped "out of time: ${left}s of the ${BUDGET}s budget left"
+        report
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit}s)"
+    local t0=$SECONDS rc
+    timeout -s KILL "$limit" "$@" > "$WORK/$name.log" 2>&1
+    rc=$?
+    local took=$((SECONDS - t0))
+    grep -v '^\s*$' "$WORK/$name.log" | grep -v -i 'warn\|it/s\]' | tail -n 12
+    if [ $rc -eq 0 ]; then note "$name" ok "${took}s" "$took"
+    elif [ $rc -eq 137 ] && [ $took -ge $((limit - 1)) ]; then
+        note "$name" "timed out" "killed at its ${limit}s limit" "$took"
+    elif [ $rc -eq 137 ]; then note "$name" failed "killed (SIGKILL) after ${took}s: out of memory?" "$took"
+    else note "$name" failed "exit $rc: $(grep -v '^\s*$' "$WORK/$name.log" | tail -n 1 | cut -c1-200)" "$took"
+    fi
+    report
+}
+
+cap() {  # seconds: at most that many, and no more than the budget leaves
+    local left=$((BUDGET - (SECONDS - START) - RESERVE))
+    echo $(($1 < left ? $1 : left))
+}
+
+unavailable() {  # part, why
+    note "$1" "not available" "$2"
+    report
+}
+
+install_wheels() {  # $PEER_WHEELS (default .whl) into $SITE, one at a time if the batch fails
+    local wheels="${PEER_WHEELS:-.whl}" log="$WORK/install.txt"
+    rm -rf "$SITE"
+    mkdir -p "$SITE"
+    : > "$log"
+    if ! ls "$wheels"/*.whl > /dev/null 2>&1; then
+        echo "no carried wheels in $wheels (bench/gather_wheels.sh gathers them)" | tee -a "$log"
+        return
+    fi
+    local pip=("$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE")
+    if ! "${pip[@]}" "$wheels"/*.whl >> "$log" 2>&1; then
+        for w in "$wheels"/*.whl; do
+            "${pip[@]}" "$w" >> "$log" 2>&1 || echo "could not install $(basename "$w")" | tee -a "$log"
+        done
+    fi
+    # A carried transformers may need newer libraries than the machine has: the machine's then.
+    if [ -d "$SITE/transformers" ] && ! "$PYTHON" -c 'import transformers' >> "$log" 2>&1; then
+        rm -rf "$SITE"/transformers "$SITE"/transformers-*.dist-info
+        echo "the carried transformers does not import here; using the machine's" | tee -a "$log"
+    fi
+    echo "carried wheels installed: $(cd "$wheels" && ls ./*.whl | tr '\n' ' ')" | tee -a "$log"
+}
 
 echo "== setup"
-SETUP_T0=$SECONDS
-install_carried
-note setup ok "$(tail -n 2 "$WORK/install.txt" | tr '\n' ' ' | cut -c1-200)" $((SECONDS - SETUP_T0))
+install_wheels
+"$PYTHON" bench/gpu_check_report.py setup --mode "$MODE" --work "$WORK" --out "$OUT" > "$WORK/setup.log" 2>&1
+rc=$?
+cat "$WORK/setup.log"
+if [ -f "$WORK/available.sh" ]; then
+    # shellcheck source=/dev/null
+    source "$WORK/available.sh"  # LOSS_OK/TRAIN_OK/HF_OK and why not (the failing import's last line)
+    if [ "$rc" -eq 0 ]; then note setup ok "$(tail -n 1 "$WORK/install.txt" | cut -c1-160)" $((SECONDS - START))
+    else note setup failed "imports: $SETUP_WHY" $((SECONDS - START)); fi
+else
+    LOSS_OK=0 TRAIN_OK=0 HF_OK=0 LOSS_WHY="setup failed" TRAIN_WHY="setup failed" HF_WHY="setup failed"
+    note setup failed "exit $rc: $(tail -n 1 "$WORK/setup.log" | cut -c1-200)" $((SECONDS - START))
+fi
+report
 
+TRAIN=("$PYTHON" bench/bench_train_gpu.py --workdir "$WORK/train" --out "$PARTS")
 if [ "$MODE" = gpu ]; then
-    DEVICE=(); ATTN=flex_attention
-    part loss_check 100 "$PYTHON" bench/bench_loss.py --device cuda --check
+    TRAIN+=(--steps 8 --skip 3)
+    VARIANTS=(flex_attention:off:off packed_sdpa:on:off packed_sdpa:off:selective flash_attention_2:off:off
+              flex_attention:on:off)
+    LOSS=(env TRITON_INTERPRET=0 "$PYTHON")
+    LOSS_TIMING=(bench/bench_ce.py --device cuda --tokens 16384 --hidden 2048 --vocab 128256)
+    LOSS_CHECK=(bench/bench_loss.py --device cuda --check)
+    CHECK=("$PYTHON" bench/trainer_check.py --workdir "$WORK/train")
 else
-    DEVICE=(--cpu); ATTN=sdpa
-    part loss_check 150 env TRITON_INTERPRET=1 "$PYTHON" bench/bench_loss.py --device cpu --check
+    TRAIN+=(--cpu --steps 6 --skip 2)
+    # No FlexAttention backward on a CPU, no flash-attn: both are reported as not available.
+    VARIANTS=(packed_sdpa:off:selective flex_attention:off:off flash_attention_2:off:off)
+    LOSS=(env TRITON_INTERPRET=1 OMP_NUM_THREADS=1 "$PYTHON")
+    LOSS_TIMING=(bench/bench_ce.py --interpret)
+    LOSS_CHECK=(bench/bench_loss.py --device cpu --check)
+    CHECK=("$PYTHON" bench/trainer_check.py --cpu --workdir "$WORK/train")
 fi
 
-trainer_parts() {
-    part trainer_check 150 "$PYTHON" bench/trainer_check.py "${DEVICE[@]}" --workdir "$WORK/train" \
-        --out "$PARTS/trainer_check.json"
-    # Most valuable first: the default backend without flash-attn (FlexAttention) eager, then compiled,
-    # then with selective activation checkpointing, then flash-attn (when carried). The roll-out after
-    # them keeps ROLLOUT seconds of the budget.
-    local ROLLOUT=130 VARIANTS
-    if [ "$MODE" = gpu ]; then
-        VARIANTS=("$ATTN:off:off" "$ATTN:on:off" "$ATTN:off:selective" "flash_attention_2:off:off"
-                  "$ATTN:on:selective" "flash_attention_2:on:off")
-    else
-        VARIANTS=("$ATTN:off:off" "$ATTN:off:selective" "flash_attention_2:off:off" "flex_attention:off:off")
-    fi
-    local left=$(( BUDGET - (SECONDS - START) - PART_RESERVE - ROLLOUT ))
-    part train_throughput "$left" "$PYTHON" bench/bench_train_gpu.py "${DEVICE[@]}" --steps 10 --skip 3 \
-        --timeout 150 --budget $((left - 10)) --workdir "$WORK/train" --out "$PARTS" --variants "${VARIANTS[@]}"
-    part msft_rollout "$ROLLOUT" "$PYTHON" bench/bench_train_gpu.py "${DEVICE[@]}" --rollout --attn "$ATTN" \
-        --steps 16 --skip 3 --timeout $((ROLLOUT - 10)) --workdir "$WORK/train" --out "$PARTS"
-}
-
-# msft-fast train reads tasks with HF datasets, which the GPU machine lacks unless its wheels are carried.
-if "$PYTHON" -c 'import datasets, yaml' > /dev/null 2>&1; then
-    trainer_parts
+# Runs of msft-fast train stop starting new variants 10 s before their part's limit; each variant
+# also has its own limit (--timeout), and records why it did not run.
+if [ "$TRAIN_OK" = 1 ]; then
+    LIMIT=$(cap 150)
+    part train_throughput "$LIMIT" "${TRAIN[@]}" --stem throughput --timeout $((LIMIT - 5)) \
+        --budget $((LIMIT - 5)) --variants auto:off:off
+else unavailable train_throughput "$TRAIN_WHY"; fi
+if [ "$LOSS_OK" = 1 ]; then
+    part loss_timing 90 "${LOSS[@]}" "${LOSS_TIMING[@]}" --cases msft_fast_chunked materialised liger cce \
+        --out "$PARTS" --stem loss_timing
+else unavailable loss_timing "$LOSS_WHY"; fi
+if [ "$TRAIN_OK" = 1 ]; then part trainer_check 100 "${CHECK[@]}" --out "$PARTS/trainer_check.json"
+else unavailable trainer_check "$TRAIN_WHY"; fi
+if [ "$LOSS_OK" = 1 ]; then part loss_check 75 "${LOSS[@]}" "${LOSS_CHECK[@]}"
+else unavailable loss_check "$LOSS_WHY"; fi
+if [ "$TRAIN_OK" = 1 ]; then
+    LIMIT=$(cap 240)
+    part train_variants "$LIMIT" "${TRAIN[@]}" --stem variants --timeout 120 --budget $((LIMIT - 10)) \
+        --variants "${VARIANTS[@]}"
+    LIMIT=$(cap 120)
+    part msft_rollout "$LIMIT" "${TRAIN[@]}" --stem rollout --rollout --attn auto --steps 16 --timeout $((LIMIT - 5))
 else
-    for name in trainer_check train_throughput msft_rollout; do
-        note "$name" "not available" "msft-fast train needs the datasets package: bench/gather_wheels.sh, then carry .whl"
-    done
+    unavailable train_variants "$TRAIN_WHY"
+    unavailable msft_rollout "$TRAIN_WHY"
 fi
+if [ "$MODE" = gpu ] && [ "$HF_OK" = 1 ]; then
+    LIMIT=$(cap 150)  # HF gets one row per batch here: padded and padding-free are the same, one side runs
+    part train_vs_hf "$LIMIT" "$PYTHON" bench/bench_train.py --device cuda --sides ours,hf_flat \
+        --workdir "$WORK/train_hf" --out "$PARTS" --timeout $(((LIMIT - 30) / 2))
+elif [ "$MODE" = gpu ]; then unavailable train_vs_hf "$HF_WHY"; fi
 
-"$PYTHON" bench/gpu_check_report.py --mode "$MODE" --work "$WORK" --status "$STATUS" --out "$OUT" \
-    --budget "$BUDGET" --wall $((SECONDS - START))
-echo "gpu_check ($MODE): $((SECONDS - START))s; $OUT/gpu_check.md, gpu_check.json, gpu_check_logs.txt"
+report --final
+echo "gpu_check ($MODE): $((SECONDS - START))s of ${BUDGET}s; $OUT/gpu_check.md, gpu_check.json, imports.json," \
+    "gpu_check_logs.txt"

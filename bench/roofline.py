@@ -1,6 +1,6 @@
 """Roofline model of the fused linear + cross-entropy loss on H100 SXM and H200: every figure this
 script prints is MODELLED from data-sheet peaks and the assumptions below, not measured.
-`bench/gpu_check_ce.sh` measures the same paths and shapes on a GPU; its numbers replace these.
+`bench/bench_ce.py --device cuda` measures the same paths and shapes on a GPU; its numbers replace these.
 
 Each path is a list of kernel launches ("ops"), each with its FLOPs and the HBM bytes it moves; an
 op takes max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth) plus a launch, and ops run one
@@ -288,8 +288,8 @@ def markdown(r: dict) -> list[str]:
              "(piecewise linear in log2 between; 80% measured once on an 8192^3 product, the thinner points "
              f"assumed), Triton tile kernels {a['triton_efficiency']:.0%}, HBM {a['hbm_efficiency']:.0%} (measured "
              "once on an H200), relaxed atomics at the HBM rate, 5 us per launch, kernels in sequence. Left out "
-             f"of every path: {', '.join(a['left_out'])}. `bench/gpu_check_ce.sh` measures the same paths; its "
-             "numbers replace these.", "",
+             f"of every path: {', '.join(a['left_out'])}. `bench/bench_ce.py --device cuda` measures the same "
+             "paths; its numbers replace these.", "",
              "| shape (N x H x V) | GPU | chunked (ours, default) ms | Liger ms | tiled (ours) ms | CCE ms | "
              "chunked / Liger | chunked / CCE | CCE beats chunked below kept tiles |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -2,7 +2,8 @@
 with --cpu the same code on a tiny model.
 
 Runs the real `msft_fast.run.train` (Llama-3.2-1B shape, random init, rows of 8192 packed tokens,
-bf16, train.grad_accum=2) with a method that drives the trainer through five checks:
+bf16, train.grad_accum=2) with a method that drives the trainer through five checks (in the order
+snapshot, host syncs, reductions and time split, memory):
 
 1. gradient reductions: every FSDP unit reduces its gradients once per optimizer step, not once
    per micro-batch (msft_fast.step_audit.GradientReductions);
@@ -14,7 +15,7 @@ bf16, train.grad_accum=2) with a method that drives the trainer through five che
 5. memory: the preflight's estimate (msft_fast/preflight.py) against torch.cuda.max_memory_allocated
    over the training steps (goal: it does not underestimate by more than 10%).
 
-Writes one JSON (--out) and exits 1 when a check failed; the JSON says which. The figures of a CPU
+Writes one JSON (--out), rewritten after every check, and exits 1 when a check failed; the JSON says which. The figures of a CPU
 run mean nothing: it checks that the code runs, and the counts.
 
     python bench/trainer_check.py --out /tmp/trainer_check.json          # one GPU, about 1-2 minutes
@@ -85,9 +86,7 @@ def main(argv=None) -> int:
         traceback.print_exc()
     finally:
         run.METHODS["sft"] = original
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        save(result, a.out)
     for name, c in result["checks"].items():
         print(f"{name:>22}: {c.get('summary', '')}")
     print("failed: " + (", ".join(result["failed"]) or "none"))
@@ -95,18 +94,31 @@ def main(argv=None) -> int:
 
 
 def checks(trainer, a, result: dict) -> dict:
+    """The checks, the snapshot's first (what a GPU run is most wanted for); the JSON is rewritten
+    after each, so a run killed at its time limit keeps the checks that finished."""
     import torch
 
     device = trainer.ctx.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(a.warmup):  # the memory peak counts these too: the preflight must cover the whole run
         step(trainer)
+    result["checks"]["snapshot"] = check_snapshots(trainer, a.pairs, sync, result)
+    save(result, a.out)
     result["checks"]["host_syncs"] = check_host_syncs(trainer, a.audit_steps, result)
+    save(result, a.out)
     reductions, timing = check_reductions_and_timing(trainer, a.steps, sync, result)
     result["checks"]["grad_reductions"], result["checks"]["time_split"] = reductions, timing
+    save(result, a.out)
     result["checks"]["memory"] = check_memory(trainer, a, result)
-    result["checks"]["snapshot"] = check_snapshots(trainer, a.pairs, sync, result)
     raise ChecksDone  # the run stops here: no export of the model
+
+
+def save(result: dict, path: str) -> None:
+    """The JSON, written whole (renamed into place)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def step(trainer) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -99,51 +101,122 @@ def test_bench_generate_quick(tmp_path):
     assert all(m["tokens_per_s"] > 0 for m in run["modes"].values()) and run["modes"]["plain"]["vs_plain"] == 1
 
 
-@pytest.mark.slow
-def test_gpu_check_dry_run_runs_every_part(tmp_path):
-    """bench/gpu_check.sh --cpu: every part's Python on tiny shapes, the same code paths as on a GPU;
-    nothing skipped, missing packages reported as not available, and only three files in $OUT (the
-    device tool brings back at most 8)."""
-    out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "BENCH_WORK": str(tmp_path / "work"), "PEER_WHEELS": str(tmp_path / "none"),
-           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--cpu"], capture_output=True, text=True,
-                          env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert sorted(os.listdir(out)) == ["gpu_check.json", "gpu_check.md", "gpu_check_logs.txt"]
-    r = json.loads((out / "gpu_check.json").read_text())
-    parts = {p["part"]: p for p in r["parts"]}
-    assert list(parts) == ["setup", "loss_check", "trainer_check", "train_throughput", "msft_rollout"]
-    assert all(p["status"] == "ok" for p in parts.values()), r["parts"]
-    assert r["mode"] == "cpu" and r["machine"]["versions"]["flash-attn"] == "not available"
-    assert {"gpu", "driver", "torch_cuda", "cores"} <= r["machine"].keys()
-    assert r["loss_check"]["cases"] > 0 and r["loss_check"]["ok"] == r["loss_check"]["cases"]
+GPU_CHECK_PARTS = ["setup", "train_throughput", "loss_timing", "trainer_check", "loss_check", "train_variants",
+                   "msft_rollout"]
 
+
+def gpu_check_env(tmp_path, **extra) -> dict:
+    return {**os.environ, "OUT": str(tmp_path / "out"), "BENCH_WORK": str(tmp_path / "work"),
+            "PEER_WHEELS": str(tmp_path / "none"), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_every_part_in_priority_order(tmp_path):
+    """bench/gpu_check.sh --cpu: every part's Python on tiny shapes, in the GPU run's order, nothing
+    skipped; missing packages reported with their import error; four files in $OUT (the device tool
+    brings back at most 8)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--cpu"], capture_output=True, text=True,
+                          env=gpu_check_env(tmp_path), timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["gpu_check.json", "gpu_check.md", "gpu_check_logs.txt", "imports.json"]
+    r = json.loads((out / "gpu_check.json").read_text())
+    assert [p["part"] for p in r["parts"]] == GPU_CHECK_PARTS
+    assert all(p["status"] == "ok" for p in r["parts"]), r["parts"]
+    assert r["mode"] == "cpu" and r["finished"] and r["wall_seconds"] <= r["budget_seconds"]
+    m = r["machine"]
+    assert {"gpu", "driver", "torch_cuda", "cores", "cpu", "date", "git_commit", "host_memory_gib"} <= m.keys()
+    for package in ("torch", "triton", "pyarrow", "fsspec", "transformers", "datasets"):
+        assert m["versions"][package][0].isdigit(), (package, m["versions"][package])
+    assert m["versions"]["flash-attn"] == "not installed"
+    # A missing package is reported with the import's own error, not a bare "not available".
+    imports = json.loads((out / "imports.json").read_text())["imports"]
+    assert imports["datasets"]["ok"] and imports["msft_fast.run"]["ok"]
+    assert imports["flash_attn"]["error"] == "ModuleNotFoundError: No module named 'flash_attn'"
+    assert r["failed_imports"]["flash_attn"] == imports["flash_attn"]["error"]
+
+    (default,) = r["throughput"]["results"]  # the default attention, eager: what the CPU runs is packed SDPA
+    assert default["status"] == "ok" and default["variant"] == "auto_compile_off"
+    assert default["attn_used"] == "packed_sdpa" and default["tokens_per_s"] > 0 and default["mfu"] is None
+    assert default["memory"]["preflight_gib"] > 0 and set(default["time_share"]) == {"data", "fwd_bwd", "optimizer"}
+    (shape,) = r["loss_timing"]["shapes"]
+    assert set(shape["results"]) == {"msft_fast_chunked", "materialised"}
+    assert all(x["grad_error"]["grad_hidden"] < 1e-2 for x in shape["results"].values())
     tc = r["trainer_check"]
-    assert tc["failed"] == []
+    assert tc["failed"] == [] and list(tc["checks"]) == ["snapshot", "host_syncs", "grad_reductions", "time_split",
+                                                         "memory"]
     c = tc["checks"]
+    snap = c["snapshot"]
+    assert snap["bitwise_restore"] and snap["adam_state_included"] and snap["gb_per_state"] > 0
     red = c["grad_reductions"]
     assert red["unit_reductions_per_step"] == [red["fsdp_units"]] * len(red["unit_reductions_per_step"])
     assert max(red["micro_batches_per_step"]) == 2  # train.grad_accum=2, reduced once
     assert c["host_syncs"]["per_step"]["trainer reduction read"] == 1
-    assert c["snapshot"]["bitwise_restore"] and c["snapshot"]["adam_state_included"] and c["snapshot"]["gb_per_state"] > 0
     assert c["memory"]["preflight_gib"] > 0 and c["memory"]["peak_kind"] == "max RSS"
-    assert set(c["time_split"]["split"]) == {"data", "fwd_bwd", "optimizer"}
-
+    assert r["loss_check"]["cases"] > 0 and r["loss_check"]["ok"] == r["loss_check"]["cases"]
+    by = {x["variant"]: x for x in r["variants"]["results"]}
+    assert by["packed_sdpa_compile_off_ac_selective"]["status"] == "ok"
+    assert by["packed_sdpa_compile_off_ac_selective"]["activation_checkpointing"] == "selective"
+    assert by["flash_attention_2_compile_off"]["status"] == "not available"
+    assert by["flex_attention_compile_off"]["status"] == "not available"  # no FlexAttention backward on a CPU
     ro = r["rollout"]["rollout"]
     assert ro["status"] == "ok" and ro["rollbacks"] == 1 and ro["restore_seconds"] > 0 and ro["snapshot_seconds"] > 0
     assert set(ro["share_of_training"]) == {"snapshot_host", "capture_overlap", "restore", "total"}
-
-    by = {x["variant"]: x for x in r["throughput"]["results"]}
-    ok = by["sdpa_compile_off_ac_selective"]
-    assert ok["status"] == "ok" and ok["tokens_per_s"] > 0 and ok["mfu"] is None  # no peak known for a CPU
-    assert ok["activation_checkpointing"] == "selective" and ok["memory"]["preflight_gib"] > 0
-    assert set(ok["time_share"]) == {"data", "fwd_bwd", "optimizer"}
-    assert by["flash_attention_2_compile_off"]["status"] == "not available"
-    assert by["flex_attention_compile_off"]["status"] == "not available"  # no FlexAttention backward on a CPU
     assert all(g["met"] is None for k, g in r["goals"].items() if k != "within_budget")  # judged on a GPU only
     md = (out / "gpu_check.md").read_text()
-    assert "CPU dry run" in md and "| trainer_check | ok |" in md
+    assert "CPU dry run" in md and "| trainer_check | ok |" in md and "partial" not in md
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid`: `timeout` puts each part in a process group of its own."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getsid(int(pid)) == sid:
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass  # gone already
+
+
+@pytest.mark.slow
+def test_gpu_check_killed_midway_keeps_the_parts_that_finished(tmp_path):
+    """A device call that runs out of time is killed wherever it is: the JSON, rewritten after every
+    part, still holds each part that finished, and the markdown says the run was cut short."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(["bash", os.path.join(BENCH, "gpu_check.sh"), "--cpu"], env=gpu_check_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    finished = []
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                finished = json.loads((out / "gpu_check.json").read_text())["parts"]
+            except (OSError, ValueError):
+                pass  # not written yet
+            if len(finished) >= 2:  # setup and the first measuring part
+                break
+            time.sleep(0.5)
+    finally:
+        kill_session(proc.pid)  # the whole call, as the device tool ends it: the shell, the part, the trainer
+        proc.wait()
+    assert [p["part"] for p in finished] == GPU_CHECK_PARTS[:2], finished
+    r = json.loads((out / "gpu_check.json").read_text())
+    assert [(p["part"], p["status"]) for p in r["parts"][:2]] == [("setup", "ok"), ("train_throughput", "ok")]
+    assert not r["finished"] and r["throughput"]["results"][0]["tokens_per_s"] > 0
+    assert r["machine"]["versions"]["torch"] and "**partial**" in (out / "gpu_check.md").read_text()
+
+
+def test_gpu_check_skips_what_the_budget_cannot_fit(tmp_path):
+    """Parts that would get less than PART_MIN seconds are recorded as skipped, never started with a
+    limit of zero or less (`timeout 0` means no limit at all)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), "--cpu"], capture_output=True, text=True,
+                          env=gpu_check_env(tmp_path, BUDGET_S="20"), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    r = json.loads((out / "gpu_check.json").read_text())
+    assert [p["part"] for p in r["parts"]] == GPU_CHECK_PARTS and r["finished"]
+    for p in r["parts"][1:]:
+        assert p["status"] == "skipped" and p["detail"].startswith("out of time"), p
+    assert "limit" not in proc.stdout  # no part was started
 
 
 @pytest.mark.slow
@@ -222,6 +295,6 @@ def test_packed_attention_cost_line_says_when_the_fit_is_undefined():
 
 
 def test_gpu_check_scripts_parse():
-    for script in ("gpu_check.sh", "gpu_check_ce.sh", "gpu_check_train.sh", "gather_wheels.sh", "gpu_check_lib.sh"):
+    for script in ("gpu_check.sh", "gather_wheels.sh"):
         out = subprocess.run(["bash", "-n", os.path.join(BENCH, script)], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
