@@ -21,9 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 PAGES = [README, *sorted(DOCS.glob("*.md"))]
-# Pages that other branches of issue 28 write: until they are merged, links to them cannot resolve
-# here. Once such a page exists it is checked like every other.
-PENDING_PAGES = {DOCS / "gpu.md"}
 
 SECTIONS = ("model", "data", "train", "msft", "ies", "dynamix")
 # A dotted name starting with a config section, not part of a path or a module name (`msft_fast.train`).
@@ -89,7 +86,7 @@ def test_readme_fits_on_two_screens():
 
 def test_every_docs_page_is_linked_from_the_readme():
     linked = {(README.parent / t.split("#")[0]).resolve() for t in _links(_text(README)) if t.startswith("docs/")}
-    pages = set(DOCS.glob("*.md")) | PENDING_PAGES
+    pages = set(DOCS.glob("*.md"))
     assert {p.resolve() for p in pages} - linked == set()
 
 
@@ -101,8 +98,6 @@ def test_relative_links_resolve(page):
             continue
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
-        if dest in PENDING_PAGES and not dest.exists():
-            continue
         if not dest.exists():
             broken.append(f"{target}: no such file")
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
