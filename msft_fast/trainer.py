@@ -1,12 +1,13 @@
-"""The step loop: packed micro-batches in, optimizer steps out; plus the packed evaluation pass.
+"""The step loop: packed micro-batches in, optimizer steps out.
 
-A method (SFT now; mSFT and SRO later) drives it with `train_until(epochs)` and `evaluate()` and
-decides what to keep; the loop itself knows nothing about stages or roll-backs.
+A method (methods/) drives it with `train_until(epochs)`, `evaluate()`, `capture()` and `restore()`
+and decides what to keep; the loop itself knows nothing about stages or roll-backs. The rest lives
+in modules of its own: evaluation.py, trainer_state.py (counters, schedule, RNG: what a roll-back or
+a resume puts back), checkpoint_keeper.py (checkpoints for resume), lookahead.py (DynamixSFT) and
+step_stats.py (a step's sums on the host and its metrics.jsonl record).
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
 import json
 import logging
@@ -14,28 +15,32 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
 from msft_fast import checkpoint as ckpt
+from msft_fast.checkpoint_keeper import CheckpointKeeper
 from msft_fast.config import Config, scores_exact_match
 from msft_fast.data.loader import MixtureLoader
 from msft_fast.data.tasks import TaskData
-from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all, set_gradient_sync, unshard
+from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all, set_gradient_sync
 from msft_fast.errors import StopRequested, UserError
-from msft_fast.exact_match import ExactMatch, ExactMatchCounts
+from msft_fast.evaluation import EvalResult, Evaluator, call_with_full_model
+from msft_fast.exact_match import ExactMatch
 from msft_fast.fault_injection import fault_point
 from msft_fast.flops import FlopCounter, device_peak_flops
-from msft_fast.generation import ShardedGenerator
+from msft_fast.lookahead import lookahead
 from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, LossOptions, decoder_blocks
 from msft_fast.optim import build_optimizer, build_scheduler
 from msft_fast.progress import make_progress
-from msft_fast.snapshot import Snapshot, SnapshotPool, local_world_size, sharded_params
+from msft_fast.snapshot import Snapshot, SnapshotPool
+from msft_fast.step_stats import WaitingStepRecords, doc_means, peak_memory_gib, read_to_host, task_means
 from msft_fast.step_timer import PhaseTimer
 from msft_fast.trackers import Trackers
+from msft_fast.trainer_state import (Counters, capture_position, checkpoint_state, load_checkpoint_state,
+                                     return_to_position, set_rng_state, set_schedule)
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -46,52 +51,6 @@ class TrainingDiverged(UserError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
     all_ranks = True  # every rank judges the same reduced loss and norm: rank 0 alone prints it
-
-
-@dataclass
-class TaskScore:
-    loss: float  # mean token loss
-    token_acc: float  # teacher-forced next-token accuracy
-    tokens: int
-    exact_match: Optional[float] = None  # share of generated answers equal to the reference (when scored)
-    answers: int = 0  # validation rows answered
-    answers_correct: int = 0
-
-
-@dataclass
-class EvalResult:
-    tasks: dict[str, TaskScore]
-    pooled_loss: float  # token-weighted over all tasks
-    pooled_token_acc: float
-    flops: int  # the packed pass, plus generation when answers are scored
-    exact_match: Optional[ExactMatchCounts] = None  # generated answers, when scored
-
-
-@dataclass
-class Counters:
-    """Everything the run has spent so far (global over ranks)."""
-
-    step: int = 0  # optimizer steps behind the current weights (rolls back with them)
-    steps_trained: int = 0  # optimizer steps ever taken (never rolls back)
-    epoch: int = 0  # current epoch of the active mixture
-    step_in_epoch: int = 0
-    train_flops: int = 0
-    kept_train_flops: int = 0  # of those, the steps behind the current weights (rolls back with them)
-    eval_flops: int = 0
-    trained_tokens: int = 0  # tokens through forward + backward
-    loss_tokens: int = 0  # of those, tokens with a label
-    eval_tokens: int = 0
-    generated_tokens: int = 0  # by exact-match evaluations; their FLOPs and time are in eval_*
-    generation_flops: int = 0
-    generation_seconds: float = 0.0
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    bad_steps: int = 0  # steps whose update was skipped: non-finite loss or gradient norm
-    bad_in_row: int = 0
-    bad_restores: int = 0  # recoveries from the newest checkpoint after max_bad_steps in a row
-    checkpoint_seconds: float = 0.0
-    lookahead_flops: int = 0  # of train_flops, virtual steps that were undone (DynamixSFT's look-ahead)
-    lookahead_tokens: int = 0
 
 
 class Trainer:
@@ -112,15 +71,14 @@ class Trainer:
                     activation_checkpointing=t.activation_checkpointing,
                     checkpoint_every=t.activation_checkpointing_every, compile=t.compile, replicas=t.hsdp_replicas,
                     fsdp=t.fsdp)
-        self.generator = ShardedGenerator(self.model, self.param_dtype, ctx.device, ctx.world_size) \
-            if self.exact_match is not None else None
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.loader = loader
         self.counters = Counters()
-        self._eval_batches = None
-        self._eval_flops_per_pass, self._eval_tokens_per_pass = self._eval_cost()
+        self.evaluator = Evaluator(cfg, ctx, self.model, tasks, loader, self.flop_counter, self.exact_match,
+                                   self.param_dtype)
         self.output_dir = output_dir
         self.metrics_path = os.path.join(output_dir, METRICS_FILE)
+        self.checkpoints = CheckpointKeeper(ctx, output_dir, cfg.train.keep_checkpoints, self.metrics_path)
         self.total_steps = 0
         self.scheduler = None
         self.progress = None
@@ -137,10 +95,8 @@ class Trainer:
         # Called with loader.packing_stats of each epoch plan as training enters it (set by the run).
         self.on_epoch_plan = None
         self._entered_plan: Optional[tuple] = None
-        self.last_checkpoint: Optional[str] = None
-        self._resumed: Optional[ckpt.LoadedCheckpoint] = None
-        self._pending: Optional[ckpt.PendingCheckpoint] = None
-        self._unlogged: list[_UnloggedStep] = []  # steps whose time marks have not been read yet
+        self._adopted: dict[int, Snapshot] = {}  # the resumed checkpoint's snapshot states, by uid
+        self._unlogged = WaitingStepRecords(ctx.world_size, self.peak_flops)  # steps whose time marks have not passed
 
     def set_total_steps(self, total_steps: int, known: bool = True, total_evals: Optional[int] = None) -> None:
         """The lr schedule's horizon in steps. `known=False` when the method cannot tell how many
@@ -220,8 +176,8 @@ class Trainer:
         reduced = torch.zeros(3 * T + 1 + 2 * n_docs, dtype=torch.float64, device=ctx.device)
         stats, docs = reduced[: 3 * T].view(3, T), reduced[3 * T + 1:].view(2, n_docs)
         slots = self.loader.document_slots(plans) if n_docs else None
-        self._forward_backward(batches, scale, stats, docs, slots)
-        grad_norm = self._clip_gradients()
+        self.forward_backward(batches, scale, stats, docs, slots)
+        grad_norm = self.clip_gradients()
         reduced[3 * T] = 1.0 if self.stop_signal else 0.0
         all_reduce_sum(reduced)
         timer.mark("fwd_bwd")
@@ -234,7 +190,7 @@ class Trainer:
         finite = math.isfinite(grad_norm_value) and math.isfinite(sum(loss_sums))
         lr = self.scheduler.get_last_lr()[0]
         if n_docs:
-            self.doc_loss_observer(*self.loader.documents_of(plans), _doc_means(host[3 * T + 1: 3 * T + 1 + 2 * n_docs]))
+            self.doc_loss_observer(*self.loader.documents_of(plans), doc_means(host[3 * T + 1: 3 * T + 1 + 2 * n_docs]))
         fault_point("train_step")  # gradients computed, weights not yet updated
         if self.pool is not None:
             self.pool.wait()  # a snapshot still copying must read the weights before they change
@@ -272,13 +228,9 @@ class Trainer:
             "peak_mem_gib": peak_memory_gib(ctx.device),
             "train_flops": c.train_flops,
             **({} if finite else {"skipped": True}),
-            "tasks": {
-                name: {"loss": _ratio(loss_sums[i], token_counts[i]), "token_acc": _ratio(correct[i], token_counts[i]),
-                       "tokens": int(token_counts[i])}
-                for i, name in enumerate(self.task_names) if token_counts[i] > 0
-            },
+            "tasks": task_means(self.task_names, loss_sums, token_counts, correct),
         }
-        self._unlogged.append(_UnloggedStep(record, timer, step_flops, host_seconds))
+        self._unlogged.add(record, timer, step_flops, host_seconds)
         self._after_step(finite, stop=stop)
 
     def _enter_epoch_plan(self) -> None:
@@ -291,8 +243,8 @@ class Trainer:
         stats = self.loader.packing_stats(self.counters.epoch)
         self.on_epoch_plan({**stats, **({"stage": self.tags["stage"]} if "stage" in self.tags else {})})
 
-    def _forward_backward(self, batches: list, scale: float, stats: torch.Tensor, docs: torch.Tensor,
-                          slots: Optional[list]) -> None:
+    def forward_backward(self, batches: list, scale: float, stats: torch.Tensor, docs: torch.Tensor,
+                         slots: Optional[list]) -> None:
         """Forward and backward over this rank's micro-batches, the loss sum scaled by `scale`; adds
         their per-task loss sum, tokens and hits into stats [3, T] and, with `slots` (this rank's
         micro-batches' document positions, loader.document_slots), each document's loss sum and tokens
@@ -304,54 +256,22 @@ class Trainer:
             (out[0] * scale).backward()
             _add_stats(stats, docs, out, None if slots is None else slots[i])
 
-    def _clip_gradients(self) -> torch.Tensor:
+    def forward_sums(self, batches: list, stats: torch.Tensor, docs: torch.Tensor, slots: list) -> None:
+        """Forward only, adding the sums into stats [3, T] and docs [2, D] as `forward_backward` does."""
+        with torch.no_grad():
+            for batch, slot in zip(batches, slots):
+                _add_stats(stats, docs, self.model(batch, per_document=True), slot)
+        reshard_all(self.model)  # a forward without backward leaves the root (and the last block) unsharded
+
+    def clip_gradients(self) -> torch.Tensor:
         """Clip to train.grad_clip; the global gradient norm before clipping (a device scalar)."""
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
     def lookahead(self, plans: list) -> tuple[np.ndarray, np.ndarray]:
-        """A virtual optimizer step on `plans` (all ranks' micro-batches of one step), undone: each
-        document's mean token loss [D] (in loader.documents_of(plans) order) before the step, from
-        the forward of its backward, and after it, from one more forward; then every rank goes back
-        to the state before (weights, optimizer, schedule, RNG; bitwise, through the snapshot pool,
-        which must keep optimizer state). The step is the run's own (clipping, AdamW at the current
-        lr, gradient sync). Its FLOPs (fwd + bwd + fwd) and time count as training, never as kept."""
-        if self.pool is None or not self.pool.with_optimizer:
-            raise RuntimeError("a look-ahead needs a snapshot pool that keeps the optimizer state")
-        c, ctx, T = self.counters, self.ctx, len(self.tasks)
-        t0 = time.perf_counter()
-        base = self.capture()
-        batches = [b.to(ctx.device) for b in self.loader.batches_of(plans)]
-        slots = self.loader.document_slots(plans)
-        n_docs = sum(len(p.docs) for p in plans)
-        # Per-task and per-document sums before (row 0) and after (row 1) the step: one reduction.
-        both = torch.zeros(2, 3 * T + 2 * n_docs, dtype=torch.float64, device=ctx.device)
-        before, after = both[0], both[1]
-        self._forward_backward(batches, ctx.world_size / max(1, self.loader.loss_tokens_of(plans)),
-                               before[:3 * T].view(3, T), before[3 * T:].view(2, n_docs), slots)
-        grad_norm = self._clip_gradients()
-        self.pool.wait()  # the capture must have read the weights before they change
-        if math.isfinite(grad_norm.item()):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for batch, slot in zip(batches, slots):
-                _add_stats(after[:3 * T].view(3, T), after[3 * T:].view(2, n_docs),
-                           self.model(batch, per_document=True), slot)
-        reshard_all(self.model)  # a forward without backward leaves the root (and the last block) unsharded
-        all_reduce_sum(both)
-        host = read_to_host(before[3 * T:], after[3 * T:])
-        self.restore(base)
-        self.pool.release(base)
-        tokens = sum(p.num_tokens for p in plans)
-        lengths = self.loader.doc_lengths(plans)
-        flops = self.flop_counter.train(tokens, lengths) + self.flop_counter.eval(tokens, lengths)
-        c.train_flops += flops
-        c.lookahead_flops += flops
-        c.lookahead_tokens += tokens
-        c.train_seconds += time.perf_counter() - t0
-        return _doc_means(host[:2 * n_docs]), _doc_means(host[2 * n_docs:])
+        """Each document's mean token loss before and after a virtual, undone step on `plans` (lookahead.py)."""
+        return lookahead(self, plans)
 
     def _after_step(self, finite: bool, stop: bool) -> None:
         c, t = self.counters, self.cfg.train
@@ -384,7 +304,8 @@ class Trainer:
         # Back to the newest checkpoint's weights and optimizer state; the data position and the
         # schedule go on, so the batches that diverged are not seen again.
         ckpt.load_weights_and_optimizer(path, self.model, self.optimizer)
-        self._set_schedule(self.scheduler.state_dict())  # the loaded groups carry the checkpoint's lr
+        # The loaded groups carry the checkpoint's lr: the schedule's own goes back in.
+        set_schedule(self.scheduler, self.optimizer, self.scheduler.state_dict())
         c.bad_restores += 1
         c.bad_in_row = 0
         if self.ctx.is_main:
@@ -393,10 +314,8 @@ class Trainer:
     def log_finished_steps(self, wait: bool = False) -> None:
         """Complete and log the records of steps whose time marks have passed (all of them, waiting
         for the device if needed, when `wait`). Called at sync points, so it never adds one."""
-        while self._unlogged and (wait or self._unlogged[0].timer.ready()):
-            done = self._unlogged.pop(0)
-            done.timer.wait()
-            self._log_step(done.complete(self.ctx.world_size, self.peak_flops))
+        for record in self._unlogged.finished(wait):
+            self._log_step(record)
 
     def _log_step(self, record: dict) -> None:
         if not self.ctx.is_main:
@@ -409,122 +328,43 @@ class Trainer:
             self.progress.step(record)
 
     # -------------------------------------------------------------------------------------------
-    # Evaluation: one packed forward over every task's validation split
+    # Evaluation (evaluation.py): every task's validation split, and generated answers when scored
 
-    @torch.no_grad()
     def evaluate(self) -> EvalResult:
         t0 = time.perf_counter()
-        if self._eval_batches is None:
-            self._eval_batches = [b.to(self.ctx.device) for b in self.loader.eval_batches()]
-        self.model.eval()
-        stats = torch.zeros(3, len(self.tasks), dtype=torch.float64, device=self.ctx.device)
-        for batch in self._eval_batches:
-            _, s = self.model(batch)
-            stats[0] += s.loss_sum.double()
-            stats[1] += s.tokens.double()
-            stats[2] += s.correct.double()
-        fault_point("evaluate")
-        reshard_all(self.model)  # a forward without backward leaves the root (and the last block) unsharded
-        answers = self._score_answers() if self.exact_match is not None else None
-        self.model.train()
-        all_reduce_sum(stats)
-        stats = stats.cpu()
+        result = self.evaluator.evaluate(self.optimizer, self.counters)
         self.log_finished_steps()  # the training steps before this pass are done on the device
-        c = self.counters
-        flops = self._eval_flops_per_pass + (answers.flops if answers is not None else 0)
-        c.eval_flops += flops
-        c.eval_tokens += self._eval_tokens_per_pass
-        if answers is not None:
-            c.generated_tokens += answers.generated_tokens
-            c.generation_flops += answers.flops
-            c.generation_seconds += answers.seconds
-        c.eval_seconds += time.perf_counter() - t0
+        self.counters.eval_seconds += time.perf_counter() - t0
         if self.progress is not None:
             self.progress.evaluation(time.perf_counter() - t0)
-        tasks = {
-            name: TaskScore(_ratio(stats[0, i], stats[1, i]), _ratio(stats[2, i], stats[1, i]), int(stats[1, i]))
-            for i, name in enumerate(self.task_names)
-        }
-        if answers is not None:
-            for i, score in enumerate(tasks.values()):
-                score.exact_match = answers.accuracy(i)
-                score.answers, score.answers_correct = answers.answers[i], answers.correct[i]
-        return EvalResult(tasks, _ratio(stats[0].sum(), stats[1].sum()), _ratio(stats[2].sum(), stats[1].sum()),
-                          flops, answers)
-
-    def _score_answers(self) -> ExactMatchCounts:
-        """Greedy answers to every validation prompt, each rank its share (exact_match.py)."""
-        gen = self.generator
-        if gen.choice is None:
-            # Decided at the first evaluation, with the AdamW state still to come counted as taken
-            # (two fp32 tensors per parameter shard), so that later evaluations fit too.
-            adam = 0 if self.optimizer.state else 2 * sum(p.numel() * 4 for p in sharded_params(self.model))
-            choice = gen.choose(self.cfg.msft.generation_gather, self.exact_match.batch_tokens, adam,
-                                local_world_size())
-            if self.ctx.is_main:
-                em = self.exact_match
-                log.info("exact match: %d validation answers in %d generation batches per evaluation, max_new_tokens %s;"
-                         " weights gathered %s (%s)", sum(len(t.prompts) for t in em.tasks), len(em.batches),
-                         ", ".join(f"{t.name} {t.max_new_tokens}" for t in em.tasks),
-                         "once per evaluation" if choice.mode == "once" else "block by block for every forward",
-                         choice.reason)
-        with gen.session() as generate:
-            return self.exact_match.evaluate(generate, self.ctx.rank, self.ctx.world_size, gen.lockstep,
-                                             self.flop_counter, self.ctx.device)
+        return result
 
     def exact_match_setup(self) -> Optional[dict]:
-        """history.json `exact_match`: what is scored, and how the weights reach generation."""
-        if self.exact_match is None:
-            return None
-        choice = self.generator.choice
-        return {**self.exact_match.describe(), "gather": choice.mode if choice else None,
-                "gather_reason": choice.reason if choice else None}
+        return self.evaluator.exact_match_setup()
 
     def max_generation_flops(self) -> int:
-        """The most one evaluation's generation can cost: every answer runs to max_new_tokens."""
-        if self.exact_match is None:
-            return 0
-        return sum(self.flop_counter.generation([len(p) for p in t.prompts], [t.max_new_tokens] * len(t.prompts))
-                   for t in self.exact_match.tasks)
+        return self.evaluator.max_generation_flops()
 
     def call_with_full_model(self, fn):
-        """Run `fn(hf_model)` with every rank's weights gathered for the HF model's own forward
-        (e.g. `generate` in a user metric); every rank must call this together."""
-        unshard(self.model)  # the root (embeddings, head); the blocks gather in their own hooks
-        try:
-            with torch.no_grad():
-                return fn(self.model.lm)
-        finally:
-            reshard_all(self.model)
-
-    def _eval_cost(self) -> tuple[int, int]:
-        lengths = [int(n) for t in self.tasks for n in t.val.lengths]
-        return self.flop_counter.eval(sum(lengths), lengths), sum(lengths)
+        """Run `fn(hf_model)` with every rank's weights gathered; every rank must call this together."""
+        return call_with_full_model(self.model, fn)
 
     # -------------------------------------------------------------------------------------------
-    # State a method may keep and restore (host copies of this rank's shards, no collective)
+    # Roll-back targets a method keeps in the snapshot pool (host copies of this rank's shards, no
+    # collective) with the position that goes with them (trainer_state.py)
 
     def make_pool(self, capacity: int, with_optimizer: bool, in_memory: Optional[int] = None,
                   spill_dir: Optional[str] = None) -> SnapshotPool:
         if spill_dir is not None:  # each rank spills its own shards; the folder is this run's alone
-            spill_dir = os.path.join(spill_dir, f"{os.path.basename(self.output_dir)}-{_short_hash(self.output_dir)}",
-                                     f"rank-{self.ctx.rank}")
+            run = f"{os.path.basename(self.output_dir)}-{hashlib.sha1(self.output_dir.encode()).hexdigest()[:8]}"
+            spill_dir = os.path.join(spill_dir, run, f"rank-{self.ctx.rank}")
         self.pool = SnapshotPool(capacity, self.ctx.device, with_optimizer, in_memory, spill_dir)
-        self._adopted = {}
-        if self._resumed is not None and self._resumed.rank_state["pool"] is not None:
-            self._adopted = self.pool.load_state_dict(self._resumed.rank_state["pool"])
+        self._adopted = self.checkpoints.adopt_snapshots(self.pool)
         return self.pool
 
     def capture(self) -> Snapshot:
-        c = self.counters
-        extra = {
-            "position": (c.step, c.epoch, c.step_in_epoch, c.kept_train_flops),
-            "active": self.loader.active,
-            "scheduler": copy.deepcopy(self.scheduler.state_dict()),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.ctx.device) if self.ctx.device.type == "cuda" else None,
-        }
-        return self.pool.retain(self.pool.capture(self.model, self.optimizer, extra))
+        position = capture_position(self.counters, self.loader, self.scheduler, self.ctx.device)
+        return self.pool.retain(self.pool.capture(self.model, self.optimizer, position))
 
     def restore(self, snap: Snapshot, weights_only: bool = False) -> None:
         """Back to a captured state: weights, data position and schedule; optimizer state and RNG
@@ -533,23 +373,8 @@ class Trainer:
         self.pool.restore(snap, self.model, None if weights_only else self.optimizer)
         if weights_only:
             self.optimizer.state.clear()
-        c = self.counters
-        c.step, c.epoch, c.step_in_epoch, c.kept_train_flops = snap.extra["position"]
-        self.loader.set_active(snap.extra["active"])
-        self._set_schedule(snap.extra["scheduler"])
-        if not weights_only:
-            torch.set_rng_state(snap.extra["rng"])
-            if snap.extra["cuda_rng"] is not None:
-                torch.cuda.set_rng_state(snap.extra["cuda_rng"], self.ctx.device)
-
-    def _set_schedule(self, state: dict) -> None:
-        """The lr schedule at a position, and the optimizer's lr with it: loading a scheduler's state
-        sets what it reports, not the lr the optimizer's groups will use for the next step (that is
-        written only by scheduler.step()), so the first step after a roll-back would take the lr of
-        the step before it."""
-        self.scheduler.load_state_dict(state)
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
+        return_to_position(snap.extra, self.counters, self.loader, self.scheduler, self.optimizer, self.ctx.device,
+                           with_rng=not weights_only)
 
     def set_active(self, active: list[int]) -> None:
         """Train on these tasks from now on, keeping the position in epochs: one epoch is one pass
@@ -561,92 +386,38 @@ class Trainer:
         c.step_in_epoch = self.loader.last_step_of(c.epoch, position)
 
     # -------------------------------------------------------------------------------------------
-    # Checkpoints (on disk, for resume) of everything above plus the method's state
+    # Checkpoints (on disk, for resume: checkpoint_keeper.py) of everything above plus the method's state
 
     def save_checkpoint(self, asynchronous: Optional[bool] = None) -> Optional[str]:
         """Write a resumable checkpoint with every rank; its folder (None while an asynchronous one is
         still being written, or when the write failed: that is logged, the previous checkpoint stays
         the newest, training goes on)."""
-        if asynchronous is None:
-            asynchronous = self.cfg.train.checkpoint_async
         self.finish_checkpoint()  # one in flight at a time: the previous one completes first
         self.log_finished_steps(wait=True)  # metrics.jsonl up to this step belongs to the checkpoint
-        c, t0 = self.counters, time.perf_counter()
-        trainer_state = {
-            "counters": dataclasses.asdict(c),
-            "scheduler": self.scheduler.state_dict(),
-            "active": self.loader.active,
-            "tags": dict(self.tags),
-        }
-        rank_state = {
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.ctx.device) if self.ctx.device.type == "cuda" else None,
-            "pool": self.pool.state_dict() if self.pool is not None else None,
-        }
-        metrics_bytes = os.path.getsize(self.metrics_path) if os.path.exists(self.metrics_path) else 0
-        try:
-            path = ckpt.save_checkpoint(self.ctx, self.output_dir, c.steps_trained, self.model, self.optimizer,
-                                        trainer_state, self.method_state, rank_state, self.history_data(),
-                                        metrics_bytes, self.cfg.train.keep_checkpoints, asynchronous)
-        except ckpt.CheckpointError as e:
-            self._checkpoint_failed(e)
-            return None
-        finally:
-            c.checkpoint_seconds += time.perf_counter() - t0
-        if isinstance(path, ckpt.PendingCheckpoint):
-            self._pending = path
-            return None
-        self.last_checkpoint = path
-        return path
+        return self.checkpoints.save(self.counters, self.model, self.optimizer,
+                                     checkpoint_state(self.counters, self.scheduler, self.loader, self.tags),
+                                     self.method_state, self.pool, self.history_data(),
+                                     self.cfg.train.checkpoint_async if asynchronous is None else asynchronous)
 
     def finish_checkpoint(self) -> Optional[str]:
         """Complete an asynchronous checkpoint still being written (a no-op when there is none)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return None
-        t0 = time.perf_counter()
-        try:
-            self.last_checkpoint = ckpt.finish_checkpoint(self.ctx, pending)
-            return self.last_checkpoint
-        except ckpt.CheckpointError as e:
-            self._checkpoint_failed(e)
-            return None
-        finally:
-            self.counters.checkpoint_seconds += time.perf_counter() - t0
-
-    def _checkpoint_failed(self, error: Exception) -> None:
-        if self.ctx.is_main:
-            log.error("%s; the previous checkpoint (%s) is intact; training goes on", error,
-                      self.last_checkpoint or "none")
+        return self.checkpoints.finish(self.counters)
 
     def resume_from(self, path: str) -> dict:
         """Load a checkpoint into this trainer (model, optimizer, schedule, position, RNG); returns
         the history it holds. The method's state follows through `make_pool` + `resumed_method_state`."""
-        loaded = ckpt.load_checkpoint(self.ctx, path, self.model, self.optimizer)
-        st = loaded.trainer_state
-        self.counters = Counters(**st["counters"])
-        self._set_schedule(st["scheduler"])
-        self.loader.set_active(st["active"])
-        self.tags = dict(st["tags"])
-        torch.set_rng_state(loaded.rank_state["rng"])
-        if loaded.rank_state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(loaded.rank_state["cuda_rng"], self.ctx.device)
-        if self.ctx.is_main:  # lines logged after the checkpoint are logged again by the resumed run
-            if os.path.exists(self.metrics_path):
-                os.truncate(self.metrics_path, min(loaded.meta["metrics_bytes"], os.path.getsize(self.metrics_path)))
+        loaded = self.checkpoints.load(path, self.model, self.optimizer)
+        self.counters, self.tags = load_checkpoint_state(loaded.trainer_state, self.scheduler, self.optimizer,
+                                                         self.loader)
+        set_rng_state(loaded.rank_state, self.ctx.device)
         if self.progress is not None:
             self.progress.resumed(self.counters.steps_trained, len(loaded.history.get("evals", [])))
-        self._resumed = loaded
-        self.last_checkpoint = path
         return loaded.history
 
     def resumed_method_state(self):
         """The method's state from the checkpoint this run resumed from (None for a fresh run).
         Call after `make_pool`, which adopts the checkpoint's snapshot states."""
-        if self._resumed is None:
-            return None
-        snapshots = self._adopted if self.pool is not None else {}
-        return self._resumed.method_state(snapshots)
+        return self.checkpoints.method_state(self._adopted)
 
     def close(self) -> None:
         try:
@@ -657,24 +428,6 @@ class Trainer:
             self.progress.close()
         if self.pool is not None and self.pool.spill_dir is not None:
             shutil.rmtree(self.pool.spill_dir, ignore_errors=True)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory so far: allocated on the GPU, or the process's resident set on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
-
-
-def _ratio(num, den) -> float:
-    """num / den for host numbers or tensors already on the host; NaN when den is 0."""
-    return float(num) / float(den) if float(den) > 0 else float("nan")
 
 
 def _add_stats(stats: torch.Tensor, docs: torch.Tensor, out: tuple, slot: Optional[np.ndarray]) -> None:
@@ -688,41 +441,3 @@ def _add_stats(stats: torch.Tensor, docs: torch.Tensor, out: tuple, slot: Option
         at = torch.from_numpy(slot).to(docs.device, non_blocking=True)
         docs[0].index_add_(0, at, out[2].loss_sum.double())
         docs[1].index_add_(0, at, out[2].tokens.double())
-
-
-def _doc_means(sums_then_tokens: list[float]) -> np.ndarray:
-    """[D] mean token loss per document from D loss sums followed by D token counts (NaN without tokens)."""
-    v = np.asarray(sums_then_tokens, dtype=np.float64).reshape(2, -1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(v[1] > 0, v[0] / np.maximum(v[1], 1), np.nan)
-
-
-def read_to_host(*tensors: torch.Tensor) -> list[float]:
-    """The values of `tensors` (any shapes) as one flat list of Python floats, in one device-to-host
-    transfer: the step loop's only host-device sync."""
-    return torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).tolist()
-
-
-@dataclass
-class _UnloggedStep:
-    """A step's metrics record, waiting for its time marks to pass on the device."""
-
-    record: dict
-    timer: PhaseTimer
-    flops: int
-    host_seconds: float
-
-    def complete(self, world_size: int, peak_flops: Optional[float]) -> dict:
-        split = self.timer.seconds()
-        dt = max(sum(split.values()), 1e-9)
-        r = self.record
-        r.update({
-            "tokens_per_s": r["tokens"] / dt,
-            "tokens_per_s_per_device": r["tokens"] / dt / world_size,
-            **({"mfu": self.flops / (dt * peak_flops * world_size)} if peak_flops else {}),
-            "step_seconds": dt,
-            "host_seconds": self.host_seconds,
-            "time": split,
-        })
-        return r
-

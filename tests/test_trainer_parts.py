@@ -1,4 +1,4 @@
-"""Learning-rate schedule, FLOP counting and bitwise snapshot restore under FSDP2."""
+"""Learning-rate schedule (and its restore), FLOP counting and bitwise snapshot restore under FSDP2."""
 from __future__ import annotations
 
 import math
@@ -27,6 +27,30 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor(schedule):
     if schedule == "cosine":
         mid = 4 + 8  # halfway through the decay
         assert values[mid] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_restoring_the_schedule_also_sets_the_lr_of_the_next_step():
+    """A scheduler's loaded state sets what it reports, not the lr in the optimizer's groups (only
+    scheduler.step() writes those): after a roll-back the next step would take the newer lr.
+    trainer_state.set_schedule puts the restored position's lr into the groups too."""
+    import copy
+
+    from msft_fast.optim import build_scheduler
+    from msft_fast.trainer_state import set_schedule
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=1.0)
+    scheduler = build_scheduler(opt, 10, TrainConfig(lr=1.0, warmup_steps=4, schedule="cosine"))
+    opt.step()
+    scheduler.step()
+    saved, lr_then = copy.deepcopy(scheduler.state_dict()), scheduler.get_last_lr()
+    for _ in range(3):
+        opt.step()
+        scheduler.step()
+    scheduler.load_state_dict(saved)
+    assert scheduler.get_last_lr() == lr_then and opt.param_groups[0]["lr"] != lr_then[0]  # the trap
+    set_schedule(scheduler, opt, saved)
+    assert [g["lr"] for g in opt.param_groups] == lr_then == [0.5]  # warm-up step 2 of 4
 
 
 def test_flop_counter_counts_matmul_params_and_per_document_causal_attention(tokenizer):
