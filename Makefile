@@ -17,12 +17,19 @@ $(STAMP): pyproject.toml setup.py requirements/dev-cpu.txt requirements/torch-cp
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# Every test stage runs on TEST_WORKERS pytest-xdist workers (0: in this process) with one torch
+# thread each (tests/conftest.py), sized for the 2-core machines that CI and reviews use.
+# --dist loadgroup keeps the tests marked `multiprocess` (torchrun's ranks) on one worker, in turn
+# (tests/xdist_groups.py).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
 	$(PY) tests/stack_versions.py pinned
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow"
 
 # The smoke selection (marker `stack`) on two other stacks, each in a venv made afresh: the newest
 # releases the package index serves today (torch and triton pinned to the CPU build as above), and the
@@ -38,7 +45,7 @@ test-newest:
 	$(NEWEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -c requirements/torch-cpu.txt \
 		'.[test]' transformers tokenizers datasets huggingface_hub accelerate safetensors
 	$(NEWEST_VENV)/bin/python tests/stack_versions.py newest
-	$(NEWEST_VENV)/bin/python -m pytest -q -m stack -p no:cacheprovider --disable-warnings
+	$(NEWEST_VENV)/bin/python -m pytest -q $(XDIST) -m stack -p no:cacheprovider --disable-warnings
 
 test-floor:
 	rm -rf $(FLOOR_VENV) && $(PYTHON) -m venv $(FLOOR_VENV)
@@ -46,7 +53,7 @@ test-floor:
 	$(FLOOR_VENV)/bin/python -m pip install --quiet -r requirements/floor.txt
 	$(FLOOR_VENV)/bin/python -m pip install --quiet --no-deps .
 	$(FLOOR_VENV)/bin/python tests/stack_versions.py floor
-	$(FLOOR_VENV)/bin/python -m pytest -q -m stack -p no:cacheprovider --disable-warnings
+	$(FLOOR_VENV)/bin/python -m pytest -q $(XDIST) -m stack -p no:cacheprovider --disable-warnings
 
 # The demo: a warm-up of the built-in tiny model (a stand-in for pretraining; redone only when its
 # config or the data change), then SFT and mSFT on the same mixture, compared side by side.

@@ -16,11 +16,19 @@ os.environ["HF_DATASETS_CACHE"] = os.path.join(_CACHE, "datasets")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
+# One thread per process, set before torch starts its pools: `make test` runs two pytest workers on
+# the 2 cores it is sized for, and every process a test starts inherits os.environ. Measured on these
+# machines (ENVIRONMENT.md): oversubscribed OpenMP threads made training steps about 70x slower.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 import json  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from xdist_groups import pytest_collection_modifyitems  # noqa: E402,F401  (the multiprocess group)
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

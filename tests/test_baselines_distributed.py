@@ -15,7 +15,7 @@ from test_distributed import _run, _write_config
 
 from msft_fast.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 OPTIONS = {
     # 5 epochs with a rule that may master documents from the end of epoch 4 on.

@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import kill_process_tree
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def _write_config(tmp_path, demo_dir, model_dir, val: dict | None = None,

@@ -126,6 +126,7 @@ def test_sft_with_python_m_from_the_root_trains_exports_and_reloads(tmp_path, de
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_msft_on_two_ranks_with_torchrun_m_from_the_root_rolls_back_exports_and_reloads(tmp_path, demo_dir,
                                                                                          user_model_dir):
     """2 gloo ranks, FSDP2; a scripted metric makes the first task peak at the second evaluation, so

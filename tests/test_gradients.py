@@ -99,6 +99,7 @@ def test_one_rank_with_accumulation_matches_the_plain_hf_gradient(reference, dem
     _assert_matches(reference, out, grads, clip)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("clipped", [False, True], ids=["unclipped", "clipped"])
 def test_two_ranks_with_accumulation_match_the_plain_hf_gradient(reference, demo_dir, user_model_dir, clipped):
     tmp, clip = reference[0], _clip_of(reference, clipped)

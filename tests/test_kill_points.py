@@ -25,7 +25,7 @@ from msft_fast.checkpoint import complete_checkpoints, incomplete_checkpoints, r
 from msft_fast.fault_injection import KILL_AT_ENV, POINTS, TRACE_ENV
 from test_resume import _assert_same_contents, _assert_same_run, _checkpoint_contents, _overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 EVERY = 3  # train.checkpoint_every in _overrides
 # A decaying lr after a warm-up, so that a resume that loses the schedule's position shows.

@@ -46,6 +46,7 @@ def _only_line(err: str, prefix: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_bad_input_on_two_ranks_is_one_line_and_exit_2(tmp_path, demo_dir):
     # Every rank reads the config and finds the error: rank 0 alone says it.
     code, err = _finish(_launch(tmp_path, "--config", _config(tmp_path, demo_dir), "train.lr=-1"))
@@ -55,6 +56,7 @@ def test_bad_input_on_two_ranks_is_one_line_and_exit_2(tmp_path, demo_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_checkpoints_and_exits_with_its_code(tmp_path, demo_dir, sig, code):
     out = tmp_path / "run"

@@ -410,6 +410,7 @@ def _one_error_line(err: str) -> str:
 
 @pytest.mark.stack
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_ranks_killed_and_rerun_end_like_two_ranks_uninterrupted(tmp_path, demo_dir):
     whole, out = str(tmp_path / "whole"), str(tmp_path / "run")
     common = ("method=msft", "train.grad_accum=1", "msft.max_stages=2")
@@ -437,6 +438,7 @@ def test_two_ranks_killed_and_rerun_end_like_two_ranks_uninterrupted(tmp_path, d
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_one_rank_checkpoint_is_refused_on_two_ranks_in_one_line(tmp_path, demo_dir):
     out = str(tmp_path / "run")
     args = _overrides(tmp_path, demo_dir, out, "method=sft", "train.epochs=0.5")
