@@ -1,4 +1,4 @@
-"""Generated tokens/s of exact-match evaluation (msft_fast/generation.py), side by side in one run.
+"""Generated tokens/s of exact-match evaluation (msft_fast/training/generation.py), side by side in one run.
 
 Three ways to generate the same greedy answers from the same weights, interleaved, repeated:
 - `plain`: HF `generate` on an unwrapped copy of the model (the peer: no FSDP at all);
@@ -53,8 +53,8 @@ def worker(a) -> dict:
     """One rank: the three modes on the same batches, interleaved; returns this rank's timings."""
     import torch
 
-    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
-    from msft_fast.generation import ShardedGenerator, greedy_generate
+    from msft_fast.runtime.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.training.generation import ShardedGenerator, greedy_generate
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
 
     torch.set_num_threads(a.threads)

@@ -212,11 +212,11 @@ def instrumented():
     import msft_fast.data.loader as loader_mod
     import msft_fast.methods.msft as msft_mod
     import msft_fast.run as run_mod
-    from msft_fast.history import History
+    from msft_fast.state.history import History
     from msft_fast.methods.metric import Metric
     from msft_fast.report import PeriodicReport
-    from msft_fast.snapshot import SnapshotPool
-    from msft_fast.trainer import Trainer
+    from msft_fast.state.snapshot import SnapshotPool
+    from msft_fast.training.trainer import Trainer
 
     timers = Timers()
     patched = []
@@ -417,8 +417,8 @@ def synthetic_pool(mparams: float, repeats: int) -> dict:
     from torch import nn
     from torch.distributed.fsdp import fully_shard
 
-    from msft_fast.distributed import init_distributed, shutdown_distributed
-    from msft_fast.snapshot import SnapshotPool
+    from msft_fast.runtime.distributed import init_distributed, shutdown_distributed
+    from msft_fast.state.snapshot import SnapshotPool
 
     ctx = init_distributed()
     try:

@@ -46,7 +46,7 @@ def build_model(args):
 def run_ours(docs, args) -> float:
     from msft_fast.data.packing import best_fit_pack, collate, MicroBatchPlan
     from msft_fast.data.tasks import DocSet
-    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.runtime.distributed import init_distributed, parallelize, shutdown_distributed
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
 
     lengths = np.array([len(d[0]) for d in docs])

@@ -84,8 +84,8 @@ def run_ours(config_path: str, skip: int, device: str) -> dict:
     import torch
 
     from msft_fast.cli import main as cli
-    from msft_fast.distributed import needs_fsdp
-    from msft_fast.trainer import Trainer
+    from msft_fast.runtime.distributed import needs_fsdp
+    from msft_fast.training.trainer import Trainer
 
     # This process's CPU time in each optimizer step (the same span as the trainer's step_seconds):
     # on a shared machine it moves less than the wall time when other processes take the cores.

@@ -8,7 +8,7 @@ whose documents (256 to `--seq` tokens) pack into rows of `--seq` tokens, trains
 steps with plain SFT and reads `metrics.jsonl` (per step: tokens, MFU against the device's peak,
 peak memory, time split into data / forward+backward / optimizer) and `history.json` (totals). The
 first `--skip` steps (allocation, autotuning, compilation) are left out of the figures. Each variant
-also reports the memory preflight's estimate for its settings (msft_fast/preflight.py, computed
+also reports the memory preflight's estimate for its settings (msft_fast/runtime/preflight.py, computed
 here from the same config) beside the peak it took: on CUDA torch.cuda.max_memory_allocated, on a
 CPU the process's max RSS (not comparable: the estimate is of GPU memory). Variants that need
 something this machine lacks print one "not available" line. The JSON and table are rewritten after
@@ -141,7 +141,7 @@ def preflight_for(config_path: str, model_dir: str, attention: str, device: str)
 
     from msft_fast.config import load_config
     from msft_fast.model import compute_dtype_for
-    from msft_fast.preflight import GIB, estimate_run
+    from msft_fast.runtime.preflight import GIB, estimate_run
 
     import torch
 

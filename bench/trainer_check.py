@@ -6,13 +6,13 @@ bf16, train.grad_accum=2) with a method that drives the trainer through five che
 snapshot, host syncs, reductions and time split, memory):
 
 1. gradient reductions: every FSDP unit reduces its gradients once per optimizer step, not once
-   per micro-batch (msft_fast.step_audit.GradientReductions);
+   per micro-batch (msft_fast.training.step_audit.GradientReductions);
 2. host-device syncs per step and where each comes from (HostSyncAudit: CUDA's sync debug mode on a
    GPU); the trainer's own must be one, its reduction read back;
 3. the step's time split from device marks (metrics.jsonl) against wall time;
 4. snapshots (SnapshotPool with the CUDA copy engine): host buffers pinned; a capture overlapping the
    next step, its cost in step time; weights and Adam state restored bitwise; capture and restore s/GB;
-5. memory: the preflight's estimate (msft_fast/preflight.py) against torch.cuda.max_memory_allocated
+5. memory: the preflight's estimate (msft_fast/runtime/preflight.py) against torch.cuda.max_memory_allocated
    over the training steps (goal: it does not underestimate by more than 10%).
 
 Writes one JSON (--out), rewritten after every check, and exits 1 when a check failed; the JSON says which. The figures of a CPU
@@ -134,7 +134,7 @@ def fail(result: dict, name: str, why: str) -> None:
 
 
 def check_host_syncs(trainer, steps: int, result: dict) -> dict:
-    from msft_fast.step_audit import HostSyncAudit
+    from msft_fast.training.step_audit import HostSyncAudit
 
     with HostSyncAudit(trainer.ctx.device) as audit:
         for _ in range(steps):
@@ -164,7 +164,7 @@ def check_host_syncs(trainer, steps: int, result: dict) -> dict:
 def check_reductions_and_timing(trainer, steps: int, sync, result: dict) -> tuple[dict, dict]:
     from torch.distributed.fsdp import FSDPModule
 
-    from msft_fast.step_audit import GradientReductions
+    from msft_fast.training.step_audit import GradientReductions
 
     units = sum(isinstance(m, FSDPModule) for m in trainer.model.modules())
     counts, micro = [], []
@@ -202,8 +202,8 @@ def check_reductions_and_timing(trainer, steps: int, sync, result: dict) -> tupl
 def check_memory(trainer, a, result: dict) -> dict:
     import torch
 
-    from msft_fast.preflight import GIB, estimate_run
-    from msft_fast.trainer import peak_memory_gib
+    from msft_fast.runtime.preflight import GIB, estimate_run
+    from msft_fast.training.trainer import peak_memory_gib
 
     device = trainer.ctx.device
     lm = trainer.model.lm
@@ -224,7 +224,7 @@ def check_memory(trainer, a, result: dict) -> dict:
 
 def local_state(trainer) -> tuple[list, list]:
     """Copies (on the device) of this rank's parameter shards and optimizer state, for bitwise checks."""
-    from msft_fast.snapshot import optimizer_tensors, sharded_params
+    from msft_fast.state.snapshot import optimizer_tensors, sharded_params
 
     params = [t.detach().clone() for t in sharded_params(trainer.model)]
     optim = [{k: v.detach().clone() for k, v in d.items()} for d in optimizer_tensors(trainer.model, trainer.optimizer)]

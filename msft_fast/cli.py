@@ -19,7 +19,7 @@ QUIET_RANK_GRACE_S = 2.0
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["launch"]:  # every torchrun flag passes through: argparse must not see them
-        from msft_fast.launch import main as launch_main
+        from msft_fast.runtime.launch import main as launch_main
 
         return launch_main(argv[1:])
     parser = argparse.ArgumentParser(prog="msft-fast", description=__doc__)

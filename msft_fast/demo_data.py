@@ -19,7 +19,7 @@ import string
 from pathlib import Path
 from typing import Callable, NamedTuple
 
-from msft_fast.atomic_io import create_temp_file
+from msft_fast.state.atomic_io import create_temp_file
 
 DEMO_VERSION = 1  # bump when the generated content of the compact variant changes
 CALIBRATED_VERSION = 2  # bump when the generated content of the calibrated variant changes

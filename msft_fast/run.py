@@ -21,20 +21,20 @@ from typing import Optional
 
 import yaml
 
-from msft_fast.checkpoint import CHECKPOINT_DIR, latest_checkpoint
+from msft_fast.state.checkpoint import CHECKPOINT_DIR, latest_checkpoint
 from msft_fast.config import Config, resolve_path
 from msft_fast.attention import run_static_tokens
 from msft_fast.data.packing import padding_fraction
 from msft_fast.data.tasks import data_warnings, load_tasks
 from msft_fast.data.loader import MixtureLoader
-from msft_fast.distributed import (
+from msft_fast.runtime.distributed import (
     DistContext, all_gather_object, broadcast_object, init_distributed, shutdown_distributed,
 )
 from msft_fast.errors import (
     ConfigError, Interrupted, ModelError, OutputError, StopRequested, UserError, on_every_rank,
 )
-from msft_fast.export import export_hf_folder
-from msft_fast.history import HISTORY_FILE, History
+from msft_fast.state.export import export_hf_folder
+from msft_fast.state.history import HISTORY_FILE, History
 from msft_fast.hub import pin_commits
 from msft_fast.methods.dynamix import run_dynamix
 from msft_fast.methods.ies import run_ies
@@ -44,10 +44,10 @@ from msft_fast.methods.records import eval_points
 from msft_fast.methods.sft import run_sft
 from msft_fast.methods.sro import run_sro
 from msft_fast.model import load_model, load_model_spec, max_positions
-from msft_fast.preflight import preflight_memory
+from msft_fast.runtime.preflight import preflight_memory
 from msft_fast.report import describe_compute, write_report
-from msft_fast.trackers import TENSORBOARD_DIR, Trackers, check_installed as check_trackers, open_trackers
-from msft_fast.trainer import METRICS_FILE, Trainer, peak_memory_gib
+from msft_fast.state.trackers import TENSORBOARD_DIR, Trackers, check_installed as check_trackers, open_trackers
+from msft_fast.training.trainer import METRICS_FILE, Trainer, peak_memory_gib
 
 log = logging.getLogger("msft_fast")
 

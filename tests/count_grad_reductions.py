@@ -8,8 +8,8 @@ import sys
 from torch.distributed.fsdp import FSDPModule
 
 from msft_fast.cli import main
-from msft_fast.step_audit import GradientReductions
-from msft_fast.trainer import Trainer
+from msft_fast.training.step_audit import GradientReductions
+from msft_fast.training.trainer import Trainer
 
 steps = []
 _train_step = Trainer.train_step

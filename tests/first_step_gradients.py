@@ -14,7 +14,7 @@ def train_saving_first_gradients(cfg, out_path: str) -> dict:
     """Run `cfg`; {parameter name: gradient} of step 1 go to `out_path` (names as in the trainer's
     model: `lm.` + the HF name). Returns the run's history."""
     from msft_fast.run import train
-    from msft_fast.trainer import Trainer
+    from msft_fast.training.trainer import Trainer
 
     trainers, saved = [], []
     original_init, original_step = Trainer.__init__, torch.optim.AdamW.step

@@ -3,7 +3,7 @@ msft_fast once (multiprocessing's forkserver), so a test can start, kill and rer
 for the price of one interpreter start-up (about 6 s each otherwise).
 
 Each child is a real, separate process that nothing is shared with: it can be SIGKILLed (by the
-fault injection of msft_fast/fault_injection.py, or from outside), and its stdout and stderr go
+fault injection of msft_fast/runtime/fault_injection.py, or from outside), and its stdout and stderr go
 to a log file, as a user's terminal would show them.
 """
 from __future__ import annotations

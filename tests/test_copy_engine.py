@@ -9,8 +9,8 @@ import torch
 from conftest import demo_tasks
 
 from msft_fast.config import load_config
-from msft_fast.copy_engine import CopyEngine, SyncCopyEngine, copy_engine_for
-from msft_fast.snapshot import sharded_params
+from msft_fast.state.copy_engine import CopyEngine, SyncCopyEngine, copy_engine_for
+from msft_fast.state.snapshot import sharded_params
 
 
 class LateCopyEngine(CopyEngine):
@@ -44,7 +44,7 @@ class LateCopyEngine(CopyEngine):
 
 
 def _state(trainer):
-    from msft_fast.snapshot import optimizer_tensors
+    from msft_fast.state.snapshot import optimizer_tensors
 
     params = [t.clone() for t in sharded_params(trainer.model)]
     optim = [{k: v.clone() for k, v in d.items()} for d in optimizer_tensors(trainer.model, trainer.optimizer)]

@@ -189,7 +189,7 @@ def _complete(words: list[str], until: str) -> bool:
 
 
 def test_launch_lines_parse_with_the_launchers_parser(capsys):
-    from msft_fast.launch import parse_launch_args
+    from msft_fast.runtime.launch import parse_launch_args
 
     lines = [words for words in _commands("msft-fast") if words[1:2] == ["launch"] and _complete(words, "--config")]
     assert len(lines) >= 3
@@ -336,14 +336,16 @@ def _under(name: str, prefixes) -> bool:
 
 
 HIGHER = {  # importer -> what it must never import
-    "msft_fast.data": ["msft_fast.model", "msft_fast.attention", "msft_fast.trainer", "msft_fast.methods",
+    "msft_fast.data": ["msft_fast.model", "msft_fast.attention", "msft_fast.training", "msft_fast.methods",
                        "msft_fast.run", "msft_fast.cli"],
-    "msft_fast.model": ["msft_fast.trainer", "msft_fast.methods", "msft_fast.run", "msft_fast.cli"],
-    "msft_fast.attention": ["msft_fast.trainer", "msft_fast.methods", "msft_fast.run", "msft_fast.cli"],
-    "msft_fast.trainer": ["msft_fast.methods", "msft_fast.run", "msft_fast.cli"],
+    "msft_fast.model": ["msft_fast.training", "msft_fast.methods", "msft_fast.run", "msft_fast.cli"],
+    "msft_fast.attention": ["msft_fast.training", "msft_fast.methods", "msft_fast.run", "msft_fast.cli"],
+    "msft_fast.state": ["msft_fast.training", "msft_fast.methods", "msft_fast.run", "msft_fast.cli"],
+    "msft_fast.runtime": ["msft_fast.training", "msft_fast.methods", "msft_fast.run", "msft_fast.cli"],
+    "msft_fast.training": ["msft_fast.methods", "msft_fast.run", "msft_fast.cli"],
     "msft_fast.methods": ["msft_fast.run", "msft_fast.cli"],
-    "msft_fast.report": ["torch", "msft_fast.trainer", "msft_fast.model", "msft_fast.methods", "msft_fast.run",
-                         "msft_fast.cli", "msft_fast.distributed", "msft_fast.snapshot", "msft_fast.checkpoint"],
+    "msft_fast.report": ["torch", "msft_fast.training", "msft_fast.model", "msft_fast.methods", "msft_fast.run",
+                         "msft_fast.cli", "msft_fast.runtime", "msft_fast.state.snapshot", "msft_fast.state.checkpoint"],
 }
 
 

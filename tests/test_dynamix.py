@@ -145,10 +145,10 @@ def _state_bytes(trainer) -> bytes:
 def test_dynamix_end_to_end_look_ahead_undone_and_counted_and_resumed_bitwise(tmp_path, demo_dir, monkeypatch):
     from test_resume import _assert_same_run, _Crash, _crash_after
 
-    from msft_fast.checkpoint import latest_checkpoint, read_meta
+    from msft_fast.state.checkpoint import latest_checkpoint, read_meta
     from msft_fast.report import compare
     from msft_fast.run import train
-    from msft_fast.trainer import Trainer
+    from msft_fast.training.trainer import Trainer
 
     looks = []
     original = Trainer.lookahead

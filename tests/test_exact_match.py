@@ -15,7 +15,7 @@ from conftest import tiny_llama, write_jsonl
 from known_answers import greedy_answer, known_answer_rows, prompt_ids, with_answer
 
 from msft_fast.data.formats import RowEncoder, labels_from_mask
-from msft_fast.exact_match import AnswerTask, deal_batches, normalise, plan_batches, split_document
+from msft_fast.training.exact_match import AnswerTask, deal_batches, normalise, plan_batches, split_document
 
 MAX_NEW = 6  # msft.max_new_tokens of the runs below
 
@@ -73,7 +73,7 @@ def test_references_stops_and_the_default_max_new_tokens_come_from_the_validatio
     with its stop token; references trimmed and reduced by the task's pattern."""
     from msft_fast.config import load_config
     from msft_fast.data.tasks import load_tasks
-    from msft_fast.exact_match import ExactMatch
+    from msft_fast.training.exact_match import ExactMatch
 
     pc = [{"prompt": "q1 ", "completion": " 12 "}, {"prompt": "q2 ", "completion": "#### 7"}]
     chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "abcdef"}]}]
@@ -112,7 +112,7 @@ def test_batches_are_the_same_on_any_number_of_ranks_and_each_goes_to_one_rank()
 @pytest.fixture
 def sharded(tokenizer):
     """A one-rank FSDP2 tiny Llama, and an unwrapped copy of the same weights."""
-    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.runtime.distributed import init_distributed, parallelize, shutdown_distributed
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
 
     ctx = init_distributed()
@@ -132,7 +132,7 @@ def test_weights_are_gathered_once_per_evaluation_not_once_per_token(sharded, to
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     from torch.distributed.tensor import DTensor
 
-    from msft_fast.generation import ShardedGenerator
+    from msft_fast.training.generation import ShardedGenerator
 
     wrapper, plain, device = sharded
     counts = {"block_gathers": 0, "param_gathers": 0}
@@ -184,8 +184,8 @@ def test_batched_generation_matches_plain_hf_row_by_row_in_every_family(family):
     from families import conversations, family_config, family_tokenizer
     from transformers import AutoModelForCausalLM
 
-    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
-    from msft_fast.generation import ShardedGenerator, greedy_generate
+    from msft_fast.runtime.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.training.generation import ShardedGenerator, greedy_generate
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
 
     rows = conversations(family, 3, seed=0, task="arith") + conversations(family, 3, seed=0, task="words")
@@ -212,7 +212,7 @@ def test_batched_generation_matches_plain_hf_row_by_row_in_every_family(family):
 
 
 def test_auto_gathers_once_when_the_copy_fits_and_per_forward_when_not(sharded, monkeypatch):
-    import msft_fast.generation as generation
+    import msft_fast.training.generation as generation
 
     wrapper, _, device = sharded
     gen = generation.ShardedGenerator(wrapper, torch.float32, device, world_size=1)
@@ -353,8 +353,8 @@ def test_sro_and_sft_read_peaks_and_pick_their_final_model_by_exact_match(tmp_pa
 def test_generation_from_a_plain_module_without_fsdp2_gives_the_plain_models_tokens(tokenizer):
     """One CPU process in fp32 trains a plain module (train.fsdp=auto): both gather modes must still
     generate from it, and leave its own weights in place."""
-    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
-    from msft_fast.generation import ShardedGenerator
+    from msft_fast.runtime.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.training.generation import ShardedGenerator
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
 
     ctx = init_distributed()

@@ -38,7 +38,7 @@ def _gpu_report(mfu=0.47, share=0.015, preflight=40.0, syncs=1.0, restore=0.09):
         "snapshot": {"summary": "s", "bitwise_restore": True, "restore_seconds_per_gb": restore},
         "host_syncs": {"summary": f"{syncs:g} per step", "per_step": {"trainer reduction read": 1.0},
                        "total_per_step": syncs, "goal_one_per_step": syncs == 1.0, "steps": 2,
-                       "by_site": {"/x/site-packages/msft_fast/trainer.py:514": 2}},
+                       "by_site": {"/x/site-packages/msft_fast/training/trainer.py:514": 2}},
         "grad_reductions": {"summary": "1 per FSDP unit per step (2 micro-batches per step)"},
         "time_split": {"summary": "ok"},
         "memory": {"summary": "m", "estimate_over_peak": 0.95},
@@ -90,7 +90,7 @@ def test_the_gpu_table_names_the_machine_every_part_and_failed_imports(report_mo
     assert "| auto_compile_off | packed_sdpa | ok | 30000 | 31.0% | 50.00 | 48.00 | 0.96 |" in md
     assert "| packed_sdpa_compile_on | packed_sdpa | ok | 45000 | 47.0% | 44.00 | 40.00 | 0.91 |" in md
     assert "| flash_attention_2_compile_off | | not available: flash-attn is not installed |" in md
-    assert "msft_fast/trainer.py:514 1" in md and "- mfu at least 45pct: met" in md
+    assert "msft_fast/training/trainer.py:514 1" in md and "- mfu at least 45pct: met" in md
 
 
 def test_a_check_cut_short_renders_what_finished(report_mod, tmp_path):

@@ -200,7 +200,7 @@ def test_ies_end_to_end_leaves_mastered_documents_out_and_resumes_bitwise(tmp_pa
     The per-document losses add no forward pass: the model runs once per trained micro-batch."""
     from test_resume import _assert_same_run, _Crash, _crash_after
 
-    from msft_fast.checkpoint import latest_checkpoint, read_meta
+    from msft_fast.state.checkpoint import latest_checkpoint, read_meta
     from msft_fast.model import CausalLMWithTaskLoss
     from msft_fast.run import train
 
@@ -214,7 +214,7 @@ def test_ies_end_to_end_leaves_mastered_documents_out_and_resumes_bitwise(tmp_pa
         return forward(self, batch, per_document)
 
     trained = {}  # epoch -> (task, doc) of every document trained in it
-    from msft_fast.trainer import Trainer
+    from msft_fast.training.trainer import Trainer
     original_step = Trainer.train_step
 
     def step(self):

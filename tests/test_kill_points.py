@@ -3,7 +3,7 @@ mid-checkpoint write and deletion, mid-export), then the same command again. The
 which complete checkpoint it resumes from, name and skip what the kill left half-written, do exactly
 the work an uninterrupted run did after that checkpoint, and end bitwise equal to it.
 
-The kills come from msft_fast/fault_injection.py. An uninterrupted run records the sequence of
+The kills come from msft_fast/runtime/fault_injection.py. An uninterrupted run records the sequence of
 fault points it passes (its trace); a kill is planned as an index into that trace, and every process
 records its own trace, which must be the uninterrupted one from where it resumed to where it died.
 The runs are real processes (tests/forked_cli.py) on the compact demo's upper/noisy_codes/sort tasks.
@@ -21,8 +21,8 @@ import pytest
 from conftest import kill_process_tree
 
 import forked_cli
-from msft_fast.checkpoint import complete_checkpoints, incomplete_checkpoints, read_meta
-from msft_fast.fault_injection import KILL_AT_ENV, POINTS, TRACE_ENV
+from msft_fast.state.checkpoint import complete_checkpoints, incomplete_checkpoints, read_meta
+from msft_fast.runtime.fault_injection import KILL_AT_ENV, POINTS, TRACE_ENV
 from test_resume import _assert_same_contents, _assert_same_run, _checkpoint_contents, _overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]

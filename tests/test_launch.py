@@ -14,7 +14,7 @@ import pytest
 from test_resume import _finish, _wait_for_steps  # a subprocess's end; a run's progress in metrics.jsonl
 from conftest import demo_tasks
 
-from msft_fast.launch import _failure_code, parse_launch_args
+from msft_fast.runtime.launch import _failure_code, parse_launch_args
 
 
 def _config(tmp_path, demo_dir) -> str:
@@ -31,7 +31,7 @@ def _config(tmp_path, demo_dir) -> str:
 def _launch(tmp_path, *args) -> subprocess.Popen:
     env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("LOGLEVEL", None)
-    return subprocess.Popen([sys.executable, "-m", "msft_fast.launch", "--standalone", "--nproc_per_node", "2", *args],
+    return subprocess.Popen([sys.executable, "-m", "msft_fast.runtime.launch", "--standalone", "--nproc_per_node", "2", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
 

@@ -193,7 +193,7 @@ def test_validation_errors(change):
 def test_a_known_label_count_gives_the_same_results_without_a_host_read(n, ignore_frac, reduction):
     """num_valid (the trainer's count from packing) skips the host sync, not the result: awkward N,
     ignored labels (all of them, none of them), an empty task, N = 0."""
-    from msft_fast.step_audit import HostSyncAudit
+    from msft_fast.training.step_audit import HostSyncAudit
 
     hidden, weight, labels, task_ids = make_inputs(n, 11, 29, num_tasks=4, ignore_frac=ignore_frac)
     count = int((labels != IGN).sum())

@@ -132,7 +132,7 @@ class _ShardedTinyModel:
 
     def __init__(self, tokenizer, device):
         from msft_fast.data.packing import collate, plan_epoch
-        from msft_fast.distributed import parallelize
+        from msft_fast.runtime.distributed import parallelize
         from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
         from test_packing import _tasks
 
@@ -149,7 +149,7 @@ class _ShardedTinyModel:
         self.opt.zero_grad()
 
     def state(self):
-        from msft_fast.distributed import reshard_all
+        from msft_fast.runtime.distributed import reshard_all
 
         reshard_all(self.model)
         params = [p.detach().to_local().clone() for p in self.model.parameters()]
@@ -160,7 +160,7 @@ class _ShardedTinyModel:
 
 @pytest.fixture
 def sharded_tiny(tokenizer):
-    from msft_fast.distributed import init_distributed, shutdown_distributed
+    from msft_fast.runtime.distributed import init_distributed, shutdown_distributed
 
     ctx = init_distributed()
     try:
@@ -170,7 +170,7 @@ def sharded_tiny(tokenizer):
 
 
 def test_pool_restores_weights_and_adam_state_bitwise_and_reuses_released_buffers(sharded_tiny):
-    from msft_fast.snapshot import SnapshotPool
+    from msft_fast.state.snapshot import SnapshotPool
 
     t, device = sharded_tiny
     model, opt, step, state = t.model, t.opt, t.step, t.state
@@ -207,7 +207,7 @@ def test_pool_restores_weights_and_adam_state_bitwise_and_reuses_released_buffer
 
 
 def test_pool_spills_older_states_to_disk_and_restores_them_bitwise(sharded_tiny, tmp_path):
-    from msft_fast.snapshot import SnapshotPool
+    from msft_fast.state.snapshot import SnapshotPool
 
     t, device = sharded_tiny
     model, opt, step, state = t.model, t.opt, t.step, t.state
@@ -235,7 +235,7 @@ def test_pool_spills_older_states_to_disk_and_restores_them_bitwise(sharded_tiny
 
 
 def test_the_pool_plan_spills_or_names_the_setting_when_host_memory_is_short(tokenizer, monkeypatch):
-    import msft_fast.snapshot as snapshot
+    import msft_fast.state.snapshot as snapshot
 
     lm = tiny_llama(tokenizer)
     per_state = 3 * sum(p.numel() * 4 for p in lm.parameters())
@@ -250,7 +250,7 @@ def test_the_pool_plan_spills_or_names_the_setting_when_host_memory_is_short(tok
 def test_the_pool_plan_counts_pinned_buffers_rounded_up_to_a_power_of_two(tokenizer, monkeypatch):
     """Page-locked host buffers come from torch's caching host allocator, which rounds each block up
     to a power of two: a state of shards just over a power of two takes nearly twice its bytes."""
-    import msft_fast.snapshot as snapshot
+    import msft_fast.state.snapshot as snapshot
 
     assert [snapshot.host_buffer_bytes(n, True) for n in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
     assert snapshot.host_buffer_bytes(1025, False) == 1025 and snapshot.host_buffer_bytes(0, True) == 0

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_llama
 
 from msft_fast.config import TrainConfig
-from msft_fast.optim import build_optimizer
+from msft_fast.training.optim import build_optimizer
 
 
 def _steps(model, optimizer, steps=5, seed=0):

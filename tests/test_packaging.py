@@ -158,7 +158,7 @@ def test_the_wheel_and_sdist_ship_the_package_and_nothing_else(built):
         metadata = z.read("msft_fast-0.1.0.dist-info/METADATA").decode()
     assert {n.split("/")[0] for n in names} == {"msft_fast", "msft_fast-0.1.0.dist-info"}  # no bare `kernels`
     for shipped in ("msft_fast/py.typed", "msft_fast/kernels/__init__.py", "msft_fast/kernels/triton_flce.py",
-                    "msft_fast/kernels/reference.py", "msft_fast/hub.py", "msft_fast/trackers.py"):
+                    "msft_fast/kernels/reference.py", "msft_fast/hub.py", "msft_fast/state/trackers.py"):
         assert shipped in names
     py_files = {os.path.relpath(p, ROOT)
                 for p in glob.glob(os.path.join(ROOT, "msft_fast", "**", "*.py"), recursive=True)}

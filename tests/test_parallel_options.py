@@ -17,7 +17,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _train_two_steps(tokenizer, **options):
     from msft_fast.data.packing import collate, plan_epoch
-    from msft_fast.distributed import init_distributed, parallelize, reshard_all, shutdown_distributed
+    from msft_fast.runtime.distributed import init_distributed, parallelize, reshard_all, shutdown_distributed
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
     from test_packing import _tasks
 
@@ -71,8 +71,8 @@ def test_one_cpu_process_in_fp32_runs_without_fsdp2_and_computes_the_same_steps(
 
 
 def test_fsdp2_stays_wherever_it_does_something(tokenizer, monkeypatch):
-    from msft_fast import distributed
-    from msft_fast.distributed import init_distributed, needs_fsdp, parallelize, shutdown_distributed
+    from msft_fast.runtime import distributed
+    from msft_fast.runtime.distributed import init_distributed, needs_fsdp, parallelize, shutdown_distributed
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
 
     cpu = torch.device("cpu")

@@ -40,7 +40,7 @@ def _assert_umask_modes(root, mask: int) -> None:
 
 @pytest.mark.parametrize("mask", UMASKS, ids=["022", "027"])
 def test_atomic_writers_follow_the_umask(tmp_path, mask):
-    from msft_fast.atomic_io import current_umask, write_json_atomic
+    from msft_fast.state.atomic_io import current_umask, write_json_atomic
     from msft_fast.report import write_text_atomic
 
     out = tmp_path / "out"
@@ -56,7 +56,7 @@ def test_atomic_writers_follow_the_umask(tmp_path, mask):
 
 
 def test_a_failed_atomic_write_leaves_nothing(tmp_path):
-    from msft_fast.atomic_io import write_file_atomic
+    from msft_fast.state.atomic_io import write_file_atomic
 
     (tmp_path / "keep.txt").write_text("old")
 

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from msft_fast.errors import ConfigError
-from msft_fast.preflight import (
+from msft_fast.runtime.preflight import (
     CUDA_RESERVE_BYTES, FRAGMENTATION, GIB, ModelShape, check_memory, estimate_memory, preflight_memory,
 )
 
@@ -190,7 +190,7 @@ def test_accumulating_unsharded_gradients_is_costed_and_the_advice_names_grad_sy
 
 def test_the_run_estimate_reads_accumulation_and_checkpointing_from_the_config():
     from msft_fast.config import load_config
-    from msft_fast.preflight import estimate_run
+    from msft_fast.runtime.preflight import estimate_run
 
     cfg = load_config(None, ["output_dir=o", "data.tasks=[{name: a, train: a.jsonl, val: b.jsonl}]",
                              "data.max_seq_len=512", "data.tokens_per_batch=2048", "train.grad_accum=3",
@@ -204,8 +204,8 @@ def test_the_run_estimate_reads_accumulation_and_checkpointing_from_the_config()
 
 
 def test_host_memory_can_be_given_for_machines_whose_memory_grows_on_demand(monkeypatch):
-    from msft_fast.preflight import HOST_MEMORY_ENV, host_available_memory
-    from msft_fast.snapshot import host_memory_available
+    from msft_fast.runtime.preflight import HOST_MEMORY_ENV, host_available_memory
+    from msft_fast.state.snapshot import host_memory_available
 
     est = estimate_memory(_tiny(), tokens_per_batch=1024, world_size=1, device_type="cpu")
     monkeypatch.setenv(HOST_MEMORY_ENV, str(0.5 * est.host / GIB))
@@ -225,7 +225,7 @@ def test_the_estimate_budgets_for_the_static_length_where_rows_are_padded():
     of the padded row wherever the run pads (asked for, or compiled attention or blocks)."""
     from msft_fast.attention import FLEX_ATTENTION, PACKED_SDPA
     from msft_fast.config import Config
-    from msft_fast.preflight import estimate_run
+    from msft_fast.runtime.preflight import estimate_run
 
     def tokens(static, attention, compile=False):
         cfg = Config(output_dir="x")

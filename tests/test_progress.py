@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from msft_fast.progress import Progress, ProgressLines, RunClock, make_progress
+from msft_fast.training.progress import Progress, ProgressLines, RunClock, make_progress
 
 
 class _Terminal(io.StringIO):
@@ -17,7 +17,7 @@ class _Terminal(io.StringIO):
 
 
 def test_a_bar_only_on_a_terminal():
-    from msft_fast.progress import _Bar
+    from msft_fast.training.progress import _Bar
 
     bar = make_progress(10, enabled=True, stream=_Terminal())
     try:

@@ -15,9 +15,9 @@ import torch
 
 from msft_fast import run
 from msft_fast.config import load_config
-from msft_fast.distributed import DistContext
+from msft_fast.runtime.distributed import DistContext
 from msft_fast.errors import DataError, UserError
-from msft_fast.history import History
+from msft_fast.state.history import History
 
 LOCAL_RANKS = (0, 1, 0)
 NODE_WORK_S = 0.3  # what a first rank spends filling its node's cache

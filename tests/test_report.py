@@ -281,7 +281,7 @@ def test_cli(tmp_path, capsys):
 
 def test_import_is_cheap():
     code = ("import sys, msft_fast.report; "
-            "print(sorted(m for m in ('matplotlib', 'torch', 'transformers', 'msft_fast.trainer') "
+            "print(sorted(m for m in ('matplotlib', 'torch', 'transformers', 'msft_fast.training.trainer') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

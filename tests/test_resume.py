@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 import forked_cli
 from conftest import demo_tasks, kill_process_tree
 
-from msft_fast.checkpoint import complete_checkpoints, latest_checkpoint, read_meta
+from msft_fast.state.checkpoint import complete_checkpoints, latest_checkpoint, read_meta
 from msft_fast.config import load_config
-from msft_fast.fault_injection import KILL_AT_ENV
-from msft_fast.trainer import Trainer
+from msft_fast.runtime.fault_injection import KILL_AT_ENV
+from msft_fast.training.trainer import Trainer
 
 RESUMED = re.compile(r"resuming the unfinished run in (\S+) from (\S+) \(step (\d+)\)")
 TIMING_KEYS = {"train_seconds", "eval_seconds", "snapshot_seconds", "restore_seconds", "checkpoint_seconds",
@@ -235,7 +235,7 @@ def test_half_written_checkpoints_are_skipped_and_named_in_the_log(tmp_path, cap
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_and_training_goes_on(tmp_path, demo_dir, monkeypatch,
                                                                                caplog):
-    import msft_fast.checkpoint as ckpt
+    import msft_fast.state.checkpoint as ckpt
 
     real_save, calls = ckpt.dcp.save, []
 
@@ -261,7 +261,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_training_goes_on(
 @pytest.mark.slow
 def test_snapshots_spilled_to_disk_give_the_same_run(tmp_path, demo_dir, uninterrupted, monkeypatch):
     """Host memory for two of the pool's four states: the others go to disk, the run is the same."""
-    import msft_fast.snapshot as snapshot
+    import msft_fast.state.snapshot as snapshot
 
     whole = uninterrupted("msft")
     with open(os.path.join(whole, "history.json")) as f:

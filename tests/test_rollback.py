@@ -27,8 +27,8 @@ pytestmark = pytest.mark.slow
 
 def _run_exporting_each_restore(tmp_path, demo_dir, monkeypatch, *overrides):
     """Train mSFT; returns (history, [(folder exported right after a restore, was the state spilled)])."""
-    from msft_fast.export import export_hf_folder
-    from msft_fast.trainer import Trainer
+    from msft_fast.state.export import export_hf_folder
+    from msft_fast.training.trainer import Trainer
 
     restored = []
     original = Trainer.restore
@@ -47,7 +47,7 @@ def _run_exporting_each_restore(tmp_path, demo_dir, monkeypatch, *overrides):
 
 def _small_host_memory(monkeypatch, states_in_memory: int) -> None:
     """Host memory for `states_in_memory` snapshot states of the built-in model (fp32 + Adam)."""
-    import msft_fast.snapshot as snapshot
+    import msft_fast.state.snapshot as snapshot
     from transformers import LlamaForCausalLM
 
     from msft_fast.builtin import char_tokenizer, tiny_llama_config
@@ -121,7 +121,7 @@ def test_a_restore_puts_back_the_whole_trainer_position(tmp_path, demo_dir, monk
     import metric_callbacks
 
     from conftest import demo_tasks
-    from msft_fast.trainer import Trainer
+    from msft_fast.training.trainer import Trainer
 
     captured, checked = {}, []
     original_capture, original_restore = Trainer.capture, Trainer.restore

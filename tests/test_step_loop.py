@@ -15,8 +15,8 @@ from torch.distributed.fsdp import FSDPModule
 from conftest import demo_tasks
 
 from msft_fast.config import load_config
-from msft_fast.step_audit import GradientReductions, HostSyncAudit
-from msft_fast.step_timer import PhaseTimer
+from msft_fast.training.step_audit import GradientReductions, HostSyncAudit
+from msft_fast.training.step_timer import PhaseTimer
 
 # Host reads a CPU run makes outside msft_fast during a step, and why none of them is a GPU sync of ours.
 KNOWN_ELSEWHERE = {

@@ -48,7 +48,7 @@ def _overrides(tmp_path, demo_dir) -> list[str]:
 def test_a_run_leaves_no_process_group_behind(tmp_path, demo_dir, monkeypatch, ending):
     from msft_fast.config import load_config
     from msft_fast.run import train
-    from msft_fast.trainer import Trainer
+    from msft_fast.training.trainer import Trainer
 
     if ending == "stopped":  # as a SIGTERM after the second step would: checkpoint, then StopRequested
         step = Trainer.train_step

@@ -15,7 +15,7 @@ from conftest import demo_tasks, tiny_llama
 from hub_cache import commit_of, folder_files, put_repo, toy_dataset_files
 
 from msft_fast.config import load_config
-from msft_fast.trackers import TensorBoardTracker, Trackers, describe_stage
+from msft_fast.state.trackers import TensorBoardTracker, Trackers, describe_stage
 
 MAIN = commit_of("main")
 
@@ -147,7 +147,7 @@ def test_wandb_offline_run_holds_the_same_records(tracked_run):
 def test_a_tracker_that_is_not_installed_names_the_extra(tmp_path, demo_dir, capsys, monkeypatch):
     import importlib.util
 
-    from msft_fast import trackers
+    from msft_fast.state import trackers
     from msft_fast.cli import main
 
     real = importlib.util.find_spec
@@ -226,7 +226,7 @@ def test_tensorboard_hides_what_a_resumed_run_logs_again(tmp_path):
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     from wandb_records import read_offline_run
 
-    from msft_fast.trackers import WandbTracker
+    from msft_fast.state.trackers import WandbTracker
 
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
                        "WANDB_CONFIG_DIR": str(tmp_path / "config"), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
@@ -248,7 +248,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
 
 
 def test_nan_and_infinite_values_never_reach_a_tracker_as_inf():
-    from msft_fast.trackers import eval_scalars
+    from msft_fast.state.trackers import eval_scalars
 
     scalars = eval_scalars({"eval_id": 1, "steps_trained": 2, "pooled_val_loss": math.inf, "stage": 0,
                             "tasks": {"a": {"val_loss": float("nan"), "active": False}}})

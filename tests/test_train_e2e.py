@@ -115,7 +115,7 @@ def test_the_step_time_split_puts_each_known_delay_in_its_own_part(tmp_path, dem
     from msft_fast.data.loader import MixtureLoader
     from msft_fast.model import CausalLMWithTaskLoss
     from msft_fast.run import train
-    from msft_fast.trainer import Trainer
+    from msft_fast.training.trainer import Trainer
 
     # Each delay is larger than the real work of any part on micro-batches of 128 tokens (a few ms
     # for data and optimizer, about 0.1 s for forward + backward on a loaded machine), so a delay

@@ -9,7 +9,7 @@ from conftest import tiny_llama
 
 from msft_fast.config import TrainConfig
 from msft_fast.flops import FlopCounter
-from msft_fast.optim import lr_multiplier
+from msft_fast.training.optim import lr_multiplier
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
@@ -35,8 +35,8 @@ def test_restoring_the_schedule_also_sets_the_lr_of_the_next_step():
     trainer_state.set_schedule puts the restored position's lr into the groups too."""
     import copy
 
-    from msft_fast.optim import build_scheduler
-    from msft_fast.trainer_state import set_schedule
+    from msft_fast.training.optim import build_scheduler
+    from msft_fast.training.trainer_state import set_schedule
 
     param = torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.SGD([param], lr=1.0)
@@ -78,9 +78,9 @@ def test_snapshot_after_an_evaluation_restores_bitwise_under_fsdp2(tokenizer):
     import numpy as np
 
     from msft_fast.data.packing import collate, plan_epoch
-    from msft_fast.distributed import init_distributed, parallelize, shutdown_distributed
+    from msft_fast.runtime.distributed import init_distributed, parallelize, shutdown_distributed
     from msft_fast.model import CausalLMWithTaskLoss, decoder_blocks
-    from msft_fast.snapshot import SnapshotPool
+    from msft_fast.state.snapshot import SnapshotPool
     from test_packing import _tasks
 
     ctx = init_distributed()

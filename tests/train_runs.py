@@ -12,7 +12,7 @@ import sys
 import count_grad_reductions as counting
 
 from msft_fast.cli import main
-from msft_fast.trainer import Trainer
+from msft_fast.training.trainer import Trainer
 
 if __name__ == "__main__":
     Trainer.train_step = counting.counted_train_step

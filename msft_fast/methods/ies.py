@@ -22,13 +22,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from msft_fast.history import History
+from msft_fast.state.history import History
 from msft_fast.methods.ledger import StageLedger
 from msft_fast.methods.metric import Metric
 from msft_fast.methods.records import Evaluation, announce, eval_points, evaluate
 from msft_fast.methods.sft import final_record, keep_if_best
-from msft_fast.snapshot import Snapshot
-from msft_fast.trainer import Trainer
+from msft_fast.state.snapshot import Snapshot
+from msft_fast.training.trainer import Trainer
 
 
 class MasteryTracker:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from msft_fast.trainer import Trainer
+from msft_fast.training.trainer import Trainer
 
 
 class StageLedger:

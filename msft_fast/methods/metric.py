@@ -15,9 +15,9 @@ import math
 from typing import Callable, Optional
 
 from msft_fast.config import BUILTIN_METRICS
-from msft_fast.distributed import broadcast_object
+from msft_fast.runtime.distributed import broadcast_object
 from msft_fast.errors import ConfigError, on_every_rank
-from msft_fast.trainer import EvalResult, Trainer
+from msft_fast.training.trainer import EvalResult, Trainer
 
 
 class Metric:

@@ -14,14 +14,14 @@ from typing import Optional
 
 from msft_fast.config import max_trained_epochs
 from msft_fast.errors import ConfigError, on_every_rank
-from msft_fast.history import History
+from msft_fast.state.history import History
 from msft_fast.methods.ledger import StageLedger
 from msft_fast.methods.metric import Metric
 from msft_fast.methods.records import Evaluation, announce, eval_points, evaluate
 from msft_fast.methods.sft import final_record
 from msft_fast.report import STOP_TEXT, PeriodicReport, format_flops
-from msft_fast.snapshot import Snapshot, local_world_size, plan_pool
-from msft_fast.trainer import Trainer
+from msft_fast.state.snapshot import Snapshot, local_world_size, plan_pool
+from msft_fast.training.trainer import Trainer
 
 
 @dataclass

@@ -5,10 +5,10 @@ import logging
 import math
 from dataclasses import dataclass
 
-from msft_fast.history import History
+from msft_fast.state.history import History
 from msft_fast.methods.metric import Metric
-from msft_fast.progress import above_progress
-from msft_fast.trainer import EvalResult, Trainer
+from msft_fast.training.progress import above_progress
+from msft_fast.training.trainer import EvalResult, Trainer
 
 log = logging.getLogger("msft_fast")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from msft_fast.history import History
+from msft_fast.state.history import History
 from msft_fast.methods.ledger import StageLedger
 from msft_fast.methods.metric import Metric
 from msft_fast.methods.records import Evaluation, eval_points, evaluate
-from msft_fast.snapshot import Snapshot
-from msft_fast.trainer import Trainer
+from msft_fast.state.snapshot import Snapshot
+from msft_fast.training.trainer import Trainer
 
 
 @dataclass

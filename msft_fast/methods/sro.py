@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from msft_fast.history import History
+from msft_fast.state.history import History
 from msft_fast.methods.ledger import StageLedger
 from msft_fast.methods.metric import Metric
 from msft_fast.methods.msft import effective_peaks
 from msft_fast.methods.records import Evaluation, announce, eval_points, evaluate
 from msft_fast.methods.sft import final_record, keep_if_best
-from msft_fast.snapshot import Snapshot
-from msft_fast.trainer import Trainer
+from msft_fast.state.snapshot import Snapshot
+from msft_fast.training.trainer import Trainer
 
 
 @dataclass

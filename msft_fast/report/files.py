@@ -2,7 +2,7 @@
 half of one."""
 from __future__ import annotations
 
-from msft_fast.atomic_io import write_file_atomic
+from msft_fast.state.atomic_io import write_file_atomic
 from msft_fast.errors import OutputError
 
 HISTORY_FILE = "history.json"

@@ -1,6 +1,6 @@
 """How the snapshot pool moves tensors between the training device and host memory.
 
-The pool (msft_fast/snapshot.py) only says what to copy and when the copies must be finished;
+The pool (msft_fast/state/snapshot.py) only says what to copy and when the copies must be finished;
 an engine does the copying. `SyncCopyEngine` copies at once (CPU tensors: there is nothing to
 overlap with). `CudaCopyEngine` copies device tensors into pinned host buffers on a side stream,
 so a capture overlaps the next training step; the compute stream waits for the copies only where

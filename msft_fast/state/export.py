@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from msft_fast.atomic_io import apply_default_mode, replace_dir_atomic
-from msft_fast.fault_injection import fault_point
+from msft_fast.state.atomic_io import apply_default_mode, replace_dir_atomic
+from msft_fast.runtime.fault_injection import fault_point
 
 WRAPPER_PREFIX = "lm."  # CausalLMWithTaskLoss keeps the HF model as `.lm`
 

@@ -10,10 +10,10 @@ import os
 import time
 from typing import Any, Optional
 
-from msft_fast import checkpoint as ckpt
-from msft_fast.distributed import DistContext
-from msft_fast.snapshot import Snapshot, SnapshotPool
-from msft_fast.trainer_state import Counters, rng_state
+from msft_fast.state import checkpoint as ckpt
+from msft_fast.runtime.distributed import DistContext
+from msft_fast.state.snapshot import Snapshot, SnapshotPool
+from msft_fast.training.trainer_state import Counters, rng_state
 
 log = logging.getLogger("msft_fast")
 

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from msft_fast.distributed import all_reduce_sum
-from msft_fast.step_stats import doc_means, read_to_host
+from msft_fast.runtime.distributed import all_reduce_sum
+from msft_fast.training.step_stats import doc_means, read_to_host
 
 if TYPE_CHECKING:  # the trainer calls this module: no import at run time
-    from msft_fast.trainer import Trainer
+    from msft_fast.training.trainer import Trainer
 
 
 def lookahead(trainer: "Trainer", plans: list) -> tuple[np.ndarray, np.ndarray]:

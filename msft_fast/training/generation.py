@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from msft_fast.distributed import all_reduce_sum, reshard_all, unshard
+from msft_fast.runtime.distributed import all_reduce_sum, reshard_all, unshard
 
 GATHER_MODES = ("once", "per_forward")
 # Attention backends that take a padded batch and a KV cache as HF generate passes them; the
@@ -224,7 +224,7 @@ def free_memory(device: torch.device, ranks_per_host: int) -> Optional[int]:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    from msft_fast.snapshot import host_memory_available
+    from msft_fast.state.snapshot import host_memory_available
 
     available = host_memory_available()
     return None if available is None else available // max(1, ranks_per_host)

@@ -32,10 +32,10 @@ import torch
 from msft_fast.config import Config
 from msft_fast.data.formats import IGNORE_INDEX
 from msft_fast.data.tasks import TaskData
-from msft_fast.distributed import all_reduce_sum
+from msft_fast.runtime.distributed import all_reduce_sum
 from msft_fast.errors import ConfigError, DataError, on_every_rank
 from msft_fast.flops import FlopCounter
-from msft_fast.generation import GenerateFn
+from msft_fast.training.generation import GenerateFn
 
 
 @dataclass

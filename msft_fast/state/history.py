@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from msft_fast.atomic_io import write_json_atomic
-from msft_fast.trackers import Trackers
+from msft_fast.state.atomic_io import write_json_atomic
+from msft_fast.state.trackers import Trackers
 
 HISTORY_FILE = "history.json"
 FORMAT_VERSION = 1

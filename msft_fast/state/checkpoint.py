@@ -34,11 +34,11 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from msft_fast.atomic_io import write_json_atomic
-from msft_fast.distributed import DistContext, all_gather_object
+from msft_fast.state.atomic_io import write_json_atomic
+from msft_fast.runtime.distributed import DistContext, all_gather_object
 from msft_fast.errors import OutputError
-from msft_fast.fault_injection import fault_point
-from msft_fast.snapshot import Snapshot
+from msft_fast.runtime.fault_injection import fault_point
+from msft_fast.state.snapshot import Snapshot
 
 log = logging.getLogger("msft_fast")
 

@@ -15,14 +15,14 @@ import torch
 from msft_fast.config import Config
 from msft_fast.data.loader import MixtureLoader
 from msft_fast.data.tasks import TaskData
-from msft_fast.distributed import DistContext, all_reduce_sum, reshard_all, unshard
-from msft_fast.exact_match import ExactMatch, ExactMatchCounts
-from msft_fast.fault_injection import fault_point
+from msft_fast.runtime.distributed import DistContext, all_reduce_sum, reshard_all, unshard
+from msft_fast.training.exact_match import ExactMatch, ExactMatchCounts
+from msft_fast.runtime.fault_injection import fault_point
 from msft_fast.flops import FlopCounter
-from msft_fast.generation import ShardedGenerator
-from msft_fast.snapshot import local_world_size, sharded_params
-from msft_fast.step_stats import ratio
-from msft_fast.trainer_state import Counters
+from msft_fast.training.generation import ShardedGenerator
+from msft_fast.state.snapshot import local_world_size, sharded_params
+from msft_fast.training.step_stats import ratio
+from msft_fast.training.trainer_state import Counters
 
 log = logging.getLogger("msft_fast")
 

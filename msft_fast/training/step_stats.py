@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from msft_fast.step_timer import PhaseTimer
+from msft_fast.training.step_timer import PhaseTimer
 
 
 def read_to_host(*tensors: torch.Tensor) -> list[float]:

@@ -1,7 +1,7 @@
 """What a training step does besides computing: host-device synchronisations and gradient reductions.
 The GPU check (bench/trainer_check.py) and the tests use these to hold the step loop to its design.
 
-HostSyncAudit: a training step should make the host wait for the GPU once (msft_fast/trainer.py);
+HostSyncAudit: a training step should make the host wait for the GPU once (msft_fast/training/trainer.py);
 every other wait stalls the launch queue. On CUDA this uses PyTorch's sync debug mode, which reports every
 synchronising call (an `.item()`, a blocking copy to the host, `nonzero`, ...) as a warning; each is
 caught here with its Python call stack. On a CPU nothing synchronises, so the same audit counts the
@@ -37,7 +37,7 @@ class SyncEvent:
     stack: tuple[str, ...]  # "path:line in function", outermost first
 
     def in_files(self, *parts: str) -> bool:
-        """Made by a frame whose path contains one of `parts` (e.g. "msft_fast/trainer.py")."""
+        """Made by a frame whose path contains one of `parts` (e.g. "msft_fast/training/trainer.py")."""
         return any(p in self.where.replace(os.sep, "/") for p in parts)
 
     def came_through(self, *parts: str) -> bool:

@@ -20,26 +20,26 @@ from typing import Optional
 import numpy as np
 import torch
 
-from msft_fast import checkpoint as ckpt
-from msft_fast.checkpoint_keeper import CheckpointKeeper
+from msft_fast.state import checkpoint as ckpt
+from msft_fast.training.checkpoint_keeper import CheckpointKeeper
 from msft_fast.config import Config, scores_exact_match
 from msft_fast.data.loader import MixtureLoader
 from msft_fast.data.tasks import TaskData
-from msft_fast.distributed import DistContext, all_reduce_sum, parallelize, reshard_all, set_gradient_sync
+from msft_fast.runtime.distributed import DistContext, all_reduce_sum, parallelize, reshard_all, set_gradient_sync
 from msft_fast.errors import StopRequested, UserError
-from msft_fast.evaluation import EvalResult, Evaluator, call_with_full_model
-from msft_fast.exact_match import ExactMatch
-from msft_fast.fault_injection import fault_point
+from msft_fast.training.evaluation import EvalResult, Evaluator, call_with_full_model
+from msft_fast.training.exact_match import ExactMatch
+from msft_fast.runtime.fault_injection import fault_point
 from msft_fast.flops import FlopCounter, device_peak_flops
-from msft_fast.lookahead import lookahead
+from msft_fast.training.lookahead import lookahead
 from msft_fast.model import CausalLMWithTaskLoss, LoadedModel, LossOptions, decoder_blocks
-from msft_fast.optim import build_optimizer, build_scheduler
-from msft_fast.progress import make_progress
-from msft_fast.snapshot import Snapshot, SnapshotPool
-from msft_fast.step_stats import WaitingStepRecords, doc_means, peak_memory_gib, read_to_host, task_means
-from msft_fast.step_timer import PhaseTimer
-from msft_fast.trackers import Trackers
-from msft_fast.trainer_state import (Counters, capture_position, checkpoint_state, load_checkpoint_state,
+from msft_fast.training.optim import build_optimizer, build_scheduler
+from msft_fast.training.progress import make_progress
+from msft_fast.state.snapshot import Snapshot, SnapshotPool
+from msft_fast.training.step_stats import WaitingStepRecords, doc_means, peak_memory_gib, read_to_host, task_means
+from msft_fast.training.step_timer import PhaseTimer
+from msft_fast.state.trackers import Trackers
+from msft_fast.training.trainer_state import (Counters, capture_position, checkpoint_state, load_checkpoint_state,
                                      return_to_position, set_rng_state, set_schedule)
 
 

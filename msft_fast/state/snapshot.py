@@ -4,7 +4,7 @@ A snapshot holds this rank's shards of every parameter and, for a full restore, 
 state, plus the small state (scheduler, data position, RNG) the trainer hands in. Buffers are
 reused: a released snapshot's buffers serve the next capture, so the pool's memory is bounded by
 the number of states alive at once, which the method plans before training (`plan_pool`).
-The copies go through a copy engine (msft_fast/copy_engine.py): on CUDA they run on a side stream
+The copies go through a copy engine (msft_fast/state/copy_engine.py): on CUDA they run on a side stream
 into pinned buffers and overlap the next training step, and `wait()` must be called before anything
 writes the parameters or the optimizer state (the optimizer step); on a CPU they are plain copies.
 Restoring copies the bytes back, so a restored model is bitwise the one that was captured.
@@ -25,11 +25,11 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from msft_fast.copy_engine import CopyEngine, copy_engine_for
-from msft_fast.distributed import reshard_all
+from msft_fast.state.copy_engine import CopyEngine, copy_engine_for
+from msft_fast.runtime.distributed import reshard_all
 from msft_fast.errors import ConfigError
-from msft_fast.fault_injection import fault_point
-from msft_fast.preflight import host_available_memory
+from msft_fast.runtime.fault_injection import fault_point
+from msft_fast.runtime.preflight import host_available_memory
 
 
 def sharded_params(model: nn.Module) -> list[torch.Tensor]:
