@@ -1,19 +1,12 @@
-"""Packed attention backends against the per-document reference, on the device at hand.
-
-One packed row of documents of awkward lengths goes through each backend (flash-attn varlen when
-installed, FlexAttention with plain and with torch.compile'd decoder blocks, SDPA, eager); each
-document is also run alone in fp32 eager attention (the reference). Logits and the gradients of a
-summed next-token loss are compared with it, for a Llama model and a sliding-window Mistral model.
-A check passes when its error is within a few times that of eager attention in the same dtype
-run document by document (pure rounding), and the leak control (documents allowed to see each
-other) must fail the same bound, or the check proves nothing.
-
-On CUDA the backends run in bf16 with forward and backward. On CPU the backends run in fp32, and
-FlexAttention forward only (PyTorch has no FlexAttention backward on CPU).
+"""Packed attention backends against the per-document reference, on the device at hand: rows of documents
+of awkward lengths through each backend (flash-attn varlen, FlexAttention plain and with compiled decoder
+blocks, packed SDPA, SDPA, eager), Llama and a sliding-window Mistral; logits and the gradients of a summed
+loss against each document alone in fp32 eager. A backend passes within a few times the rounding error of
+eager in its dtype document by document; the leak control (documents seeing each other) must fail that bound.
+CUDA: bf16, forward and backward; CPU: fp32, FlexAttention forward only (no backward there). Exit 1 on a failure.
 
     python bench/attention_check.py [--out DIR]      # JSON to DIR/attention_check.json (default $OUT)
-    python bench/attention_check.py --cpu            # force the CPU even with a GPU present
-Exit status 1 when any check fails.
+    python bench/attention_check.py --cpu            # the CPU even with a GPU present
 """
 from __future__ import annotations
 
@@ -31,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from msft_fast.attention import FLEX_ATTENTION  # noqa: E402  (registers the backend with HF)
+from msft_fast.attention import FLEX_ATTENTION, PACKED_SDPA  # noqa: E402  (registers the backends with HF)
 from msft_fast.data.formats import IGNORE_INDEX  # noqa: E402
 from msft_fast.data.packing import _to_batch  # noqa: E402
 from msft_fast.model import CausalLMWithTaskLoss  # noqa: E402
@@ -50,9 +43,8 @@ def model_config(kind: str, cuda: bool, vocab: int):
     shape = dict(vocab_size=vocab, hidden_size=512 if cuda else 64, intermediate_size=1024 if cuda else 128,
                  num_hidden_layers=4 if cuda else 2, num_attention_heads=8 if cuda else 4, num_key_value_heads=2,
                  max_position_embeddings=4096, initializer_range=0.08)  # large weights: a leak shows plainly
-    if kind == "mistral":
-        return MistralConfig(sliding_window=SLIDING_WINDOW if cuda else 9, **shape)
-    return LlamaConfig(**shape)
+    return MistralConfig(sliding_window=SLIDING_WINDOW if cuda else 9, **shape) if kind == "mistral" else \
+        LlamaConfig(**shape)
 
 
 def make_row(lengths: list[int], vocab: int, seed: int):
@@ -113,18 +105,12 @@ def grad_rel_err(grads, ref) -> float:
 
 def backends(cuda: bool) -> list[tuple[str, str, bool, str | None]]:
     """(label, attn_implementation, compile the decoder blocks, why it cannot run or None)."""
-    no_flash = None
-    if not cuda:
-        no_flash = "flash-attn needs CUDA"
-    elif importlib.util.find_spec("flash_attn") is None:
-        no_flash = "flash-attn is not installed"
+    no_flash = "flash-attn needs CUDA" if not cuda else None if importlib.util.find_spec("flash_attn") else \
+        "flash-attn is not installed"
     no_triton = None if (not cuda or importlib.util.find_spec("triton")) else "Triton is not installed"
-    rows = [("flash_attention_2", "flash_attention_2", False, no_flash),
-            ("flex", FLEX_ATTENTION, False, no_triton),
+    return [("flash_attention_2", "flash_attention_2", False, no_flash), ("flex", FLEX_ATTENTION, False, no_triton),
             ("flex_compiled_blocks", FLEX_ATTENTION, True, no_triton if cuda else "compiled blocks: GPU only"),
-            ("sdpa", "sdpa", False, None),
-            ("eager", "eager", False, None)]
-    return rows
+            ("packed_sdpa", PACKED_SDPA, False, None), ("sdpa", "sdpa", False, None), ("eager", "eager", False, None)]
 
 
 def main() -> int:
@@ -134,18 +120,13 @@ def main() -> int:
     a = p.parse_args()
 
     cuda = torch.cuda.is_available() and not a.cpu
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    vocab = 1024 if cuda else 97
-    rows = GPU_ROWS if cuda else CPU_ROWS
+    device, dtype, vocab, rows = (torch.device("cuda"), torch.bfloat16, 1024, GPU_ROWS) if cuda else \
+        (torch.device("cpu"), torch.float32, 97, CPU_ROWS)
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
     report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "dtype": str(dtype).split(".")[-1],
               "torch": torch.__version__, "rows": rows, "tolerance_factor": TOLERANCE_FACTOR, "checks": []}
-    failed = 0
 
     def record(entry: dict) -> None:
-        nonlocal failed
-        failed += entry["status"] == "failed"
         report["checks"].append(entry)
         figures = " ".join(f"{k} {entry[k]:.2e}" for k in ("logits_err", "grad_err", "bound") if k in entry)
         print(f"{entry['model']:8s} {entry['backend']:22s} {entry['status']:14s} {figures} {entry.get('why', '')}",
@@ -166,9 +147,9 @@ def main() -> int:
         bound_logits = max(TOLERANCE_FACTOR * rel_err(y[0], r[0]) for y, r in zip(yard, refs)) + ABS_FLOOR
         bound_grads = max(TOLERANCE_FACTOR * grad_rel_err(y[1], r[1]) for y, r in zip(yard, refs)) + ABS_FLOOR
         leak = max(rel_err(leaky_logits(yard_model, b), r[0]) for b, r in zip(batches, refs))
+        seen = leak > 10 * bound_logits  # else a leak would not be detected at this bound: the check proves nothing
         record({"model": kind, "backend": "leak_control", "logits_err": leak, "bound": bound_logits,
-                "status": "ok" if leak > 10 * bound_logits else "failed",
-                "why": "" if leak > 10 * bound_logits else "a leak would not be detected at this bound"})
+                "status": "ok" if seen else "failed", "why": "" if seen else "a leak would pass this bound"})
         del ref_model, yard_model
 
         for label, attn, compile_blocks, why_not in backends(cuda):
@@ -192,21 +173,18 @@ def main() -> int:
             entry = {"model": kind, "backend": label, "compiled_blocks": compile_blocks, "backward": backward,
                      "seconds": round(time.perf_counter() - t0, 1), "bound": bound_logits,
                      "logits_err": max(rel_err(x[0], r[0]) for x, r in zip(results, refs))}
-            ok = entry["logits_err"] <= bound_logits
             if backward:
                 entry["grad_err"] = max(grad_rel_err(x[1], r[1]) for x, r in zip(results, refs))
                 entry["grad_bound"] = bound_grads
-                ok = ok and entry["grad_err"] <= bound_grads
-            entry["status"] = "ok" if ok else "failed"
-            record(entry)
+            ok = entry["logits_err"] <= bound_logits and entry.get("grad_err", 0) <= bound_grads
+            record(entry | {"status": "ok" if ok else "failed"})
             del model
 
+    failed = sum(c["status"] == "failed" for c in report["checks"])
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, "attention_check.json")
-        with open(path, "w") as f:
+        with open(os.path.join(a.out, "attention_check.json"), "w") as f:
             json.dump(report, f, indent=2)
-        print(f"wrote {path}")
     print(f"attention_check: {'FAILED ' + str(failed) if failed else 'all passed'}")
     return 1 if failed else 0
 

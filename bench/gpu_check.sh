@@ -1,40 +1,23 @@
 #!/usr/bin/env bash
-# The GPU check: one device call returns, most valuable first, whatever finished within BUDGET_S
-# (default 300 s of wall time, from a bare machine; docs/gpu.md says how to call it):
-#   setup             carried wheels (.whl/, from bench/gather_wheels.sh) installed; versions of torch,
-#                     triton, pyarrow, fsspec, transformers, datasets, ...; every import tried, with its real
-#                     error (OUT/imports.json), never a bare "not available"
-#   train_throughput  msft-fast train with the default attention, eager: Llama-3.2-1B shape, rows of 8192
-#                     tokens, 8 steps: tokens/s, MFU, peak memory, the memory preflight's estimate beside it
-#   loss_timing       the loss at 16384 x 2048 x 128256 bf16, forward + backward: ours (chunked) vs
-#                     materialised logits + F.cross_entropy vs Liger and CCE when importable: time, peak memory
-#   trainer_check     snapshot restore bitwise and its s/GB, host syncs, gradient reductions, time split,
-#                     preflight vs peak, in one process (bench/trainer_check.py)
-#   loss_check        every Triton loss path against float64 on the device, a few shapes
-#   train_variants    FlexAttention (static shapes), torch.compile, activation checkpointing, flash-attn if carried
-#   msft_rollout      a 2-task mSFT roll-out with one roll-back: snapshot and restore share of training time
-#   train_vs_hf       (GPU only) msft-fast train vs HF Trainer on the same model and documents
-# After every part OUT/gpu_check.json and gpu_check.md are rewritten (bench/gpu_check_report.py), so a
-# call cut short still returns every part that finished. A part runs under `timeout -s KILL`: SIGTERM
-# would make the trainer write a checkpoint (15 GB at this size). A part that would get less than
-# PART_MIN seconds is recorded as "skipped: out of time", never started with a limit of zero or less.
+# The GPU check, one device call (docs/gpu.md): parts in priority order, each the most valuable of what
+# is left, within BUDGET_S seconds of wall time (default 300, from a bare machine):
+#   setup (carried wheels, versions, every import with its real error: OUT/imports.json), train_throughput
+#   (msft-fast train, default attention, eager, Llama-3.2-1B shape, 8192 tokens, 8 steps), loss_timing
+#   (16384 x 2048 x 128256 bf16: ours vs materialised vs Liger/CCE), trainer_check (snapshot restore first),
+#   loss_check (Triton paths vs float64), then train_variants, msft_rollout and train_vs_hf (GPU only).
+# OUT/gpu_check.json and .md are rewritten after every part: a call cut short returns every part that
+# finished. Parts run under `timeout -s KILL` (SIGTERM makes the trainer write a 15 GB checkpoint); a
+# part that would get less than PART_MIN seconds is recorded as "skipped: out of time", never started.
 #
-#   bash bench/gpu_check.sh          # GPU machine; OUT: $OUT, else bench/results/gpu
-#   bash bench/gpu_check.sh --cpu    # dry run here: the same parts and Python on tiny shapes (Triton
-#                                    # interpreter for the loss, SDPA / packed SDPA, nothing compiled);
-#                                    # OUT: $OUT, else /tmp/bench_work/gpu_check_cpu
+#   bash bench/gpu_check.sh          # a GPU machine; OUT: $OUT, else bench/results/gpu
+#   bash bench/gpu_check.sh --cpu    # dry run: the same parts and Python on tiny shapes (Triton interpreter for
+#                                    # the loss, packed SDPA, nothing compiled); OUT: $OUT, else /tmp/bench_work
 # Python: $PYTHON, else .venv/bin/python, else python3. Scratch (a 2.5 GB model): $BENCH_WORK, never under OUT.
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-case "${1:-}" in
-    "") MODE=gpu ;;
-    --cpu) MODE=cpu ;;
-    *) echo "usage: bash bench/gpu_check.sh [--cpu]" >&2; exit 2 ;;
-esac
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
+case "${1:-}" in "") MODE=gpu ;; --cpu) MODE=cpu ;; *) echo "usage: bash bench/gpu_check.sh [--cpu]" >&2; exit 2 ;; esac
+[ -n "${PYTHON:-}" ] || if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 if [ "$MODE" = gpu ]; then OUT="${OUT:-bench/results/gpu}"; else OUT="${OUT:-/tmp/bench_work/gpu_check_cpu}"; fi
 WORK="${BENCH_WORK:-/tmp/bench_work/gpu_check_work_$MODE}"
 mkdir -p "$OUT" "$WORK"
@@ -47,9 +30,7 @@ if [ "$MODE" = gpu ]; then BUDGET="${BUDGET_S:-300}"; else BUDGET="${BUDGET_S:-6
 RESERVE=5 PART_MIN=20  # seconds kept for the last report; the least a part is started with
 START=$SECONDS
 PARTS="$WORK/parts" STATUS="$WORK/status.jsonl"
-rm -rf "$PARTS" "$WORK"/*.log
-mkdir -p "$PARTS"
-: > "$STATUS"
+rm -rf "$PARTS" "$WORK"/*.log && mkdir -p "$PARTS" && : > "$STATUS"
 
 # The lent VM's memory grows on demand: MemAvailable says far less than it can give, and the
 # snapshot pool's host-memory preflight would refuse the 1B model's states.
@@ -106,26 +87,17 @@ cap() {  # seconds: at most that many, and no more than the budget leaves
     echo $(($1 < left ? $1 : left))
 }
 
-unavailable() {  # part, why
-    note "$1" "not available" "$2"
-    report
-}
-
 install_wheels() {  # $PEER_WHEELS (default .whl) into $SITE, one at a time if the batch fails
-    local wheels="${PEER_WHEELS:-.whl}" log="$WORK/install.txt"
-    rm -rf "$SITE"
-    mkdir -p "$SITE"
-    : > "$log"
+    local wheels="${PEER_WHEELS:-.whl}" log="$WORK/install.txt" w
+    local pip=("$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE")
+    rm -rf "$SITE" && mkdir -p "$SITE" && : > "$log"
     if ! ls "$wheels"/*.whl > /dev/null 2>&1; then
         echo "no carried wheels in $wheels (bench/gather_wheels.sh gathers them)" | tee -a "$log"
         return
     fi
-    local pip=("$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE")
-    if ! "${pip[@]}" "$wheels"/*.whl >> "$log" 2>&1; then
-        for w in "$wheels"/*.whl; do
-            "${pip[@]}" "$w" >> "$log" 2>&1 || echo "could not install $(basename "$w")" | tee -a "$log"
-        done
-    fi
+    "${pip[@]}" "$wheels"/*.whl >> "$log" 2>&1 || for w in "$wheels"/*.whl; do
+        "${pip[@]}" "$w" >> "$log" 2>&1 || echo "could not install $(basename "$w")" | tee -a "$log"
+    done
     # A carried transformers may need newer libraries than the machine has: the machine's then.
     if [ -d "$SITE/transformers" ] && ! "$PYTHON" -c 'import transformers' >> "$log" 2>&1; then
         rm -rf "$SITE"/transformers "$SITE"/transformers-*.dist-info
@@ -139,67 +111,45 @@ install_wheels
 "$PYTHON" bench/gpu_check_report.py setup --mode "$MODE" --work "$WORK" --out "$OUT" > "$WORK/setup.log" 2>&1
 rc=$?
 cat "$WORK/setup.log"
-if [ -f "$WORK/available.sh" ]; then
-    # shellcheck source=/dev/null
-    source "$WORK/available.sh"  # LOSS_OK/TRAIN_OK/HF_OK and why not (the failing import's last line)
-    if [ "$rc" -eq 0 ]; then note setup ok "$(tail -n 1 "$WORK/install.txt" | cut -c1-160)" $((SECONDS - START))
-    else note setup failed "imports: $SETUP_WHY" $((SECONDS - START)); fi
-else
-    LOSS_OK=0 TRAIN_OK=0 HF_OK=0 LOSS_WHY="setup failed" TRAIN_WHY="setup failed" HF_WHY="setup failed"
-    note setup failed "exit $rc: $(tail -n 1 "$WORK/setup.log" | cut -c1-200)" $((SECONDS - START))
-fi
+if [ $rc -eq 0 ]; then note setup ok "$(tail -n 1 "$WORK/install.txt" | cut -c1-160)" $((SECONDS - START))
+else note setup failed "exit $rc: $(tail -n 1 "$WORK/setup.log" | cut -c1-300)" $((SECONDS - START)); fi
 report
 
-TRAIN=("$PYTHON" bench/bench_train_gpu.py --workdir "$WORK/train" --out "$PARTS")
+if [ "$MODE" = gpu ]; then DEVICE=cuda; else DEVICE=cpu; fi
+TRAIN=("$PYTHON" bench/bench_train.py --device $DEVICE --workdir "$WORK/train" --out "$PARTS")
+LOSS=("$PYTHON" bench/bench_loss.py --out "$PARTS")
 if [ "$MODE" = gpu ]; then
-    TRAIN+=(--steps 8 --skip 3)
+    STEPS=(--steps 8 --skip 3)
     VARIANTS=(flex_attention:off:off packed_sdpa:on:off packed_sdpa:off:selective flash_attention_2:off:off
               flex_attention:on:off)
-    LOSS=(env TRITON_INTERPRET=0 "$PYTHON")
-    LOSS_TIMING=(bench/bench_ce.py --device cuda --tokens 16384 --hidden 2048 --vocab 128256)
-    LOSS_CHECK=(bench/bench_loss.py --device cuda --check)
-    CHECK=("$PYTHON" bench/trainer_check.py --workdir "$WORK/train")
+    LOSS_TIMING=(--device cuda --shape 16384 2048 128256)
+    LOSS_CHECK=(--device cuda --check)
 else
-    TRAIN+=(--cpu --steps 6 --skip 2)
+    STEPS=(--steps 6 --skip 2)
     # No FlexAttention backward on a CPU, no flash-attn: both are reported as not available.
     VARIANTS=(packed_sdpa:off:selective flex_attention:off:off flash_attention_2:off:off)
-    LOSS=(env TRITON_INTERPRET=1 OMP_NUM_THREADS=1 "$PYTHON")
-    LOSS_TIMING=(bench/bench_ce.py --interpret)
-    LOSS_CHECK=(bench/bench_loss.py --device cpu --check)
-    CHECK=("$PYTHON" bench/trainer_check.py --cpu --workdir "$WORK/train")
+    LOSS=(env OMP_NUM_THREADS=1 "${LOSS[@]}")
+    LOSS_TIMING=(--interpret)
+    LOSS_CHECK=(--interpret --check)
 fi
 
-# Runs of msft-fast train stop starting new variants 10 s before their part's limit; each variant
-# also has its own limit (--timeout), and records why it did not run.
-if [ "$TRAIN_OK" = 1 ]; then
+# Every part runs even when setup found an import missing: it then fails at once with its own error.
+# Training runs stop starting new variants 10 s before their part's limit; each also has its own limit.
+LIMIT=$(cap 150)
+part train_throughput "$LIMIT" "${TRAIN[@]}" "${STEPS[@]}" --stem throughput --timeout $((LIMIT - 5)) \
+    --budget $((LIMIT - 5)) --variants auto:off:off
+part loss_timing 90 "${LOSS[@]}" "${LOSS_TIMING[@]}" --cases msft_fast_chunked materialised liger cce --stem loss_timing
+part trainer_check 100 "${TRAIN[@]}" --check --stem trainer_check
+part loss_check 75 "${LOSS[@]}" "${LOSS_CHECK[@]}"
+LIMIT=$(cap 240)
+part train_variants "$LIMIT" "${TRAIN[@]}" "${STEPS[@]}" --stem variants --timeout 120 --budget $((LIMIT - 10)) \
+    --variants "${VARIANTS[@]}"
+LIMIT=$(cap 120)
+part msft_rollout "$LIMIT" "${TRAIN[@]}" --stem rollout --rollout --steps 16 --skip 2 --timeout $((LIMIT - 5))
+if [ "$MODE" = gpu ]; then  # HF gets one row a batch here: padded and padding-free are the same, one side runs
     LIMIT=$(cap 150)
-    part train_throughput "$LIMIT" "${TRAIN[@]}" --stem throughput --timeout $((LIMIT - 5)) \
-        --budget $((LIMIT - 5)) --variants auto:off:off
-else unavailable train_throughput "$TRAIN_WHY"; fi
-if [ "$LOSS_OK" = 1 ]; then
-    part loss_timing 90 "${LOSS[@]}" "${LOSS_TIMING[@]}" --cases msft_fast_chunked materialised liger cce \
-        --out "$PARTS" --stem loss_timing
-else unavailable loss_timing "$LOSS_WHY"; fi
-if [ "$TRAIN_OK" = 1 ]; then part trainer_check 100 "${CHECK[@]}" --out "$PARTS/trainer_check.json"
-else unavailable trainer_check "$TRAIN_WHY"; fi
-if [ "$LOSS_OK" = 1 ]; then part loss_check 75 "${LOSS[@]}" "${LOSS_CHECK[@]}"
-else unavailable loss_check "$LOSS_WHY"; fi
-if [ "$TRAIN_OK" = 1 ]; then
-    LIMIT=$(cap 240)
-    part train_variants "$LIMIT" "${TRAIN[@]}" --stem variants --timeout 120 --budget $((LIMIT - 10)) \
-        --variants "${VARIANTS[@]}"
-    LIMIT=$(cap 120)
-    part msft_rollout "$LIMIT" "${TRAIN[@]}" --stem rollout --rollout --attn auto --steps 16 --timeout $((LIMIT - 5))
-else
-    unavailable train_variants "$TRAIN_WHY"
-    unavailable msft_rollout "$TRAIN_WHY"
+    part train_vs_hf "$LIMIT" "${TRAIN[@]}" --sides ours,hf_flat --timeout $(((LIMIT - 30) / 2))
 fi
-if [ "$MODE" = gpu ] && [ "$HF_OK" = 1 ]; then
-    LIMIT=$(cap 150)  # HF gets one row per batch here: padded and padding-free are the same, one side runs
-    part train_vs_hf "$LIMIT" "$PYTHON" bench/bench_train.py --device cuda --sides ours,hf_flat \
-        --workdir "$WORK/train_hf" --out "$PARTS" --timeout $(((LIMIT - 30) / 2))
-elif [ "$MODE" = gpu ]; then unavailable train_vs_hf "$HF_WHY"; fi
 
 report --final
-echo "gpu_check ($MODE): $((SECONDS - START))s of ${BUDGET}s; $OUT/gpu_check.md, gpu_check.json, imports.json," \
-    "gpu_check_logs.txt"
+echo "gpu_check ($MODE): $((SECONDS - START))s of ${BUDGET}s; results in $OUT"

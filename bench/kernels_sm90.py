@@ -1,19 +1,12 @@
-"""Compile every loss kernel, in every configuration the code can launch, for sm_90a (H100/H200)
-on a CPU, and report what the compiler made of it: registers, shared memory, spills, tensor-core
-and pipelined-load instructions, and the kind of every atomic and fence.
-
-No GPU is needed: triton.compile goes to a cubin for GPUTarget("cuda", 90, 32) with the ptxas that
-the triton wheel ships, `ptxas -v` gives registers and spills, and the wheel's nvdisasm gives the
-SASS in which acq_rel atomics show as MEMBAR.*.GPU around ATOMG (a relaxed one is a bare REDG).
-Pointer arguments and N/V/H get 16-byte divisibility, as a real launch specialises them, so the
-loads are pipelined (cp.async) into wgmma as they would be on the GPU.
+"""Compile every loss kernel, in every configuration the code can launch, for sm_90a (H100/H200) on a CPU
+and report what the compiler made of it: registers, shared memory, spills, wgmma and cp.async, the kind of
+every atomic and fence. triton.compile goes to a cubin for GPUTarget("cuda", 90, 32) with the ptxas the
+triton wheel ships (`ptxas -v`: registers, spills); its nvdisasm gives the SASS, where acq_rel atomics show
+as MEMBAR.*.GPU around ATOMG (a relaxed one is a bare REDG). Pointers and N/V/H get 16-byte divisibility, as
+a real launch specialises them. tests/test_loss_triton.py runs it; run it without TRITON_INTERPRET.
 
     python bench/kernels_sm90.py                        # writes bench/results/kernels_sm90.{md,json}
     python bench/kernels_sm90.py --out /tmp/k.md        # elsewhere
-
-tests/test_loss_triton.py runs it (and fails if ptxas is missing, a configuration spills, uses
-more than 227 KiB of shared memory, or carries an acq_rel atomic or a GPU-scope fence).
-Run it without TRITON_INTERPRET (the interpreter replaces the compiler).
 """
 from __future__ import annotations
 

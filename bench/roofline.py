@@ -1,46 +1,14 @@
-"""Roofline model of the fused linear + cross-entropy loss on H100 SXM and H200: every figure this
-script prints is MODELLED from data-sheet peaks and the assumptions below, not measured.
-`bench/bench_ce.py --device cuda` measures the same paths and shapes on a GPU; its numbers replace these.
-
-Each path is a list of kernel launches ("ops"), each with its FLOPs and the HBM bytes it moves; an
-op takes max(FLOPs / achievable FLOP/s, bytes / achievable bandwidth) plus a launch, and ops run one
-after another. The same model, with the same assumptions, prices every path: no path gets a factor
-the others do not. The chunked path's chunk sizes come from the code itself
-(msft_fast.kernels.plan_chunks), so the model follows the default budget.
-
-Paths (training step: forward + backward of a summed loss, bf16 inputs, every token with a label):
-  chunked  ours, the default on CUDA: per sub-chunk a cuBLAS logits GEMM with fp32 output and the
-           row kernel (reads the fp32 row twice, both counted as HBM traffic; writes the bf16
-           gradient row into a separate buffer); per group the dH and dW GEMMs (dW read and written
-           in bf16 by every group but the first, which only writes it). 6NHV.
-  liger    Liger-Kernel's fused linear cross-entropy as it ships: chunks of next_pow2(N / ceil(V / H))
-           tokens, bf16 logits, gradient written in place, dW accumulated by addmm in the weight dtype
-           (read and written by every chunk). 6NHV.
-  tiled    ours, impl="triton" (Cut-Cross-Entropy-style): forward and backward in Triton tiles,
-           8NHV (the backward recomputes the logits), relaxed fp32 atomics for dH and dW whose
-           payload is 4 N V H (1/BLOCK_M + 1/BLOCK_V) bytes, counted at the HBM rate.
-  cce      Cut Cross-Entropy with its default gradient filter: the tiled construction, where only a
-           fraction `kept` of the backward tiles do their two matmuls and atomics. `kept` is read off
-           CCE's own published filter/no-filter times (Table 1 of the paper); it depends on how peaked
-           the model's softmax is, so it is a property of that measurement, not of a shape.
-
-Left out of every path alike: gathers of the labelled tokens' rows, wave quantisation (a last
-partial wave of tiles), overlap of one kernel with the next, L2 hits, clocks below boost, and the
-per-task statistics' own small reads.
-
-Published figures, shown beside the model for comparison, never used to adjust it:
-  - Wijmans et al., "Cut Your Losses in Large-Vocabulary Language Models" (ICLR 2025), Table 1:
-    A100-SXM4 80GB, 8192 tokens, H 2304, V 256000 (Gemma 2 2B): CCE 135 ms, CCE without the
-    gradient filter 362 ms, Liger 303 ms, torch.compile 143 ms.
-  - As quoted in issue 11 (source not re-checked here): H100, 16384 x 2048 x 248320: Liger about
-    321 ms, CCE about 93 ms.
+"""Roofline model of the fused linear + cross-entropy loss on H100 SXM and H200: every figure is
+MODELLED from data-sheet peaks and the assumptions below, the same for every path, never measured
+(bench/README.md says how; `bench_loss.py --device cuda` measures the same paths). Each path is a list
+of kernel launches with their FLOPs and HBM bytes; one takes max(FLOPs / achievable FLOP/s, bytes /
+achievable bandwidth) plus a launch, in sequence. Published times are shown beside, never used to adjust it.
 
     python bench/roofline.py          # writes bench/results/roofline.{json,md}
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -48,7 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # msft_fast from this tree
+from common import table, write_outputs  # noqa: E402 - bench/ is first on sys.path: this script's folder
 from msft_fast.kernels import DEFAULT_CHUNK_BYTES, loss_memory_bytes, plan_chunks  # noqa: E402
 from msft_fast.kernels.triton_flce import BWD_CONFIGS, FWD_CONFIGS  # noqa: E402
 
@@ -278,75 +247,53 @@ def model(chunk_bytes: int | None = None) -> dict:
 
 
 def markdown(r: dict) -> list[str]:
-    a = r["assumptions"]
-    cmp_ = r["published_comparison"]
-    eff = ", ".join(f"{e:.0%} at {t}" for t, e in a["cublas_efficiency_by_tokens"])
+    a, cmp_ = r["assumptions"], r["published_comparison"]
+    h200 = [row for row in r["rows"] if row["gpu"] == "H200"]
     lines = ["# Fused linear + cross-entropy: roofline model (MODELLED, not measured)", "",
              "Written by `python bench/roofline.py`. bf16, forward + backward of a summed loss, every token with a "
              "label. Peaks from the data sheets (dense bf16 989 TFLOP/s on H100 SXM and H200; HBM 3.35 and 4.8 "
-             f"TB/s). Assumed, the same for every path: cuBLAS GEMMs reach {eff} tokens on the token side "
+             "TB/s). Assumed, the same for every path: cuBLAS GEMMs reach "
+             + ", ".join(f"{e:.0%} at {t}" for t, e in a["cublas_efficiency_by_tokens"]) + " tokens on the token side "
              "(piecewise linear in log2 between; 80% measured once on an 8192^3 product, the thinner points "
              f"assumed), Triton tile kernels {a['triton_efficiency']:.0%}, HBM {a['hbm_efficiency']:.0%} (measured "
              "once on an H200), relaxed atomics at the HBM rate, 5 us per launch, kernels in sequence. Left out "
-             f"of every path: {', '.join(a['left_out'])}. `bench/bench_ce.py --device cuda` measures the same "
-             "paths; its numbers replace these.", "",
-             "| shape (N x H x V) | GPU | chunked (ours, default) ms | Liger ms | tiled (ours) ms | CCE ms | "
-             "chunked / Liger | chunked / CCE | CCE beats chunked below kept tiles |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in r["rows"]:
-        p = row["paths"]
-        kept = row["cce_beats_chunked_below_kept"]
-        lines.append(
-            f"| {row['shape']} ({row['tokens']} x {row['hidden']} x {row['vocab']}) | {row['gpu']} | "
-            f"{p['chunked']['ms']:.1f} | {p['liger']['ms']:.1f} | {p['tiled']['ms']:.1f} | {p['cce']['ms']:.1f} | "
-            f"{row['chunked_over_liger']:.2f} | {row['chunked_over_cce']:.2f} | "
-            f"{'never' if kept is None else f'{kept:.1%}'} |")
-    lines += ["", "FLOPs and HBM bytes per path (H200 rows; the H100's are the same):", "",
-              "| shape | chunked TFLOP / GB | Liger TFLOP / GB | tiled TFLOP / GB (incl. atomic payload) |",
-              "|---|---|---|---|"]
-    for row in r["rows"]:
-        if row["gpu"] != "H200":
-            continue
-        p = row["paths"]
-        lines.append(f"| {row['shape']} | {p['chunked']['tflop']:.1f} / {p['chunked']['hbm_gb']:.0f} | "
-                     f"{p['liger']['tflop']:.1f} / {p['liger']['hbm_gb']:.0f} | "
-                     f"{p['tiled']['tflop']:.1f} / {p['tiled']['hbm_gb']:.0f} |")
+             f"of every path: {', '.join(a['left_out'])}. `bench/bench_loss.py --device cuda` measures the same "
+             "paths; its numbers replace these.", ""]
+    lines += table(["shape (N x H x V)", "GPU", "chunked (ours, default) ms", "Liger ms", "tiled (ours) ms", "CCE ms",
+                    "chunked / Liger", "chunked / CCE", "CCE beats chunked below kept tiles"],
+                   [[f"{x['shape']} ({x['tokens']} x {x['hidden']} x {x['vocab']})", x["gpu"]]
+                    + [f"{x['paths'][p]['ms']:.1f}" for p in ("chunked", "liger", "tiled", "cce")]
+                    + [f"{x['chunked_over_liger']:.2f}", f"{x['chunked_over_cce']:.2f}", "never" if (
+                        kept := x["cce_beats_chunked_below_kept"]) is None else f"{kept:.1%}"] for x in r["rows"]])
+    lines += ["", "FLOPs and HBM bytes per path (H200 rows; the H100's are the same):", ""] + table(
+        ["shape", "chunked TFLOP / GB", "Liger TFLOP / GB", "tiled TFLOP / GB (incl. atomic payload)"],
+        [[x["shape"]] + [f"{x['paths'][p]['tflop']:.1f} / {x['paths'][p]['hbm_gb']:.0f}"
+                         for p in ("chunked", "liger", "tiled")] for x in h200])
     lines += ["", "Published times against this model (shown, not used to adjust it; a path far above its roofline "
               "is limited by something the model leaves out):", ""]
-    for key, pt in cmp_["points"].items():
-        n, h, v = pt["shape"]
-        lines.append(f"- {pt['gpu']}, {n} x {h} x {v}, {pt['source']}: "
-                     + ", ".join(f"{k} {pt['published_ms'][k]:.0f} ms published vs {pt['modelled_ms'][k]:.0f} "
-                                 f"modelled ({pt['published_over_modelled'][k]:.2f}x)" for k in pt["published_ms"])
+    for pt in cmp_["points"].values():
+        lines.append(f"- {pt['gpu']}, {' x '.join(map(str, pt['shape']))}, {pt['source']}: " + ", ".join(
+            f"{k} {pt['published_ms'][k]:.0f} ms published vs {pt['modelled_ms'][k]:.0f} modelled "
+            f"({pt['published_over_modelled'][k]:.2f}x)" for k in pt["published_ms"])
                      + f"; chunked (ours) modelled {pt['modelled_ms']['chunked']:.0f} ms.")
     lines += [f"- CCE's kept fraction of backward tile work, from its published backward times (95 ms filtered, "
               f"324 ms unfiltered, each recomputing the 43 ms forward): (95 - 43) / (324 - 43) = "
               f"{cmp_['cce_kept_fraction']:.1%}.", "",
               f"Chunk budget at the anchor shape on an H200 (the default is {DEFAULT_CHUNK_BYTES >> 20} MiB; "
-              "`loss_memory_bytes`: everything the call allocates beyond its inputs):", "",
-              "| budget MiB | logits rows | gradient rows | passes over dW | buffers GiB | loss_memory_bytes GB | "
-              "modelled ms |",
-              "|---|---|---|---|---|---|---|"]
-    for mib, b in r["anchor_budgets_h200"].items():
-        lines.append(f"| {mib} | {b['logit_rows']} | {b['grad_rows']} | {b['groups']} | {b['bytes'] / 2**30:.2f} | "
-                     f"{b['loss_memory_bytes'] / 1e9:.2f} | {b['h200_ms']:.1f} |")
-    return lines
+              "`loss_memory_bytes`: everything the call allocates beyond its inputs):", ""]
+    return lines + table(["budget MiB", "logits rows", "gradient rows", "passes over dW", "buffers GiB",
+                          "loss_memory_bytes GB", "modelled ms"],
+                         [[mib, b["logit_rows"], b["grad_rows"], b["groups"], f"{b['bytes'] / 2**30:.2f}",
+                           f"{b['loss_memory_bytes'] / 1e9:.2f}", f"{b['h200_ms']:.1f}"]
+                          for mib, b in r["anchor_budgets_h200"].items()])
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--chunk-mib", type=int, help="the chunked path's budget (default: the kernels' default)")
     a = p.parse_args(argv)
-    r = model(None if a.chunk_mib is None else a.chunk_mib << 20)
-    os.makedirs(a.out, exist_ok=True)
-    text = "\n".join(markdown(r)) + "\n"
-    for path, body in ((os.path.join(a.out, "roofline.md"), text),
-                       (os.path.join(a.out, "roofline.json"), json.dumps(r, indent=1) + "\n")):
-        with open(path + ".tmp", "w") as f:
-            f.write(body)
-        os.replace(path + ".tmp", path)
-    print(text)
+    r = model()
+    write_outputs(a.out, "roofline", r, markdown(r))
     return r
 
 

@@ -19,8 +19,8 @@ def report_mod():
     return mod
 
 
-def _variant(name, tokens_per_s, mfu, peak, preflight, attn_used="packed_sdpa"):
-    return {"variant": name, "status": "ok", "attn_used": attn_used, "tokens_per_s": tokens_per_s, "mfu": mfu,
+def _variant(name, tokens_per_s, mfu, peak, preflight, attn="packed_sdpa"):
+    return {"variant": name, "status": "ok", "attn_implementation": attn, "tokens_per_s": tokens_per_s, "mfu": mfu,
             "peak_mem_gib": peak, "time_share": {"data": 0.01, "fwd_bwd": 0.9, "optimizer": 0.09},
             "memory": {"preflight_gib": preflight, "estimate_over_peak": preflight / peak}}
 
@@ -87,10 +87,10 @@ def test_the_gpu_table_names_the_machine_every_part_and_failed_imports(report_mo
     assert "- flash_attn: ModuleNotFoundError: No module named 'flash_attn'" in md
     assert "| loss_check" not in md  # only the parts that ran are listed
     assert "| msft_rollout | timed out | 60 | killed at its 60s limit |" in md
-    assert "| auto_compile_off | packed_sdpa | ok | 30000 | 31.0% | 50.00 | 48.00 | 0.96 |" in md
-    assert "| packed_sdpa_compile_on | packed_sdpa | ok | 45000 | 47.0% | 44.00 | 40.00 | 0.91 |" in md
-    assert "| flash_attention_2_compile_off | | not available: flash-attn is not installed |" in md
-    assert "msft_fast/training/trainer.py:514 1" in md and "- mfu at least 45pct: met" in md
+    assert "| train_throughput | ok | 70 | 1/1 variants ran; fastest auto_compile_off 30000 tokens/s, MFU 31.0%, " \
+           "peak 50.00 GiB |" in md
+    assert "| trainer_check | ok | 60 | restore bitwise True, 0.090 s/GB; failed: none |" in md
+    assert "- mfu at least 45pct: met" in md and "- restore under 1s per gb: met" in md
 
 
 def test_a_check_cut_short_renders_what_finished(report_mod, tmp_path):
@@ -113,6 +113,8 @@ def test_a_check_cut_short_renders_what_finished(report_mod, tmp_path):
                     "materialised": {"seconds": 0.08, "extra_peak_mb": 12000.0}},
         "ratios": {"time_over_materialised": 0.625, "memory_over_materialised": 0.2},
         "skipped": {"liger": "liger-kernel is not installed"}}]}))
+    (work / "parts" / "loss_timing.md").write_text("# Fused linear + cross-entropy\n\n| path | ms |\n|---|---|\n"
+                                                   "| msft_fast_chunked | 50 |\n")
     (work / "loss_timing.log").write_text("N=16384 ...\n")
     assert report_mod.main(["render", "--mode", "gpu", "--work", str(work), "--out", str(out), "--budget", "300",
                             "--wall", "45"]) == 0
@@ -124,5 +126,7 @@ def test_a_check_cut_short_renders_what_finished(report_mod, tmp_path):
     md = (out / "gpu_check.md").read_text()
     assert "**partial**" in md
     assert "| loss_timing | ok | 30 | time_over_materialised 0.62, memory_over_materialised 0.20 |" in md
-    assert "| msft_fast_chunked | 50 | 2400 | - |" in md and "| liger | liger-kernel is not installed | | |" in md
+    # The part's own table, under the part's name, without its title; parts that never ran add nothing.
+    assert "## loss_timing\n\n| path | ms |\n|---|---|\n| msft_fast_chunked | 50 |" in md
+    assert "# Fused linear" not in md and "## throughput" not in md
     assert "===== loss_timing.log" in (out / "gpu_check_logs.txt").read_text()

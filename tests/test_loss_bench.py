@@ -108,14 +108,14 @@ def test_roofline_writes_its_tables_marked_as_modelled(tmp_path):
 
 @pytest.mark.slow
 def test_loss_bench_interpret_runs_the_gpu_cases(tmp_path):
-    """bench_ce.py --interpret: the GPU cases' Python (chunked, tiled and its variants, materialised) at a
+    """bench_loss.py --interpret: the GPU cases' Python (chunked, tiled and its variants, materialised) at a
     tiny shape under the Triton interpreter, as gpu_check.sh --cpu runs its loss_timing part."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # the script sets it for its cases
-    out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_ce.py"), "--interpret",
+    out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_loss.py"), "--interpret",
                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    (shape,) = json.loads((tmp_path / "ce_cpu_interpret.json").read_text())["shapes"]
+    (shape,) = json.loads((tmp_path / "loss_cpu_interpret.json").read_text())["shapes"]
     results = shape["results"]
     assert set(results) >= {"msft_fast_chunked", "msft_fast_chunked_no_tasks", "msft_fast_triton",
                             "msft_fast_triton_filtered", "msft_fast_triton_gemm_bwd", "materialised"}
@@ -128,4 +128,4 @@ def test_loss_bench_interpret_runs_the_gpu_cases(tmp_path):
         if case.startswith("msft_fast"):
             assert e["loss"] < 1e-5, (case, e)  # fp32 logits: no 16-bit rounding of the loss
     assert results["msft_fast_chunked"]["grad_error"]["bitwise_repeat"] is True
-    assert (tmp_path / "ce_cpu_interpret.md").exists()
+    assert (tmp_path / "loss_cpu_interpret.md").exists()
