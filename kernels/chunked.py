@@ -36,7 +36,7 @@ The token counts C_l and C_g come from a memory budget (chunk_plan.py says how, 
 Memory beyond the inputs: the two buffers (`plan_chunks(...).bytes`), dW and dH in the input dtype,
 per-token vectors; loss_memory_bytes in fused_linear_cross_entropy.py counts them all.
 Deterministic by construction: no atomics (cuBLAS GEMMs, a row kernel, per-task sums in a fixed
-order); bench/gpu_check_ce.sh checks that two runs give the same bits (not yet run on a GPU).
+order); bench/bench_loss.py --device cuda --check checks that two runs give the same bits (not yet run on a GPU).
 Under TRITON_INTERPRET=1 (CPU tests) the GEMMs run in torch on upcast operands and the row kernel
 writes fp32 gradient rows that torch rounds to 16 bits (the interpreter's own 16-bit stores truncate).
 """

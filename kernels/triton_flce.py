@@ -20,7 +20,7 @@ Inputs reaching this module are already validated and contiguous (see fused_line
      round trip of the chunk and its buffer (`gemm_chunk_bytes`).
 
 What was repaired after reading the sm_90 code (no GPU has timed any of it yet; bench/roofline.py
-models it and bench/gpu_check_ce.sh measures it):
+models it and bench/bench_loss.py --device cuda measures it):
   - program order: both grids are 1-D and grouped (`_grouped`): GROUP_M token blocks walk the
     vocabulary together, so the programs resident at once share their hidden rows and weight
     tiles in L2. Before, every token block met one vocabulary tile before the next, and the

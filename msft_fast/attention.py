@@ -75,7 +75,7 @@ def document_block_mask(cu_seqlens: torch.Tensor, num_tokens: int, sliding_windo
 # The cost model that places bucket boundaries (`plan_buckets`), in units of one (query, key) score
 # of one channel: a bucket of n documents padded to length L costs BUCKET_OVERHEAD / width +
 # n L (L + TOKEN_COST), width = heads x head_dim. Fitted to one layer's gather + causal SDPA +
-# scatter, forward and backward, on a CPU core (bench/bench_packed_attention.py refits it: 1.43e6
+# scatter, forward and backward, on a CPU core (the removed bench/bench_packed_attention.py refitted it: 1.43e6
 # and 123 in one fit, 1.16e6 and 106 in bench/results/packed_attention_cpu.md on a loaded machine;
 # the plan moves little within that range): each SDPA call costs about as much as 1.5e6 / width
 # scores, each padded token as 125 scores. On a GPU the per-call cost is a few

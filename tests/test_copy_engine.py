@@ -126,7 +126,7 @@ def test_spills_and_checkpoints_read_late_copies_only_once_they_are_done(tmp_pat
 
 
 def test_cpu_training_copies_at_once_into_plain_buffers():
-    """(The CUDA engine, pinned buffers on a side stream, is checked on a GPU by bench/trainer_check.py.)"""
+    """(The CUDA engine, pinned buffers on a side stream, is checked on a GPU by bench/bench_train.py --check.)"""
     engine = copy_engine_for(torch.device("cpu"))
     assert isinstance(engine, SyncCopyEngine) and not engine.pinned
     src, dst = torch.arange(5.0), engine.host_buffer(torch.zeros(5))

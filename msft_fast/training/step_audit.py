@@ -1,5 +1,5 @@
 """What a training step does besides computing: host-device synchronisations and gradient reductions.
-The GPU check (bench/trainer_check.py) and the tests use these to hold the step loop to its design.
+The GPU check (bench/bench_train.py --check) and the tests use these to hold the step loop to its design.
 
 HostSyncAudit: a training step should make the host wait for the GPU once (msft_fast/training/trainer.py);
 every other wait stalls the launch queue. On CUDA this uses PyTorch's sync debug mode, which reports every
