@@ -260,7 +260,7 @@ def needs_static_shapes(attn_implementation: str, compiled_blocks: bool) -> bool
 
 
 def run_static_tokens(static_shapes: Optional[bool], tokens_per_batch: int, attn_implementation: str,
-                  compiled_blocks: bool) -> Optional[int]:
+                      compiled_blocks: bool) -> Optional[int]:
     """Every micro-batch's token count under `data.static_shapes` (None: each its own; null: where
     `needs_static_shapes`): what the loader pads to and the memory preflight budgets for."""
     if static_shapes is None:

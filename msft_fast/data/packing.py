@@ -295,10 +295,8 @@ def pad_to(batch: PackedBatch, length: int) -> PackedBatch:
         raise ValueError(f"a micro-batch of {n} tokens does not fit the static length {length}")
     if n == length:
         return batch
-    pieces = [STATIC_MULTIPLE] * ((length - n) // STATIC_MULTIPLE)
-    if (length - n) % STATIC_MULTIPLE:
-        pieces.append((length - n) % STATIC_MULTIPLE)
     k = length - n
+    pieces = [STATIC_MULTIPLE] * (k // STATIC_MULTIPLE) + ([k % STATIC_MULTIPLE] if k % STATIC_MULTIPLE else [])
     filler_task = batch.task_ids[-1:].expand(k)  # any real task's id: its labels are ignored
     cu = torch.from_numpy(np.cumsum(pieces, dtype=np.int32)) + batch.cu_seqlens[-1]
     return PackedBatch(
